@@ -1,0 +1,67 @@
+"""The block-mask format every kernel, planner, test and benchmark shares (DESIGN.md, "Op and mask contract").
+
+A mask is two int32 tensors, FlexAttention's `from_kv_blocks` arguments:
+  kv_num_blocks [B|1, H|1, ceil(Sq/bs)]               key blocks each query block visits;
+  kv_indices    [B|1, H|1, ceil(Sq/bs), ceil(Skv/bs)]  their ids, the first kv_num_blocks entries valid.
+Everything here is plain torch and traceable (no host syncs) except `validate`, which checks values.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def num_blocks(seq_len, block_size: int):
+    """Blocks covering `seq_len` tokens; the last one may be partial. Works on ints and SymInts."""
+    return (seq_len + block_size - 1) // block_size
+
+
+def from_block_bool(visit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., nq, nkv] bool (True = visit) -> (kv_num_blocks, kv_indices), visited ids first in ascending order."""
+    kv_num_blocks = visit.sum(-1, dtype=torch.int32)
+    # A stable descending sort of the 0/1 flags puts visited block ids first, each group in ascending id order.
+    order = torch.sort(visit.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return kv_num_blocks, order.to(torch.int32)
+
+
+def to_block_bool(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
+    """Inverse of `from_block_bool`: [..., nq, nkv] bool of the visited blocks."""
+    nkv = kv_indices.shape[-1]
+    valid = torch.arange(nkv, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+    visit = torch.zeros(kv_indices.shape, dtype=torch.bool, device=kv_indices.device)
+    return visit.scatter(-1, kv_indices.long(), valid)
+
+
+def to_token_mask(kv_num_blocks, kv_indices, q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
+    """[..., q_len, kv_len] bool: the block mask expanded to tokens (True = attend), tails cut off."""
+    visit = to_block_bool(kv_num_blocks, kv_indices)
+    tokens = visit.repeat_interleave(block_size, dim=-2).repeat_interleave(block_size, dim=-1)
+    return tokens[..., :q_len, :kv_len]
+
+
+def full(batch: int, heads: int, q_len, kv_len, block_size: int, device=None):
+    """Every query block visits every key block (density 1)."""
+    nq, nkv = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+    kv_num_blocks = torch.full((batch, heads, nq), nkv, dtype=torch.int32, device=device)
+    kv_indices = torch.arange(nkv, dtype=torch.int32, device=device).expand(batch, heads, nq, nkv).contiguous()
+    return kv_num_blocks, kv_indices
+
+
+def validate(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int,
+             block_size: int) -> None:
+    """Raise ValueError naming what is wrong with a mask for q [batch, heads, q_len, *] and kv length kv_len."""
+    nq, nkv = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+    for name, t, ndim in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {t.dtype}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+        if t.shape[0] not in (1, batch) or t.shape[1] not in (1, heads):
+            raise ValueError(f"{name} shape {tuple(t.shape)}: dims 0 and 1 must be 1 or B={batch}, H={heads}")
+    if kv_num_blocks.shape[2] != nq:
+        raise ValueError(f"kv_num_blocks has {kv_num_blocks.shape[2]} query blocks, ceil({q_len}/{block_size}) = {nq}")
+    if tuple(kv_indices.shape[2:]) != (nq, nkv):
+        raise ValueError(f"kv_indices shape {tuple(kv_indices.shape)}: last dims must be ({nq}, {nkv}) query x key blocks")
+    if kv_num_blocks.numel() and (int(kv_num_blocks.min()) < 0 or int(kv_num_blocks.max()) > nkv):
+        raise ValueError(f"kv_num_blocks values must lie in [0, {nkv}]")
+    if kv_indices.numel() and (int(kv_indices.min()) < 0 or int(kv_indices.max()) >= nkv):
+        raise ValueError(f"kv_indices values must lie in [0, {nkv})")

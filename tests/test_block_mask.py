@@ -1,0 +1,42 @@
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dit_compiler.masks import block_mask
+
+
+@settings(max_examples=30, deadline=None)
+@given(nq=st.integers(1, 6), nkv=st.integers(1, 7), heads=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_block_bool_round_trip(nq, nkv, heads, seed):
+    g = torch.Generator().manual_seed(seed)
+    visit = torch.rand(1, heads, nq, nkv, generator=g) < 0.5
+    num, idx = block_mask.from_block_bool(visit)
+    assert num.dtype == idx.dtype == torch.int32
+    assert torch.equal(block_mask.to_block_bool(num, idx), visit)
+    # Listed ids come first and ascend, as FlexAttention's from_kv_blocks reads them.
+    for h in range(heads):
+        for i in range(nq):
+            listed = idx[0, h, i, : num[0, h, i]].tolist()
+            assert listed == sorted(torch.nonzero(visit[0, h, i]).flatten().tolist())
+
+
+def test_token_mask_cuts_ragged_tails():
+    num, idx = block_mask.from_block_bool(torch.tensor([[[[True, False], [False, True]]]]))
+    mask = block_mask.to_token_mask(num, idx, q_len=5, kv_len=7, block_size=4)
+    assert mask.shape == (1, 1, 5, 7)
+    assert mask[0, 0, :4, :4].all() and not mask[0, 0, :4, 4:].any()
+    assert mask[0, 0, 4:, 4:].all() and not mask[0, 0, 4:, :4].any()
+
+
+def test_validate_names_the_problem():
+    num, idx = block_mask.full(1, 2, 100, 100, 64)
+    block_mask.validate(num, idx, 1, 2, 100, 100, 64)
+    import pytest
+
+    with pytest.raises(ValueError, match="int32"):
+        block_mask.validate(num.long(), idx, 1, 2, 100, 100, 64)
+    with pytest.raises(ValueError, match="query blocks"):
+        block_mask.validate(num, idx, 1, 2, 200, 100, 64)
+    bad = idx.clone()
+    bad[0, 0, 0, 0] = 5
+    with pytest.raises(ValueError, match="kv_indices values"):
+        block_mask.validate(num, bad, 1, 2, 100, 100, 64)
