@@ -49,6 +49,17 @@ def full(batch: int, heads: int, q_len, kv_len, block_size: int, device=None):
 def validate(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int,
              block_size: int) -> None:
     """Raise ValueError naming what is wrong with a mask for q [batch, heads, q_len, *] and kv length kv_len."""
+    validate_shapes(kv_num_blocks, kv_indices, batch, heads, q_len, kv_len, block_size)
+    nkv = num_blocks(kv_len, block_size)
+    if kv_num_blocks.numel() and (int(kv_num_blocks.min()) < 0 or int(kv_num_blocks.max()) > nkv):
+        raise ValueError(f"kv_num_blocks values must lie in [0, {nkv}]")
+    if kv_indices.numel() and (int(kv_indices.min()) < 0 or int(kv_indices.max()) >= nkv):
+        raise ValueError(f"kv_indices values must lie in [0, {nkv})")
+
+
+def validate_shapes(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, batch: int, heads: int, q_len: int,
+                    kv_len: int, block_size: int) -> None:
+    """The metadata half of `validate` (dtypes and shapes): reads no values, so it never syncs with a GPU."""
     nq, nkv = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
     for name, t, ndim in (("kv_num_blocks", kv_num_blocks, 3), ("kv_indices", kv_indices, 4)):
         if t.dtype != torch.int32:
@@ -61,7 +72,3 @@ def validate(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, batch: int, 
         raise ValueError(f"kv_num_blocks has {kv_num_blocks.shape[2]} query blocks, ceil({q_len}/{block_size}) = {nq}")
     if tuple(kv_indices.shape[2:]) != (nq, nkv):
         raise ValueError(f"kv_indices shape {tuple(kv_indices.shape)}: last dims must be ({nq}, {nkv}) query x key blocks")
-    if kv_num_blocks.numel() and (int(kv_num_blocks.min()) < 0 or int(kv_num_blocks.max()) > nkv):
-        raise ValueError(f"kv_num_blocks values must lie in [0, {nkv}]")
-    if kv_indices.numel() and (int(kv_indices.min()) < 0 or int(kv_indices.max()) >= nkv):
-        raise ValueError(f"kv_indices values must lie in [0, {nkv})")

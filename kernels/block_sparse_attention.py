@@ -1,0 +1,149 @@
+"""`torch.ops.vsparse.block_sparse_attention`: the op, its fake (meta) implementation, input checks and the
+pure-torch reference that serves CPU execution and is the oracle in tests (DESIGN.md, "Op and mask contract").
+
+Checks: everything that reads only metadata (dtypes, ranks, shapes, strides) runs on every call; it costs a few
+microseconds of Python and never syncs with the GPU. Checks that read mask *values* (block ids in range) need a
+device-to-host copy, so on CUDA they run only when `VSPARSE_CHECK_MASKS=1` is set (or `set_mask_value_checks(True)`);
+on CPU they always run. An out-of-range block id on CUDA without the flag reads memory outside K/V.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from dit_compiler.masks import block_mask
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_BLOCK_SIZES = (64, 128)
+# The reference scores this many elements at a time at most (float32: 64 MiB), whatever the density.
+_REFERENCE_CHUNK_ELEMENTS = 1 << 24
+
+_check_mask_values_on_cuda = os.environ.get("VSPARSE_CHECK_MASKS", "0") == "1"
+
+
+def set_mask_value_checks(enabled: bool) -> None:
+    """Turn the mask-value checks (a host sync per call) on or off for CUDA inputs."""
+    global _check_mask_values_on_cuda
+    _check_mask_values_on_cuda = bool(enabled)
+
+
+def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths) -> None:
+    """Raise TypeError / ValueError naming what is wrong. Reads values only on CPU or with the debug flag."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, S, D], got shape {tuple(t.shape)}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head) dim, got strides {t.stride()}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    batch, heads, q_len, head_dim = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[0] != batch or k.shape[1] != heads or k.shape[3] != head_dim:
+        raise ValueError(f"k/v shape {tuple(k.shape)} must match q {tuple(q.shape)} in B, H and D")
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"head dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim}")
+    kv_len = k.shape[2]
+    for name, t in (("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if kv_lengths is not None:
+        if kv_lengths.dtype != torch.int32 or tuple(kv_lengths.shape) != (batch,):
+            raise ValueError(f"kv_lengths must be int32 [B={batch}], got {kv_lengths.dtype} {tuple(kv_lengths.shape)}")
+        if kv_lengths.device != q.device:
+            raise ValueError(f"kv_lengths is on {kv_lengths.device}, q on {q.device}")
+    if q.device.type != "cuda" or _check_mask_values_on_cuda:
+        block_mask.validate(kv_num_blocks, kv_indices, batch, heads, q_len, kv_len, block_size)
+    else:
+        block_mask.validate_shapes(kv_num_blocks, kv_indices, batch, heads, q_len, kv_len, block_size)
+
+
+def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
+                                     kv_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pure-torch block-sparse attention: for a chunk of query blocks at a time, gather the listed K/V blocks and run a
+    masked softmax over them. Work and memory grow with the visited blocks; no [Sq, Skv] matrix is ever built.
+    Computes in float32 (float64 for float64 inputs); rows with no visible key give zeros."""
+    batch, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    nq, nkv = block_mask.num_blocks(q_len, block_size), block_mask.num_blocks(kv_len, block_size)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    counts = kv_num_blocks.expand(batch, heads, nq).long()
+    ids = kv_indices.expand(batch, heads, nq, nkv).long()
+
+    def blocked(t, n):  # [B, H, S, D] -> [B, H, n, bs, D], zero-padded past S
+        t = torch.nn.functional.pad(t.to(compute), (0, 0, 0, n * block_size - t.shape[2]))
+        return t.view(batch, heads, n, block_size, head_dim)
+
+    qb, kb, vb = blocked(q, nq), blocked(k, nkv), blocked(v, nkv)
+    key_pos = torch.arange(nkv * block_size, device=q.device)
+    key_limit = torch.full((batch,), kv_len, device=q.device)
+    if kv_lengths is not None:
+        key_limit = torch.minimum(key_limit, kv_lengths.long())
+    key_ok = (key_pos < key_limit[:, None]).view(batch, 1, nkv, block_size).expand(batch, heads, nkv, block_size)
+
+    out = torch.zeros(batch, heads, nq, block_size, head_dim, dtype=compute, device=q.device)
+    widest = int(counts.max()) if counts.numel() else 0
+    chunk = max(1, _REFERENCE_CHUNK_ELEMENTS // max(1, batch * heads * block_size * block_size * widest))
+    for first in range(0, nq, chunk):
+        rows = slice(first, min(first + chunk, nq))
+        width = int(counts[:, :, rows].max())
+        if width == 0:
+            continue  # no query block here visits anything: zeros stay
+        sel = ids[:, :, rows, :width]  # [B, H, c, w]
+        c = sel.shape[2]
+        flat = sel.reshape(batch, heads, c * width, 1, 1)
+
+        def gather(t):  # [B, H, nkv, bs, D] -> [B, H, c, w*bs, D]
+            got = torch.gather(t, 2, flat.expand(-1, -1, -1, block_size, t.shape[-1]))
+            return got.view(batch, heads, c, width * block_size, t.shape[-1])
+
+        keys, values = gather(kb), gather(vb)
+        listed = torch.arange(width, device=q.device) < counts[:, :, rows, None]  # [B, H, c, w]
+        visible = torch.gather(key_ok, 2, sel.reshape(batch, heads, c * width, 1).expand(-1, -1, -1, block_size))
+        visible = (visible.view(batch, heads, c, width, block_size) & listed[..., None]).view(batch, heads, c, 1, -1)
+        scores = torch.matmul(qb[:, :, rows], keys.transpose(-1, -2)) * scale  # [B, H, c, bs, w*bs]
+        scores = scores.masked_fill(~visible, float("-inf"))
+        row_max = scores.amax(-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(scores - row_max)
+        total = weights.sum(-1, keepdim=True)
+        acc = torch.matmul(weights, values)
+        out[:, :, rows] = torch.where(total > 0, acc / total.clamp_min(torch.finfo(compute).tiny), 0.0)
+    return out.view(batch, heads, nq * block_size, head_dim)[:, :, :q_len].to(q.dtype).contiguous()
+
+
+@torch.library.custom_op("vsparse::block_sparse_attention", mutates_args=())
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
+                           kv_indices: torch.Tensor, scale: float, block_size: int,
+                           kv_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q kᵀ·scale + block mask) v over the key blocks each query block lists; see DESIGN.md."""
+    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
+    if q.device.type == "cuda":
+        from dit_compiler.kernels.triton_block_sparse import triton_block_sparse_attention
+
+        return triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
+    return reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
+
+
+@block_sparse_attention.register_fake
+def _(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None):
+    # Only checks that need no shape arithmetic: comparing symbolic sizes here would add guards to the graph.
+    if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype in {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("q, k, v must be [B, H, S, D]")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
