@@ -4,5 +4,13 @@ from dit_compiler.kernels.block_sparse_attention import (
     reference_block_sparse_attention,
     set_mask_value_checks,
 )
+from dit_compiler.kernels.permute import (
+    frame_to_position_major,
+    invert_permutation,
+    permute_tokens,
+    reference_permute_tokens,
+    window_contiguous,
+)
 
-__all__ = ["block_sparse_attention", "reference_block_sparse_attention", "set_mask_value_checks"]
+__all__ = ["block_sparse_attention", "reference_block_sparse_attention", "set_mask_value_checks", "permute_tokens",
+           "reference_permute_tokens", "invert_permutation", "frame_to_position_major", "window_contiguous"]
