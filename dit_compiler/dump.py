@@ -1,0 +1,107 @@
+"""The dump: what the compiler saw, decided and did, for a human to read (`dump_dir/<graph name>/`).
+
+captured.py   the graph as Dynamo captured it
+analysis.json recognized sites, layouts, block stacks, timestep input, and every decision with its reason
+rewritten.py  the graph after our passes, as handed to Inductor
+report.md     one table to read first
+runtime.jsonl one line per call: generation, step, branch, timestep, cache decision, per-site density
+masks/*.png   block masks (white = visited) of the first sparse call, one picture per site, heads side by side
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def write_png(path: Path, pixels: torch.Tensor) -> None:
+    """Write a [rows, cols] uint8 grey image as PNG (zlib + struct: no imaging dependency)."""
+    rows, cols = pixels.shape
+    raw = b"".join(b"\x00" + bytes(pixels[r].tolist()) for r in range(rows))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", cols, rows, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+def mask_picture(visit: torch.Tensor, gap: int = 2) -> torch.Tensor:
+    """[H, nq, nkv] bool -> one uint8 image with the heads side by side, separated by grey columns."""
+    heads, nq, nkv = visit.shape
+    image = torch.full((nq, heads * (nkv + gap) - gap), 128, dtype=torch.uint8)
+    for h in range(heads):
+        image[:, h * (nkv + gap): h * (nkv + gap) + nkv] = visit[h].to(torch.uint8) * 255
+    return image
+
+
+class Dump:
+    def __init__(self, root: str, graph_name: str) -> None:
+        self.dir = Path(root) / graph_name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "runtime.jsonl").write_text("")
+        self.masks_written = False
+
+    def write_text(self, name: str, text: str) -> None:
+        (self.dir / name).write_text(text)
+
+    def write_json(self, name: str, data: Any) -> None:
+        (self.dir / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+    def append_runtime(self, record: dict) -> None:
+        with open(self.dir / "runtime.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def write_masks(self, site_names: list[str], visits: list[torch.Tensor]) -> None:
+        """Pictures of batch element 0's block masks, once per compiled graph."""
+        masks = self.dir / "masks"
+        masks.mkdir(exist_ok=True)
+        for name, visit in zip(site_names, visits):
+            write_png(masks / f"{name}.png", mask_picture(visit[0].cpu()))
+        self.masks_written = True
+
+
+def render_report(model: str, graph_name: str, options: dict, sites: list[dict], stacks: list[dict],
+                  notes: list[str]) -> str:
+    """report.md: the options, one row per attention site with its decision, the block stacks, notes."""
+    lines = [f"# vsparse report: {graph_name} ({model})", "",
+             "options: " + ", ".join(f"{k}={v}" for k, v in options.items()), "",
+             "| site | module | kind | B×H×S×D (q) | keys | grid F×H×W (+text) | decision | reason |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in sites:
+        layout = s.get("layout")
+        grid = "-"
+        if layout:
+            grid = f"{layout['frames']}×{layout['height']}×{layout['width']}"
+            text = [f"{layout['text_before']} before" if layout["text_before"] else "",
+                    f"{layout['text_after']} after" if layout["text_after"] else ""]
+            text = ", ".join(t for t in text if t)
+            grid += f" (+{text} text)" if text else ""
+        shape = "×".join(str(d) for d in s["q_shape"])
+        kind = "self" if s["self_attention"] else "cross"
+        keys = str(s["kv_shape"][2])
+        decision = "sparse" if s["rewritten"] else "dense"
+        lines.append(f"| {s['node']} | {s['module_path']} | {kind} | {shape} | {keys} | {grid} | {decision} | "
+                     f"{s['decision_reason']} |")
+    lines += ["", "| block stack | blocks | entry | exit |", "|---|---|---|---|"]
+    for st in stacks:
+        lines.append(f"| {st['name']} | {len(st['blocks'])} | {', '.join(st['entry'])} | {', '.join(st['exit'])} |")
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def show(path: str) -> str:
+    """The report(s) under a dump directory (one graph's folder, or the root holding several)."""
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"no dump at {root}")
+    reports = [root / "report.md"] if (root / "report.md").exists() else sorted(root.glob("*/report.md"))
+    if not reports:
+        raise FileNotFoundError(f"no report.md under {root}")
+    return "\n".join(r.read_text() for r in reports)

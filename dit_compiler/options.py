@@ -1,0 +1,94 @@
+"""The backend's options: `torch.compile(m, backend="vsparse", options={...})` or `dit_compiler.vsparse(**options)`.
+
+Defaults and why they are what they are are stated in README.md ("Options").
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+SPARSITY = ("svg", "draft", "none")
+CACHE = ("easycache", "none")
+BLOCK_SIZES = (64, 128)
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class Options:
+    sparsity: str = "draft"
+    density: float = 0.25
+    block_size: int = 128
+    dense_steps: float = 0.25
+    dense_layers: int = 1
+    cache: str = "none"
+    cache_threshold: float = 0.05
+    dump_dir: Optional[str] = None
+    mode: Optional[str] = None  # Inductor's mode; torch.compile refuses mode= together with options=
+
+    @property
+    def rewrites_attention(self) -> bool:
+        return self.sparsity != "none"
+
+    @property
+    def splits_block_stack(self) -> bool:
+        return self.cache != "none"
+
+
+def _fraction(key: str, value: Any, *, low_open: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"vsparse option {key!r} must be a number, got {value!r}")
+    ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
+    if not ok:
+        allowed = "0 < x <= 1" if low_open else "0 <= x <= 1"
+        raise ValueError(f"vsparse option {key!r} must satisfy {allowed}, got {value!r}")
+    return float(value)
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> Any:
+    if value not in allowed:
+        raise ValueError(f"vsparse option {key!r} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+    return value
+
+
+def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[str] = None) -> Options:
+    """Validate user options; an unknown key or bad value raises ValueError naming the key and what is allowed."""
+    options = dict(options or {})
+    known = {f.name for f in dataclasses.fields(Options)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown vsparse option(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(known))}")
+    if mode is not None:
+        if options.get("mode") not in (None, mode):
+            raise ValueError(f"vsparse option 'mode' given twice: {options['mode']!r} and {mode!r}")
+        options["mode"] = mode
+    if "dump_dir" not in options and os.environ.get("VSPARSE_DUMP_DIR"):
+        options["dump_dir"] = os.environ["VSPARSE_DUMP_DIR"]
+    parsed = {}
+    for key, value in options.items():
+        if key == "sparsity":
+            parsed[key] = _choice(key, value, SPARSITY)
+        elif key == "cache":
+            parsed[key] = _choice(key, value, CACHE)
+        elif key == "block_size":
+            parsed[key] = _choice(key, value, BLOCK_SIZES)
+        elif key == "density":
+            parsed[key] = _fraction(key, value, low_open=True)
+        elif key == "dense_steps":
+            parsed[key] = _fraction(key, value, low_open=False)
+        elif key == "dense_layers":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"vsparse option 'dense_layers' must be an int >= 0, got {value!r}")
+            parsed[key] = value
+        elif key == "cache_threshold":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"vsparse option 'cache_threshold' must be a float > 0, got {value!r}")
+            parsed[key] = float(value)
+        elif key == "dump_dir":
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ValueError(f"vsparse option 'dump_dir' must be a path, got {value!r}")
+            parsed[key] = None if value is None else os.fspath(value)
+        elif key == "mode":
+            parsed[key] = None if value is None else _choice(key, value, MODES)
+    return Options(**parsed)

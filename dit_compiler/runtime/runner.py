@@ -1,0 +1,104 @@
+"""The callable the backend returns: runs the compiled graph (or its head / stack / tail pieces) with run-time state.
+
+One `DiTRunner` per compiled graph. It reads the timestep input to tell step, CFG branch and generation, passes the
+`dense` flag to rewritten attention, lets EasyCache skip the block stack, strips the extra outputs our passes add
+(per-site mask counts, masks when dumping) and writes one `runtime.jsonl` line per call. State lives here, never
+on module attributes that Dynamo would guard on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from dit_compiler.runtime.easycache import CacheDecision, EasyCache
+from dit_compiler.runtime.state import CallPosition, StepTracker
+
+
+@dataclass
+class SparseSiteOutputs:
+    """Where the per-site extras sit among the graph's outputs (after the model's own outputs)."""
+
+    names: list[str]  # site node names, in output order
+    blocks_per_row: list[int]  # key blocks per query block at density 1, per site (for the density figure)
+    counts_start: int  # index of the first kv_num_blocks output
+    masks_start: Optional[int]  # index of the first block-bool mask output, when dumping
+
+
+class CachedStack(torch.nn.Module):
+    """Stands in for the compiled stack piece inside the split parent graph and applies EasyCache."""
+
+    def __init__(self, compiled: Callable, runner: "DiTRunner", entry_index: int, like_entry: list[bool]):
+        super().__init__()
+        self.compiled = compiled
+        self.runner = runner
+        self.entry_index = entry_index
+        self.like_entry = like_entry
+
+    def forward(self, *args):
+        runner = self.runner
+        entry = args[self.entry_index]
+        decision = runner.cache.decide(runner.position.branch, entry)
+        runner.last_cache = decision
+        if decision.reused:
+            return tuple(runner.cache.reuse(runner.position.branch, entry, self.like_entry))
+        outputs = list(self.compiled(*args))
+        runner.cache.record(runner.position.branch, entry, outputs, self.like_entry)
+        return tuple(outputs)
+
+
+@dataclass
+class DiTRunner:
+    compiled: Callable  # compiled graph, or the split parent whose stack is a CachedStack
+    num_user_outputs: int
+    timestep_index: Optional[int]
+    dense_steps: float
+    uses_dense_flag: bool
+    sites: Optional[SparseSiteOutputs] = None
+    cache: Optional[EasyCache] = None
+    dump: Optional[object] = None  # dit_compiler.dump.Dump
+    tracker: StepTracker = field(default_factory=StepTracker)
+    position: Optional[CallPosition] = None
+    last_cache: Optional[CacheDecision] = None
+    calls: int = 0
+    _flags: dict = field(default_factory=dict)
+
+    def _dense_flag(self, dense: bool, device: torch.device) -> torch.Tensor:
+        key = (dense, device)
+        if key not in self._flags:
+            self._flags[key] = torch.tensor(dense, device=device)
+        return self._flags[key]
+
+    def __call__(self, *args):
+        timestep = args[self.timestep_index] if self.timestep_index is not None else None
+        self.position = pos = self.tracker.observe(timestep)
+        if pos.reset and self.cache is not None:
+            self.cache.reset()
+        self.last_cache = None
+        dense = self.tracker.dense_phase(pos, self.dense_steps)
+        call_args = list(args)
+        if self.uses_dense_flag:
+            device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
+            call_args.append(self._dense_flag(dense, device))
+        outputs = self.compiled(*call_args)
+        if self.dump is not None:
+            self._record(pos, dense, outputs)
+        self.calls += 1
+        return tuple(outputs[: self.num_user_outputs])
+
+    def _record(self, pos: CallPosition, dense: bool, outputs) -> None:
+        reused = bool(self.last_cache and self.last_cache.reused)
+        record = {"call": self.calls, "generation": pos.generation, "step": pos.step, "branch": pos.branch,
+                  "timestep": pos.timestep, "dense_phase": dense,
+                  "cache": None if self.cache is None else ("reuse" if reused else "compute"),
+                  "cache_accumulated": None if self.last_cache is None else self.last_cache.accumulated,
+                  "cache_rate": None if self.last_cache is None else self.last_cache.rate}
+        if self.sites is not None and not reused:
+            counts = outputs[self.sites.counts_start: self.sites.counts_start + len(self.sites.names)]
+            record["density"] = {name: round(float(c.float().mean()) / per_row, 4)
+                                 for name, c, per_row in zip(self.sites.names, counts, self.sites.blocks_per_row)}
+            if self.sites.masks_start is not None and not dense and not self.dump.masks_written:
+                masks = outputs[self.sites.masks_start: self.sites.masks_start + len(self.sites.names)]
+                self.dump.write_masks(self.sites.names, list(masks))
+        self.dump.append_runtime(record)

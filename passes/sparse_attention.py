@@ -1,0 +1,138 @@
+"""Rewrite eligible video self-attention into block-sparse attention.
+
+Pattern: an attention site the recognizers marked eligible (self-attention over a proven video token grid, no
+mask or a key-padding mask), outside the leading `dense_layers` blocks.
+Replacement: one call of `draft_attention` or `svg_attention` below, traced into the graph by AOTAutograd when
+Inductor compiles it. Each plans its block mask in the graph from q and k (no host sync), permutes tokens so the
+pattern is contiguous, calls `torch.ops.vsparse.block_sparse_attention` and restores token order. A boolean
+`dense` input chooses the full mask at run time, so the leading dense steps need no second compiled graph.
+Every site not rewritten keeps its dense SDPA call and gets a reason in the report.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+import dit_compiler.kernels  # noqa: F401  (registers torch.ops.vsparse)
+from dit_compiler.masks import block_mask, draft, svg
+from dit_compiler.options import Options
+from dit_compiler.patterns import key_padding_lengths
+from dit_compiler.patterns.types import AttentionSite, GraphAnalysis
+
+
+def _with_dense_fallback(dense: torch.Tensor, kv_num_blocks, kv_indices, seq_len, block_size: int):
+    """The planned mask, or every block when `dense` (a 0-dim bool tensor) is set."""
+    full_num, full_idx = block_mask.full(1, 1, seq_len, seq_len, block_size, device=kv_indices.device)
+    return torch.where(dense, full_num, kv_num_blocks), torch.where(dense, full_idx, kv_indices)
+
+
+def draft_attention(q, k, v, dense, kv_lengths, frames, height, width, text_before, text_after, *,
+                    density: float, block_size: int, scale: float):
+    """DraftAttention: window-contiguous token order, block mask from a pooled low-resolution attention map."""
+    perm, inverse = draft.window_permutation(frames, height, width, text_before, text_after, block_size, device=q.device)
+    q, k, v = (t.index_select(2, perm) for t in (q, k, v))
+    kv_num_blocks, kv_indices = draft.draft_block_mask(
+        q, k, block_size=block_size, density=density, text_before=text_before, text_after=text_after)
+    kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
+    out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
+    return out.index_select(2, inverse), kv_num_blocks, kv_indices
+
+
+def svg_attention(q, k, v, dense, kv_lengths, frames, height, width, text_before, text_after, *,
+                  density: float, block_size: int, scale: float):
+    """Sparse VideoGen: each head spatial (frame-major) or temporal (position-major), chosen from sampled rows."""
+    perm, inverse, kv_num_blocks, kv_indices = svg.svg_plan(
+        q, k, v, frames=frames, height=height, width=width, text_before=text_before, text_after=text_after,
+        block_size=block_size, density=density)
+    gather = perm.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])
+    q, k, v = (torch.gather(t, 2, gather) for t in (q, k, v))
+    kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
+    out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
+    return torch.gather(out, 2, inverse.unsqueeze(-1).expand(-1, -1, -1, out.shape[-1])), kv_num_blocks, kv_indices
+
+
+REPLACEMENTS = {"draft": draft_attention, "svg": svg_attention}
+
+
+@dataclass
+class SiteDecision:
+    node: str
+    module_path: str
+    rewritten: bool
+    reason: str
+    density_output: Optional[int] = None  # index of this site's kv_num_blocks among the extra graph outputs
+
+
+def _why_dense(site: AttentionSite, opts: Options) -> Optional[str]:
+    if not site.self_attention:
+        return "cross-attention (keys are text tokens): stays dense"
+    if not site.eligible:
+        return site.reason or "not eligible"
+    if site.block is not None and site.block < opts.dense_layers:
+        return f"block {site.block} < dense_layers={opts.dense_layers}"
+    if site.head_dim not in (64, 128):
+        return f"head dim {site.head_dim} not supported by the block-sparse kernel (64, 128)"
+    return None
+
+
+def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, opts: Options,
+                             dense_flag: torch.fx.Node, collect_masks: bool = False):
+    """Rewrite every eligible site in place.
+
+    Returns the decision per site, and per rewritten site the node of its kv_num_blocks and (with
+    `collect_masks`) of its block-bool mask, for the runner to report densities and draw masks.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}
+    replacement = REPLACEMENTS[opts.sparsity]
+    decisions, mask_counts, masks = [], [], []
+    for site in analysis.sites:
+        reason = _why_dense(site, opts)
+        if reason is not None:
+            decisions.append(SiteDecision(site.node, site.module_path, False, reason))
+            continue
+        node = nodes[site.node]
+        with gm.graph.inserting_before(node):
+            sizes = [_size_arg(gm.graph, nodes, site, key)
+                     for key in ("frames", "height", "width", "text_before", "text_after")]
+            if any(s is None for s in sizes):
+                decisions.append(SiteDecision(site.node, site.module_path, False,
+                                              "symbolic layout size with no graph value to read it from"))
+                continue
+            kv_lengths = None
+            if site.mask == "key_padding":
+                kv_lengths = gm.graph.call_function(key_padding_lengths, (nodes[site.mask_node],))
+            scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
+            call = gm.graph.call_function(
+                replacement,
+                (nodes[site.query], nodes[site.key], nodes[site.value], dense_flag, kv_lengths, *sizes),
+                {"density": opts.density, "block_size": opts.block_size, "scale": scale})
+            out = gm.graph.call_function(operator.getitem, (call, 0))
+            count = gm.graph.call_function(operator.getitem, (call, 1))
+            if collect_masks:
+                indices = gm.graph.call_function(operator.getitem, (call, 2))
+                masks.append(gm.graph.call_function(block_mask.to_block_bool, (count, indices)))
+        out.meta.update(node.meta)
+        node.replace_all_uses_with(out)
+        gm.graph.erase_node(node)
+        decisions.append(SiteDecision(site.node, site.module_path, True,
+                                      f"{opts.sparsity} block-sparse, density {opts.density}, block {opts.block_size}",
+                                      density_output=len(mask_counts)))
+        mask_counts.append(count)
+    gm.graph.lint()
+    gm.recompile()
+    return decisions, mask_counts, masks
+
+
+def _size_arg(graph: torch.fx.Graph, nodes, site: AttentionSite, key: str):
+    """An int, or a node reading the size off a graph value when it is symbolic."""
+    value = getattr(site.layout, key)
+    if isinstance(value, int):
+        return value
+    ref = site.layout.refs.get(key)
+    if ref is None:
+        return None
+    return graph.call_function(torch.ops.aten.sym_size.int, (nodes[ref.node], ref.dim))
