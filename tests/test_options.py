@@ -1,0 +1,55 @@
+import pytest
+
+from dit_compiler.options import Options, parse_options
+
+
+def test_defaults_and_values():
+    assert parse_options() == Options()
+    opts = parse_options({"sparsity": "svg", "density": 0.1, "block_size": 64, "dense_steps": 0,
+                          "dense_layers": 2, "cache": "easycache", "cache_threshold": 0.1})
+    assert (opts.sparsity, opts.density, opts.block_size, opts.dense_steps, opts.dense_layers, opts.cache,
+            opts.cache_threshold) == ("svg", 0.1, 64, 0.0, 2, "easycache", 0.1)
+
+
+@pytest.mark.parametrize("key,value,allowed", [
+    ("sparsity", "topk", "'svg', 'draft', 'none'"),
+    ("density", 0.0, "0 < x <= 1"),
+    ("density", 1.5, "0 < x <= 1"),
+    ("density", "half", "number"),
+    ("block_size", 96, "64, 128"),
+    ("dense_steps", -0.1, "0 <= x <= 1"),
+    ("dense_layers", -1, "int >= 0"),
+    ("dense_layers", 1.5, "int >= 0"),
+    ("cache", "teacache", "'easycache', 'none'"),
+    ("cache_threshold", 0, "float > 0"),
+    ("mode", "fast", "'default'"),
+])
+def test_bad_value_names_key_and_allowed(key, value, allowed):
+    with pytest.raises(ValueError) as err:
+        parse_options({key: value})
+    assert repr(key) in str(err.value) and allowed in str(err.value)
+
+
+def test_unknown_key_lists_allowed():
+    with pytest.raises(ValueError, match=r"unknown vsparse option\(s\) 'sparsty'.*allowed: .*sparsity"):
+        parse_options({"sparsty": "svg"})
+
+
+def test_dump_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VSPARSE_DUMP_DIR", str(tmp_path))
+    assert parse_options().dump_dir == str(tmp_path)
+    assert parse_options({"dump_dir": "/elsewhere"}).dump_dir == "/elsewhere"
+
+
+def test_mode_from_argument_or_option():
+    assert parse_options(None, "max-autotune").mode == "max-autotune"
+    assert parse_options({"mode": "reduce-overhead"}).mode == "reduce-overhead"
+    with pytest.raises(ValueError, match="given twice"):
+        parse_options({"mode": "reduce-overhead"}, "max-autotune")
+
+
+def test_factory_rejects_bad_options_at_configuration_time():
+    import dit_compiler
+
+    with pytest.raises(ValueError, match="'density'"):
+        dit_compiler.vsparse(density=2)
