@@ -53,10 +53,15 @@ def reference_permute_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tens
     return torch.gather(x, 2, full[None, :, :, None].expand(batch, heads, seq_len, dim)).contiguous()
 
 
-def triton_permute_tokens(x: torch.Tensor, index: torch.Tensor, block_s: int = 64, num_warps: int = 4):
+def triton_permute_tokens(x: torch.Tensor, index: torch.Tensor, block_s: int = 64, num_warps: int = 4,
+                          out: torch.Tensor | None = None):
+    """Launch the gather; `out` (contiguous, like x) receives the result if given."""
     batch, heads, seq_len, dim = x.shape
     index = index.contiguous()
-    out = torch.empty(batch, heads, seq_len, dim, dtype=x.dtype, device=x.device)
+    if out is None:
+        out = torch.empty(batch, heads, seq_len, dim, dtype=x.dtype, device=x.device)
+    elif not out.is_contiguous() or out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError("out must be contiguous with x's shape and dtype")
     stride_ih = index.stride(0) if index.dim() == 2 else 0
     grid = (triton.cdiv(seq_len, block_s), batch * heads)
     _gather_tokens_kernel[grid](x, index, out, x.stride(0), x.stride(1), x.stride(2), stride_ih, heads, seq_len,

@@ -128,6 +128,7 @@ _tuned_kernel = triton.autotune(
     prune_configs_by={"early_config_prune": _prune})(_block_sparse_attention_kernel)
 
 _allocator_ready = False
+_autotune = os.environ.get("VSPARSE_AUTOTUNE", "1") == "1"
 
 
 def _ensure_descriptor_allocator():
@@ -151,14 +152,19 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
 
 
 def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
-                                  kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None):
+                                  kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None,
+                                  out: Optional[torch.Tensor] = None):
     """Launch the kernel. Inputs are assumed checked (see block_sparse_attention.check_inputs). `config`
     ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WARP_SPECIALIZE"}) skips autotuning, e.g. for benchmarks
-    of one variant; under TRITON_INTERPRET=1 a small fixed config is always used."""
+    of one variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list;
+    under TRITON_INTERPRET=1 a small fixed config is always used. `out` (contiguous, like q) receives the result."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
-    out = torch.empty(batch, heads, q_len, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(batch, heads, q_len, head_dim, dtype=q.dtype, device=q.device)
+    elif not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError("out must be contiguous with q's shape and dtype")
     num_q_blocks = triton.cdiv(q_len, block_size)
     # Per-head order of query blocks, heaviest first (stable: ties keep ascending ids, good for L2 locality).
     order = torch.sort(kv_num_blocks, dim=-1, descending=True, stable=True).indices.to(torch.int32)
@@ -186,9 +192,19 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         config.setdefault("WARP_SPECIALIZE", False)
         _block_sparse_attention_kernel[grid](*args, **consts, **config, DOT_FP32=False, num_warps=warps,
                                              num_stages=stages)
-    else:
+    elif _autotune:
         _tuned_kernel[grid](*args, **consts, DOT_FP32=False)
+    else:
+        first = _prune(_tuned_kernel.configs, {"q_ptr": q}, **consts)[0]
+        _block_sparse_attention_kernel[grid](*args, **consts, **first.kwargs, DOT_FP32=False,
+                                             num_warps=first.num_warps, num_stages=first.num_stages)
     return out
+
+
+def set_autotune(enabled: bool) -> None:
+    """Autotuning compiles every config once per key; tests that sweep many keys turn it off."""
+    global _autotune
+    _autotune = bool(enabled)
 
 
 def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype) -> Optional[str]:
