@@ -1,0 +1,168 @@
+"""Sparse VideoGen: each head is either spatial (attends its own and nearby frames) or temporal (attends the same
+spatial positions across all frames), chosen per head and step by sampling a few query rows.
+
+Spatial heads keep the frame-major token order (t, y, x), where nearby frames are nearby blocks. Temporal heads
+reorder the video tokens position-major (y, x, t), so one position's tokens of every frame sit together and the
+temporal pattern becomes a narrow band around the diagonal. Both masks rank key blocks the same way: by the gap, in
+video units (frames for spatial, positions for temporal), between the units the two blocks cover, then by block
+distance; each query block visits its max(1, ceil(density * nkv)) nearest key blocks. So the window (frames) or
+band (positions) is exactly as wide as the density allows, whole units first, and it slides inward at the ends of
+the video instead of shrinking: every row costs the same. Text blocks are always visited and text query blocks
+visit everything. All functions are pure torch and trace under make_fx / torch.compile(fullgraph=True) with
+symbolic sizes.
+"""
+from __future__ import annotations
+
+import torch
+
+from dit_compiler.masks import block_mask
+
+
+def _check_layout(frames, height, width, text_before, text_after, block_size=1) -> None:
+    block_mask.check_sizes(1, frames=frames, height=height, width=width, block_size=block_size)
+    block_mask.check_sizes(0, text_before=text_before, text_after=text_after)
+
+
+def position_major_order(frames, height, width, device=None) -> torch.Tensor:
+    """int64 [frames*height*width]: frame-major (t, y, x) video token ids in position-major (y, x, t) order."""
+    frame_len = height * width
+    slot = torch.arange(frames * frame_len, device=device)
+    return slot % frames * frame_len + slot // frames
+
+
+def position_major_permutation(frames, height, width, text_before, text_after, device=None):
+    """(perm, inverse) int64 [S] taking the frame-major video tokens to position-major order, text in place.
+    x[..., perm, :] is position-major; x_position_major[..., inverse, :] is x again."""
+    _check_layout(frames, height, width, text_before, text_after)
+    return block_mask.sequence_permutation(position_major_order(frames, height, width, device), text_before,
+                                           text_after)
+
+
+def _nearest_units_visit(unit_len, layout, block_size, density, device) -> torch.Tensor:
+    """[n, n] bool: each query block visits its budget of key blocks nearest in video units of `unit_len` tokens
+    (the gap between the unit ranges two blocks cover, 0 when they share a unit), ties broken by block distance."""
+    frames, height, width, text_before, text_after = layout
+    video_len = frames * height * width
+    seq_len = text_before + video_len + text_after
+    n = block_mask.num_blocks(seq_len, block_size)
+    ids = torch.arange(n, device=device)
+    # Unit range of each block's video tokens; text-only blocks get a clamped range but are forced anyway.
+    first = (ids * block_size - text_before).clamp(0, video_len - 1) // unit_len
+    last = (ids * block_size + block_size - 1 - text_before).clamp(0, video_len - 1) // unit_len
+    unit_gap = (first - last[:, None]).clamp(min=0) + (first[:, None] - last).clamp(min=0)
+    block_gap = (ids - ids[:, None]).abs()
+    nearness = -(unit_gap * n + block_gap)
+    text = block_mask.text_blocks(seq_len, text_before, text_after, block_size, device)
+    return block_mask.keep_strongest(nearness, density, text)
+
+
+def _spatial_visit(layout, block_size, density, device) -> torch.Tensor:
+    """Frame-major order; units are frames."""
+    frames, height, width, _, _ = layout
+    return _nearest_units_visit(height * width, layout, block_size, density, device)
+
+
+def _temporal_visit(layout, block_size, density, device) -> torch.Tensor:
+    """Position-major order; units are spatial positions, `frames` tokens each."""
+    return _nearest_units_visit(layout[0], layout, block_size, density, device)
+
+
+def spatial_block_mask(frames, height, width, text_before, text_after, block_size, density, device=None):
+    """Spatial-head mask in frame-major order: each query block visits the key blocks of its own and the nearest
+    frames, max(1, ceil(density * nkv)) of them (text blocks forced, see the module docstring).
+    Returns (kv_num_blocks int32 [1, 1, nq], kv_indices int32 [1, 1, nq, nkv])."""
+    _check_layout(frames, height, width, text_before, text_after, block_size)
+    visit = _spatial_visit((frames, height, width, text_before, text_after), block_size, density, device)
+    return block_mask.from_block_bool(visit[None, None])
+
+
+def temporal_block_mask(frames, height, width, text_before, text_after, block_size, density, device=None):
+    """Temporal-head mask in position-major order (`position_major_permutation`): each query block visits the key
+    blocks of its own and the nearest spatial positions across all frames, a band of max(1, ceil(density * nkv))
+    blocks (text blocks forced). Returns (kv_num_blocks int32 [1, 1, nq], kv_indices int32 [1, 1, nq, nkv])."""
+    _check_layout(frames, height, width, text_before, text_after, block_size)
+    visit = _temporal_visit((frames, height, width, text_before, text_after), block_size, density, device)
+    return block_mask.from_block_bool(visit[None, None])
+
+
+def _sampled_rows(frames, height, width, text_before, num_sample_rows, device) -> torch.Tensor:
+    """int64 [num_sample_rows]: evenly spread video query rows (text rows visit everything under both masks)."""
+    video_len = frames * height * width
+    return text_before + torch.arange(num_sample_rows, device=device) * video_len // num_sample_rows
+
+
+def _classify(q, k, v, layout, block_size, density, num_sample_rows, scale, spatial_visit, temporal_visit,
+              position_major_inverse) -> torch.Tensor:
+    """[B, H] bool, True where the temporal mask's sampled output is closer (MSE) to full attention's."""
+    frames, height, width, text_before, _ = layout
+    rows = _sampled_rows(frames, height, width, text_before, num_sample_rows, q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = q[..., rows, :].float() @ k.float().transpose(-1, -2) * scale
+    values = v.float()
+    # Token masks of the sampled rows, in the original (frame-major) order: [rows, S].
+    spatial_blocks = torch.arange(q.shape[-2], device=q.device) // block_size
+    spatial = spatial_visit[rows // block_size][:, spatial_blocks]
+    temporal_blocks = position_major_inverse // block_size
+    temporal = temporal_visit[temporal_blocks[rows]][:, temporal_blocks]
+
+    def masked_output(visit):
+        return scores.masked_fill(~visit, float("-inf")).softmax(dim=-1) @ values
+
+    full = scores.softmax(dim=-1) @ values
+    spatial_error = (masked_output(spatial) - full).square().mean(dim=(-2, -1))
+    temporal_error = (masked_output(temporal) - full).square().mean(dim=(-2, -1))
+    return temporal_error < spatial_error
+
+
+def _check_qkv(q, k, v, frames, height, width, text_before, text_after, num_sample_rows) -> None:
+    seq_len = text_before + frames * height * width + text_after
+    if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
+        raise ValueError(f"q, k, v must be [B, H, S, D] self-attention inputs, got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-2] != seq_len:
+        raise ValueError(f"sequence length {q.shape[-2]} != text_before + frames*height*width + text_after "
+                         f"= {seq_len}")
+    block_mask.check_sizes(1, num_sample_rows=num_sample_rows)
+
+
+def classify_heads(q, k, v, *, frames, height, width, text_before, text_after, block_size, density,
+                   num_sample_rows=64, scale=None) -> torch.Tensor:
+    """Sparse VideoGen's online profiling for q, k, v [B, H, S, D] in frame-major order: for `num_sample_rows`
+    evenly spaced video query rows, compute the exact attention output under the full mask, the spatial mask and
+    the temporal mask (the latter in position-major order), and call a head temporal where the temporal output is
+    closer (MSE) to full. Costs about 3 * num_sample_rows / S of the attention. Returns bool [B, H]."""
+    _check_layout(frames, height, width, text_before, text_after, block_size)
+    _check_qkv(q, k, v, frames, height, width, text_before, text_after, num_sample_rows)
+    layout = (frames, height, width, text_before, text_after)
+    _, inverse = position_major_permutation(*layout, device=q.device)
+    return _classify(q, k, v, layout, block_size, density, num_sample_rows, scale,
+                     _spatial_visit(layout, block_size, density, q.device),
+                     _temporal_visit(layout, block_size, density, q.device), inverse)
+
+
+def svg_plan(q, k, v, *, frames, height, width, text_before, text_after, block_size, density, num_sample_rows=64,
+             scale=None):
+    """Sparse VideoGen's plan for one self-attention call, q, k, v [B, H, S, D] in frame-major order.
+
+    Spatial heads keep the identity order and the spatial mask; temporal heads (`classify_heads`) get the
+    position-major permutation and the temporal mask. The caller gathers q, k, v along S with `perm`, runs the
+    block-sparse op, and gathers the output back with `inverse`.
+    Returns (perm int64 [B, H, S], inverse int64 [B, H, S], kv_num_blocks int32 [B, H, nq],
+    kv_indices int32 [B, H, nq, nkv]).
+    """
+    _check_layout(frames, height, width, text_before, text_after, block_size)
+    _check_qkv(q, k, v, frames, height, width, text_before, text_after, num_sample_rows)
+    layout = (frames, height, width, text_before, text_after)
+    spatial_visit = _spatial_visit(layout, block_size, density, q.device)
+    temporal_visit = _temporal_visit(layout, block_size, density, q.device)
+    position_major, inverse = position_major_permutation(*layout, device=q.device)
+    temporal = _classify(q, k, v, layout, block_size, density, num_sample_rows, scale, spatial_visit,
+                         temporal_visit, inverse)
+    identity = torch.arange(q.shape[-2], device=q.device)
+    head_perm = torch.where(temporal[..., None], position_major, identity)
+    head_inverse = torch.where(temporal[..., None], inverse, identity)
+    spatial_num, spatial_indices = block_mask.from_block_bool(spatial_visit)
+    temporal_num, temporal_indices = block_mask.from_block_bool(temporal_visit)
+    kv_num_blocks = torch.where(temporal[..., None], temporal_num, spatial_num)
+    kv_indices = torch.where(temporal[..., None, None], temporal_indices, spatial_indices)
+    return head_perm, head_inverse, kv_num_blocks, kv_indices
