@@ -1,5 +1,5 @@
 """Block-sparse attention and token-permutation ops. Importing this package registers `torch.ops.vsparse.*`."""
-from dit_compiler.kernels.block_sparse_attention import (
+from dit_compiler.kernels.attention_op import (
     block_sparse_attention,
     reference_block_sparse_attention,
     set_mask_value_checks,

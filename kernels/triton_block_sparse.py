@@ -154,7 +154,7 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
 def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
                                   kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None,
                                   out: Optional[torch.Tensor] = None):
-    """Launch the kernel. Inputs are assumed checked (see block_sparse_attention.check_inputs). `config`
+    """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs). `config`
     ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WARP_SPECIALIZE"}) skips autotuning, e.g. for benchmarks
     of one variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list;
     under TRITON_INTERPRET=1 a small fixed config is always used. `out` (contiguous, like q) receives the result."""

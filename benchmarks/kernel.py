@@ -1,0 +1,179 @@
+"""Block-sparse attention and token-permutation kernels against their peers, in one run (DESIGN.md, "Measuring").
+
+    python benchmarks/kernel.py --out results.json               # Wan-1.3B and Wan-14B, all densities and masks
+    python benchmarks/kernel.py --shapes wan1.3b --sweep         # also time every fixed kernel config
+
+Per shape (bf16, D=128, 128-token blocks): cuDNN and flash SDPA (dense), then for each mask family (random, banded)
+and density: ours (autotuned once, cached) and FlexAttention (torch.compile) with the identical BlockMask.
+Effective TFLOP/s = 4 * sum over query rows of visible keys * D / time. A correctness line per case compares ours with
+FlexAttention's output (and, at density 1, with cuDNN's). Then the permutation kernel's GB/s against a device copy.
+Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
+from dit_compiler.kernels import triton_block_sparse
+from dit_compiler.kernels.permute import frame_to_position_major, triton_permute_tokens
+from dit_compiler.masks.banded import banded_block_mask
+from dit_compiler.masks.random import random_block_mask
+
+SHAPES = {"wan1.3b": (1, 12, 32760, 128), "wan14b": (1, 40, 75600, 128)}
+# Wan's token grids (frames, height, width) behind those lengths, for the permutation benchmark.
+GRIDS = {"wan1.3b": (21, 30, 52), "wan14b": (21, 45, 80)}
+SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, WARP_SPECIALIZE=ws)
+         for m, n, w, s, ws in [(128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False),
+                                (128, 64, 8, 4, False), (64, 64, 4, 3, False), (128, 128, 8, 2, True),
+                                (128, 64, 8, 3, True)]]
+
+
+def bench(fn, budget_ms: float) -> float:
+    return triton.testing.do_bench(fn, warmup=max(25.0, budget_ms / 4), rep=budget_ms, return_mode="median")
+
+
+def visible_pairs(num, idx, q_len, kv_len, block_size, batch, heads) -> int:
+    """Sum over query rows of keys they attend (partial tail blocks counted exactly)."""
+    nq = num.shape[-1]
+    nkv = idx.shape[-1]
+    num = num.expand(batch, heads, nq).long()
+    idx = idx.expand(batch, heads, nq, nkv).long()
+    listed = torch.arange(nkv, device=num.device) < num[..., None]
+    key_sizes = torch.full((nkv,), block_size, device=num.device)
+    key_sizes[-1] = kv_len - (nkv - 1) * block_size
+    keys = (key_sizes[idx] * listed).sum(-1)  # [B, H, nq]
+    q_sizes = torch.full((nq,), block_size, device=num.device)
+    q_sizes[-1] = q_len - (nq - 1) * block_size
+    return int((keys * q_sizes).sum())
+
+
+def rel_err(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def run_attention(name, shape, densities, families, budget_ms, sweep, rows, checks):
+    batch, heads, seq, dim = shape
+    bs = 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    scale = dim ** -0.5
+    dense_flops = 4 * batch * heads * seq * seq * dim
+
+    def add(impl, family, density, ms, flops, note=""):
+        rows.append(dict(shape=name, impl=impl, mask=family, density=density, ms=ms, tflops=flops / ms / 1e9,
+                         note=note))
+        print(f"{name:8s} {impl:22s} {family:7s} {density:5.2f} {ms:9.3f} ms {flops / ms / 1e9:7.1f} TF/s {note}",
+              flush=True)
+
+    outs = {}
+    for impl, backend in (("cudnn_sdpa", SDPBackend.CUDNN_ATTENTION), ("flash_sdpa", SDPBackend.FLASH_ATTENTION)):
+        with sdpa_kernel([backend]):
+            outs[impl] = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            add(impl, "dense", 1.0, bench(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale), budget_ms),
+                dense_flops)
+    flex = torch.compile(flex_attention, dynamic=False)
+    op = torch.ops.vsparse.block_sparse_attention
+    for family in families:
+        for density in densities:
+            if family == "random":
+                num, idx = random_block_mask(1, heads, seq, seq, bs, density, generator=g, device="cuda")
+            else:
+                num, idx = banded_block_mask(1, heads, seq, seq, bs, density, device="cuda")
+            flops = 4 * visible_pairs(num, idx, seq, seq, bs, batch, heads) * dim
+            mask = BlockMask.from_kv_blocks(torch.zeros_like(num), idx, num, idx, BLOCK_SIZE=bs, seq_lengths=(seq, seq))
+            ref = flex(q, k, v, block_mask=mask, scale=scale)
+            add("flex", family, density, bench(lambda: flex(q, k, v, block_mask=mask, scale=scale), budget_ms), flops)
+            if sweep and family == "random" and density in (1.0, 0.25):
+                for cfg in sweep:
+                    label = "m{BLOCK_M}n{BLOCK_N}w{num_warps}s{num_stages}{ws}".format(
+                        ws="ws" if cfg["WARP_SPECIALIZE"] else "", **cfg)
+                    try:
+                        fn = lambda: triton_block_sparse.triton_block_sparse_attention(  # noqa: E731
+                            q, k, v, num, idx, scale, bs, config=cfg)
+                        err = rel_err(fn(), ref)
+                        add("ours:" + label, family, density, bench(fn, budget_ms), flops, f"vs flex {err:.1e}")
+                    except Exception as exc:  # a config that does not compile on this triton is reported, not fatal
+                        print(f"{label}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+            ours = op(q, k, v, num, idx, scale, bs)
+            add("ours", family, density, bench(lambda: op(q, k, v, num, idx, scale, bs), budget_ms), flops,
+                triton_block_sparse.tuned_config(dim, bs, q.dtype) or "")
+            checks.append(dict(shape=name, mask=family, density=density, ours_vs_flex=rel_err(ours, ref)))
+            if density == 1.0:
+                checks[-1]["ours_vs_cudnn"] = rel_err(ours, outs["cudnn_sdpa"])
+                checks[-1]["flex_vs_cudnn"] = rel_err(ref, outs["cudnn_sdpa"])
+            print("   check", checks[-1], flush=True)
+            del ours, ref, mask
+    del q, k, v, outs
+    torch.cuda.empty_cache()
+
+
+def run_permutation(name, shape, budget_ms, rows):
+    batch, heads, seq, dim = shape
+    frames, height, width = GRIDS[name]
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+    moved = 2 * x.numel() * x.element_size()
+    copy_into = torch.empty_like(x)
+    cases = {"copy": None,
+             "shared_fpm": frame_to_position_major(frames, height, width, text_after=seq - frames * height * width),
+             "per_head_random": torch.stack([torch.randperm(seq, device="cuda") for _ in range(heads)])}
+    for case, index in cases.items():
+        if index is None:
+            ms = bench(lambda: copy_into.copy_(x), budget_ms)
+        else:
+            index = index.to("cuda")
+            out = triton_permute_tokens(x, index)
+            expect = torch.gather(x, 2, index.expand(heads, seq)[None, :, :, None].expand_as(x))
+            assert torch.equal(out, expect), case
+            ms = bench(lambda: triton_permute_tokens(x, index), budget_ms)
+        rows.append(dict(shape=name, impl="permute:" + case, ms=ms, gbps=moved / ms / 1e6))
+        print(f"{name:8s} permute {case:16s} {ms:8.3f} ms {moved / ms / 1e6:8.0f} GB/s", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.1, 0.05])
+    parser.add_argument("--masks", nargs="+", default=["random", "banded"], choices=["random", "banded"])
+    parser.add_argument("--budget-ms", type=float, default=400.0, help="do_bench repetition time per case")
+    parser.add_argument("--sweep", action="store_true", help="also time each fixed config at densities 1 and 0.25")
+    parser.add_argument("--no-permute", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows, checks = [], []
+    for name in args.shapes:
+        run_attention(name, SHAPES[name], args.densities, args.masks, args.budget_ms, SWEEP if args.sweep else [],
+                      rows, checks)
+        if not args.no_permute:
+            run_permutation(name, SHAPES[name], args.budget_ms, rows)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                host=platform.node())
+    print(json.dumps(meta))
+    print("\n| shape | mask | density | ours ms | ours TF/s | flex ms | flex TF/s | cuDNN dense ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r["impl"] != "ours":
+            continue
+        f = next(x for x in rows if x["impl"] == "flex" and x["shape"] == r["shape"] and x["mask"] == r["mask"]
+                 and x["density"] == r["density"])
+        c = next(x for x in rows if x["impl"] == "cudnn_sdpa" and x["shape"] == r["shape"])
+        print(f"| {r['shape']} | {r['mask']} | {r['density']} | {r['ms']:.3f} | {r['tflops']:.0f} | {f['ms']:.3f} | "
+              f"{f['tflops']:.0f} | {c['ms']:.2f} |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(dict(meta=meta, rows=rows, checks=checks), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
