@@ -65,7 +65,8 @@ class Sizes:
                 self.var_to_val = env.var_to_val
                 break
 
-    def expr(self, size: Any) -> sympy.Expr:
+    @staticmethod
+    def expr(size: Any) -> sympy.Expr:
         if isinstance(size, fx.Node):
             size = size.meta.get("example_value")
         if isinstance(size, torch.SymInt):
@@ -74,8 +75,9 @@ class Sizes:
             return sympy.sympify(size)
         raise TypeError(f"not a size: {size!r}")
 
-    def shape(self, node: fx.Node) -> list[sympy.Expr]:
-        return [self.expr(s) for s in tensor_of(node).shape]
+    @staticmethod
+    def shape(node: fx.Node) -> list[sympy.Expr]:
+        return [Sizes.expr(s) for s in tensor_of(node).shape]
 
     def hint(self, expr: sympy.Expr) -> int:
         return int(sympy.sympify(expr).xreplace(self.var_to_val))

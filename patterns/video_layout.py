@@ -1,0 +1,114 @@
+"""Video token layout of a self-attention site: which query positions are text, which are the F x H x W grid.
+
+The query's token provenance (tokens.TokenTracer, walking through projections, residual adds and earlier attention)
+ends in origins. An origin is the video grid when it is the output of the patch-embedding convolution, or a reshape
+of it that splits frames out of the batch (CogVideoX runs a Conv2d over batch*frames): its token dims must be the
+convolution's spatial dims in order, after at most one leading frames dim. Every other origin is text. The layout is
+accepted only when the grid appears once, whole, and sympy proves `S == text_before + F*H*W + text_after`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import sympy
+import torch.fx as fx
+
+from .graph import CONV_OPS, RESHAPE_OPS, Sizes, op_name
+from .tokens import Segment, Segments, TokenTracer, reshape_groups
+from .types import DimRef, VideoLayout
+
+
+class LayoutError(Exception):
+    """Why a site's layout could not be proven (the site stays dense)."""
+
+
+@dataclass
+class Grid:
+    sizes: tuple[sympy.Expr, sympy.Expr, sympy.Expr]  # frames, height, width
+    refs: tuple[Optional[DimRef], Optional[DimRef], Optional[DimRef]]
+
+
+def video_grid(sizes: Sizes, segment: Segment) -> Optional[Grid]:
+    """The F x H x W grid a segment's origin holds, or None when the origin is not a patch-embedding output."""
+    origin = segment.origin
+    conv = origin if op_name(origin) in CONV_OPS else None
+    if conv is None and op_name(origin) in RESHAPE_OPS and op_name(origin.args[0]) in CONV_OPS:
+        conv = origin.args[0]
+    if conv is None or op_name(conv) == "conv1d":
+        return None
+    conv_shape, origin_shape = sizes.shape(conv), sizes.shape(origin)
+    # The conv dim behind each token dim of the origin (the same dim when the origin is the conv itself).
+    if origin is conv:
+        source = {d: d for d in segment.dims}
+    else:
+        source = {}
+        for in_dims, out_dims in reshape_groups(sizes, conv_shape, origin_shape):
+            real_in = [d for d in in_dims if conv_shape[d] != 1]
+            for d in out_dims:
+                if d in segment.dims and len(real_in) == 1:
+                    source[d] = real_in[0]
+    token_dims = [d for d in segment.dims if origin_shape[d] != 1]
+    if any(d not in source for d in token_dims):
+        return None
+    spatial = list(range(2, len(conv_shape)))
+    real_spatial = [d for d in spatial if conv_shape[d] != 1]
+    sources = [source[d] for d in token_dims]
+    frames_dims = token_dims[: len(sources) - len(real_spatial)]
+    if sources[len(frames_dims):] != real_spatial or len(frames_dims) > 1:
+        return None
+    if not Sizes.equal(segment.start, 0) or not Sizes.equal(segment.length, sympy.Mul(*[origin_shape[d] for d in
+                                                                                         segment.dims])):
+        return None  # only part of the grid
+    if len(spatial) == 3:  # Conv3d: (B, C, F, H, W)
+        if frames_dims:
+            return None
+        dims = [(conv, d) for d in spatial]
+    else:  # Conv2d: frames, if any, folded into the batch dim
+        if frames_dims and source[frames_dims[0]] != 0:
+            return None
+        frames = (origin, frames_dims[0]) if frames_dims else None
+        dims = [frames] + [(conv, d) for d in spatial]
+    exprs = tuple(sympy.Integer(1) if d is None else sizes.shape(d[0])[d[1]] for d in dims)
+    refs = tuple(None if d is None else Sizes.ref(e, d[0], d[1]) for d, e in zip(dims, exprs))
+    return Grid(exprs, refs)
+
+
+def video_layout(sizes: Sizes, tracer: TokenTracer, query: fx.Node, seq_dim: int) -> VideoLayout:
+    """The layout of the query's sequence dim; raises LayoutError with the reason when it cannot be proven."""
+    if tracer.stop_at_projections:
+        raise ValueError("video_layout needs a tracer that walks through projections")
+    segments = tracer.trace(query, (seq_dim,))
+    grids = [(i, video_grid(sizes, s)) for i, s in enumerate(segments)]
+    grids = [(i, g) for i, g in grids if g is not None]
+    if len(grids) != 1:
+        origins = ", ".join(f"{s.origin.name}[{s.start}:{s.stop}]" for s in segments)
+        raise LayoutError(f"expected one whole patch-embedding grid among the query's tokens, found {len(grids)} "
+                          f"(token origins: {origins})")
+    at, grid = grids[0]
+    before, after = segments[:at], segments[at + 1:]
+    text_before = sympy.Add(*[s.length for s in before])
+    text_after = sympy.Add(*[s.length for s in after])
+    seq = sizes.shape(query)[seq_dim]
+    frames, height, width = grid.sizes
+    if not Sizes.equal(seq, text_before + frames * height * width + text_after):
+        raise LayoutError(f"cannot prove {seq} == {text_before} + {frames}*{height}*{width} + {text_after}")
+    report = Sizes.report
+    proof = f"{report(seq)} == {report(text_before)} + {report(frames)}*{report(height)}*{report(width)} + " \
+            f"{report(text_after)}"
+    refs = dict(zip(("frames", "height", "width"), grid.refs))
+    refs.update(text_before=_text_ref(before, text_before), text_after=_text_ref(after, text_after),
+                seq=Sizes.ref(seq, query, seq_dim))
+    return VideoLayout(report(frames), report(height), report(width), report(text_before), report(text_after),
+                       proof, refs)
+
+
+def _text_ref(segments: Segments, length: sympy.Expr) -> Optional[DimRef]:
+    """A text run readable off one dim: a single segment that is the whole of its origin's token dim."""
+    if len(segments) != 1 or len(segments[0].dims) != 1:
+        return None
+    segment = segments[0]
+    whole = Sizes.expr(segment.origin.meta["example_value"].shape[segment.dims[0]])
+    if not Sizes.equal(segment.start, 0) or not Sizes.equal(segment.stop, whole):
+        return None
+    return Sizes.ref(length, segment.origin, segment.dims[0])
