@@ -17,7 +17,8 @@ temporal neighbours already line up: a window's counterpart in the next frame is
 Ragged edges. When height or width is not a multiple of the window, each frame is tiled with whole windows and
 the leftover right strip (top to bottom) and bottom strip (right to left, so the path stays connected) are cut
 into pieces one window long. All whole windows of all frames come first, block-aligned; then the edge pieces, each
-chaining its frames, so an edge block is a short spatio-temporal box of one piece. Text before the video shifts the
+chaining its frames (forwards, then backwards in the next piece), so an edge block is a short spatio-temporal box
+of one piece, or of two neighbouring pieces in the same frames. Text before the video shifts the
 block grid; the video order is rotated so whole windows start on a block boundary and the few tokens before it
 share the (always visited) text block.
 """
@@ -53,8 +54,10 @@ def window_video_order(frames, height, width, text_before, block_size: int, devi
     right_pieces = (height + rows - 1) // rows
     edge_piece = torch.where(x >= tile_cols * cols, y // rows, right_pieces + tile_cols - 1 - x // cols)
     unit = torch.where(in_tile, tile, frames * tile_rows * tile_cols + edge_piece)
-    # Within a unit the raster order is (t, y, x): rows of a tile, and frame after frame of an edge piece.
-    base = torch.argsort(unit * video_len + raster)
+    # Within a unit tokens go (t, y, x): rows of a tile, frame after frame of an edge piece. Odd pieces run their
+    # frames backwards, so a block straddling two neighbouring pieces joins them in the same frame.
+    frame = torch.where(in_tile | (edge_piece % 2 == 0), t, frames - 1 - t)
+    base = torch.argsort(unit * video_len + frame * frame_len + raster % frame_len)
     shift = -text_before % block_size
     return base[(raster - shift) % video_len]
 
