@@ -77,7 +77,8 @@ def block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.T
     possibly partial, block averages only its real tokens."""
     seq_len = x.shape[-2]
     n = block_mask.num_blocks(seq_len, block_size)
-    sums = F.pad(x.float(), (0, 0, 0, n * block_size - seq_len)).unflatten(-2, (n, block_size)).sum(-2)
+    padded = F.pad(x, (0, 0, 0, n * block_size - seq_len))
+    sums = padded.unflatten(-2, (n, block_size)).sum(-2, dtype=torch.float32)
     counts = (seq_len - torch.arange(n, device=x.device) * block_size).clamp(max=block_size)
     return sums / counts[:, None], counts
 

@@ -91,7 +91,7 @@ def _sampled_rows(frames, height, width, text_before, num_sample_rows, device) -
     return text_before + torch.arange(num_sample_rows, device=device) * video_len // num_sample_rows
 
 
-def _classify(q, k, v, layout, block_size, density, num_sample_rows, scale, spatial_visit, temporal_visit,
+def _classify(q, k, v, layout, block_size, num_sample_rows, scale, spatial_visit, temporal_visit,
               position_major_inverse) -> torch.Tensor:
     """[B, H] bool, True where the temporal mask's sampled output is closer (MSE) to full attention's."""
     frames, height, width, text_before, _ = layout
@@ -114,7 +114,11 @@ def _classify(q, k, v, layout, block_size, density, num_sample_rows, scale, spat
     return temporal_error < spatial_error
 
 
-def _check_qkv(q, k, v, frames, height, width, text_before, text_after, num_sample_rows) -> None:
+def _profile(q, k, v, layout, block_size, density, num_sample_rows, scale):
+    """Check the inputs, build both masks and the position-major permutation, and classify the heads.
+    Returns (temporal [B, H], spatial_visit, temporal_visit, position_major perm, its inverse)."""
+    _check_layout(*layout, block_size)
+    frames, height, width, text_before, text_after = layout
     seq_len = text_before + frames * height * width + text_after
     if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
         raise ValueError(f"q, k, v must be [B, H, S, D] self-attention inputs, got {tuple(q.shape)}, "
@@ -123,6 +127,12 @@ def _check_qkv(q, k, v, frames, height, width, text_before, text_after, num_samp
         raise ValueError(f"sequence length {q.shape[-2]} != text_before + frames*height*width + text_after "
                          f"= {seq_len}")
     block_mask.check_sizes(1, num_sample_rows=num_sample_rows)
+    spatial_visit = _spatial_visit(layout, block_size, density, q.device)
+    temporal_visit = _temporal_visit(layout, block_size, density, q.device)
+    position_major, inverse = position_major_permutation(*layout, device=q.device)
+    temporal = _classify(q, k, v, layout, block_size, num_sample_rows, scale, spatial_visit, temporal_visit,
+                         inverse)
+    return temporal, spatial_visit, temporal_visit, position_major, inverse
 
 
 def classify_heads(q, k, v, *, frames, height, width, text_before, text_after, block_size, density,
@@ -130,14 +140,10 @@ def classify_heads(q, k, v, *, frames, height, width, text_before, text_after, b
     """Sparse VideoGen's online profiling for q, k, v [B, H, S, D] in frame-major order: for `num_sample_rows`
     evenly spaced video query rows, compute the exact attention output under the full mask, the spatial mask and
     the temporal mask (the latter in position-major order), and call a head temporal where the temporal output is
-    closer (MSE) to full. Costs about 3 * num_sample_rows / S of the attention. Returns bool [B, H]."""
-    _check_layout(frames, height, width, text_before, text_after, block_size)
-    _check_qkv(q, k, v, frames, height, width, text_before, text_after, num_sample_rows)
+    closer (MSE) to full. Costs about 2 * num_sample_rows / S of the attention's FLOPs. `scale` defaults to
+    1/sqrt(D). Returns bool [B, H]."""
     layout = (frames, height, width, text_before, text_after)
-    _, inverse = position_major_permutation(*layout, device=q.device)
-    return _classify(q, k, v, layout, block_size, density, num_sample_rows, scale,
-                     _spatial_visit(layout, block_size, density, q.device),
-                     _temporal_visit(layout, block_size, density, q.device), inverse)
+    return _profile(q, k, v, layout, block_size, density, num_sample_rows, scale)[0]
 
 
 def svg_plan(q, k, v, *, frames, height, width, text_before, text_after, block_size, density, num_sample_rows=64,
@@ -150,14 +156,9 @@ def svg_plan(q, k, v, *, frames, height, width, text_before, text_after, block_s
     Returns (perm int64 [B, H, S], inverse int64 [B, H, S], kv_num_blocks int32 [B, H, nq],
     kv_indices int32 [B, H, nq, nkv]).
     """
-    _check_layout(frames, height, width, text_before, text_after, block_size)
-    _check_qkv(q, k, v, frames, height, width, text_before, text_after, num_sample_rows)
     layout = (frames, height, width, text_before, text_after)
-    spatial_visit = _spatial_visit(layout, block_size, density, q.device)
-    temporal_visit = _temporal_visit(layout, block_size, density, q.device)
-    position_major, inverse = position_major_permutation(*layout, device=q.device)
-    temporal = _classify(q, k, v, layout, block_size, density, num_sample_rows, scale, spatial_visit,
-                         temporal_visit, inverse)
+    temporal, spatial_visit, temporal_visit, position_major, inverse = _profile(
+        q, k, v, layout, block_size, density, num_sample_rows, scale)
     identity = torch.arange(q.shape[-2], device=q.device)
     head_perm = torch.where(temporal[..., None], position_major, identity)
     head_inverse = torch.where(temporal[..., None], inverse, identity)
