@@ -56,6 +56,9 @@ class AttentionSite:
     layout: Optional[VideoLayout] = None  # self-attention sites only
     eligible: bool = False  # can be rewritten to block-sparse attention
     reason: str = ""  # why not, when not eligible; what was recognized otherwise
+    # Position of its block across all main-stream stacks in graph order (HunyuanVideo: double blocks, then single
+    # blocks), for options counted over the whole stack such as dense_layers; None outside them.
+    layer: Optional[int] = None
 
 
 @dataclass
