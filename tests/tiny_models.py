@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 
 
-def wan(frames=3, height=6, width=10, text=7, layers=2, batch=1, seed=0):
+def wan(frames=3, height=6, width=10, text=7, layers=2, batch=1, seed=0, head_dim=16):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
     model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4,
         text_dim=32, freq_dim=16, ffn_dim=64, num_layers=layers, cross_attn_norm=True, rope_max_seq_len=32,
     ).eval()
     inputs = dict(
@@ -25,14 +25,15 @@ def wan(frames=3, height=6, width=10, text=7, layers=2, batch=1, seed=0):
     return model, inputs
 
 
-def hunyuan(frames=3, height=6, width=10, text=5, valid_text=3, layers=1, single_layers=1, batch=1, seed=0):
+def hunyuan(frames=3, height=6, width=10, text=5, valid_text=3, layers=1, single_layers=1, batch=1, seed=0,
+            head_dim=16):
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(seed)
     model = HunyuanVideoTransformer3DModel(
-        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=layers,
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=head_dim, num_layers=layers,
         num_single_layers=single_layers, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
-        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6),
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
     ).eval()
     mask = torch.zeros(batch, text, dtype=torch.long)
     mask[:, :valid_text] = 1
@@ -48,12 +49,12 @@ def hunyuan(frames=3, height=6, width=10, text=5, valid_text=3, layers=1, single
     return model, inputs
 
 
-def cogvideox(frames=3, height=6, width=10, text=5, layers=2, batch=1, seed=0):
+def cogvideox(frames=3, height=6, width=10, text=5, layers=2, batch=1, seed=0, head_dim=16):
     from diffusers import CogVideoXTransformer3DModel
 
     torch.manual_seed(seed)
     model = CogVideoXTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=8,
+        num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
         text_embed_dim=32, num_layers=layers, sample_width=width, sample_height=height, sample_frames=4 * (frames - 1) + 1,
         patch_size=2, temporal_compression_ratio=4, max_text_seq_length=text,
     ).eval()
