@@ -33,7 +33,8 @@ def hunyuan(frames=3, height=6, width=10, text=5, valid_text=3, layers=1, single
     model = HunyuanVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=head_dim, num_layers=layers,
         num_single_layers=single_layers, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
-        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
+        qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16,
+        rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
     ).eval()
     mask = torch.zeros(batch, text, dtype=torch.long)
     mask[:, :valid_text] = 1
