@@ -41,7 +41,7 @@ def _analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> Gra
     input_dependent = depends_on(gm, data)
     projections = TokenTracer(sizes, input_dependent, stop_at_projections=True)
     tokens = TokenTracer(sizes, input_dependent, stop_at_projections=False)
-    stacks, notes = find_stacks(gm, latent_inputs(gm, data))
+    stacks, notes = find_stacks(gm, latent_inputs(gm, sizes, data))
     layer_of = {}
     for stack in stacks:
         for index in range(len(stack.blocks)):

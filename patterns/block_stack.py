@@ -34,15 +34,15 @@ def block_of(node: fx.Node) -> Optional[tuple[str, int]]:
     return None
 
 
-def latent_inputs(gm: fx.GraphModule, data: list[fx.Node]) -> list[fx.Node]:
-    """Data inputs shaped like the graph's first tensor output: a denoiser predicts a tensor shaped like its latent."""
-    outputs = fx.node.map_arg(next(iter(gm.graph.find_nodes(op="output"))).args, lambda n: n)
+def latent_inputs(gm: fx.GraphModule, sizes: Sizes, data: list[fx.Node]) -> list[fx.Node]:
+    """Data inputs shaped like the graph's first tensor output: a denoiser predicts a tensor shaped like its latent.
+    Compared on the example sizes: with symbolic shapes the output's height is 2*(h//2), equal only in fact."""
+    outputs = next(iter(gm.graph.find_nodes(op="output"))).args
     flat = [n for n in _flatten(outputs) if isinstance(n, fx.Node) and tensor_of(n) is not None]
     if not flat:
         return []
-    shape = Sizes.shape(flat[0])
-    return [d for d in data if len(Sizes.shape(d)) == len(shape)
-            and all(Sizes.equal(a, b) for a, b in zip(Sizes.shape(d), shape))]
+    shape = [sizes.hint(s) for s in Sizes.shape(flat[0])]
+    return [d for d in data if [sizes.hint(s) for s in Sizes.shape(d)] == shape]
 
 
 def _flatten(value) -> list:

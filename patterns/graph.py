@@ -62,7 +62,8 @@ class Sizes:
         for node in gm.graph.nodes:
             env = _shape_env(node.meta.get("example_value"))
             if env is not None:
-                self.var_to_val = env.var_to_val
+                # torch >= 2.13 renamed the map of symbols to their example values.
+                self.var_to_val = getattr(env, "backed_var_to_val", None) or env.var_to_val
                 break
 
     @staticmethod
