@@ -2,9 +2,10 @@
 query block lists, with an online softmax. Laid out like Triton's fused-attention tutorial: the per-key-tile step,
 the kernel, the launcher.
 
-Hopper path: Q/K/V/O move through TMA tensor descriptors made on the device per (batch, head), so tails past S are
-zero-filled on load and clipped on store with no masks; matrix products are wgmma through `tl.dot`. Tile shapes,
-warps and stages are autotuned once per (head dim, dtype, block size) and cached by Triton's autotuner.
+Hopper path: Q/K/V/O move through rank-4 TMA tensor descriptors over [B, H, S, D] made on the host and passed by
+value (no per-program descriptor set-up; any strides with a contiguous last dim), so tails past S are zero-filled on
+load and clipped on store with no masks; matrix products are wgmma through `tl.dot`. Tile shapes, warps and stages
+are autotuned once per (head dim, dtype, block size) and cached by Triton's autotuner.
 
 Scheduling: programs run head-major (all query tiles of one head before the next, so that head's K/V stay in L2),
 and within a head the query blocks are taken heaviest first (a device-side sort of kv_num_blocks, no host sync), so
@@ -18,17 +19,18 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, key_start, key_limit, qk_scale,
-                     BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """Fold keys [key_start, key_start+BLOCK_N) into the running (acc, l_i, m_i) of a query tile."""
-    k = k_desc.load([key_start, 0])
-    v = v_desc.load([key_start, 0])
+def _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limit, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """Fold keys [key_start, key_start+BLOCK_N) of head (b, h) into the running (acc, l_i, m_i) of a query tile."""
+    k = k_desc.load([b, h, key_start, 0]).reshape(BLOCK_N, HEAD_DIM)
+    v = v_desc.load([b, h, key_start, 0]).reshape(BLOCK_N, HEAD_DIM)
     if DOT_FP32:  # the interpreter's bf16/fp16 dot is wrong (triton-lang/triton#11584)
         k = k.to(tl.float32)
     if IEEE:
@@ -56,16 +58,14 @@ def _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, key_start, key_limit, qk_
 
 @triton.jit
 def _block_sparse_attention_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, num_ptr, idx_ptr, order_ptr, kv_lengths_ptr,
-        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-        stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb, stride_orh,
-        heads, q_len, kv_len, num_q_blocks, qk_scale,
+        q_desc, k_desc, v_desc, o_desc, num_ptr, idx_ptr, order_ptr, kv_lengths_ptr,
+        stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb, stride_orh, heads, kv_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_KV_LENGTHS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+        HAS_KV_LENGTHS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     M_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_M
     N_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
     slot = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)  # offsets below can pass 2**31 elements
+    bh = tl.program_id(1)
     b = bh // heads
     h = bh % heads
     # Heaviest query blocks of this head first (order is a per-head permutation of query-block ids).
@@ -77,70 +77,59 @@ def _block_sparse_attention_kernel(
     if HAS_KV_LENGTHS:
         key_limit = tl.minimum(key_limit, tl.load(kv_lengths_ptr + b))
 
-    dtype = o_ptr.dtype.element_ty
-    q_desc = tl.make_tensor_descriptor(q_ptr + b * stride_qb + h * stride_qh, shape=[q_len, HEAD_DIM],
-                                       strides=[stride_qs, 1], block_shape=[BLOCK_M, HEAD_DIM])
-    k_desc = tl.make_tensor_descriptor(k_ptr + b * stride_kb + h * stride_kh, shape=[kv_len, HEAD_DIM],
-                                       strides=[stride_ks, 1], block_shape=[BLOCK_N, HEAD_DIM])
-    v_desc = tl.make_tensor_descriptor(v_ptr + b * stride_vb + h * stride_vh, shape=[kv_len, HEAD_DIM],
-                                       strides=[stride_vs, 1], block_shape=[BLOCK_N, HEAD_DIM])
-    o_desc = tl.make_tensor_descriptor(o_ptr + bh * q_len * HEAD_DIM, shape=[q_len, HEAD_DIM],
-                                       strides=[HEAD_DIM, 1], block_shape=[BLOCK_M, HEAD_DIM])
-
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    q = q_desc.load([q_start, 0])
+    q = q_desc.load([b, h, q_start, 0]).reshape(BLOCK_M, HEAD_DIM)
     if DOT_FP32:
         q = q.to(tl.float32)
-    for t in tl.range(0, count * N_TILES, warp_specialize=WARP_SPECIALIZE):
+    for t in tl.range(0, count * N_TILES):
         key_start = tl.load(ids + t // N_TILES) * BLOCK_SIZE + (t % N_TILES) * BLOCK_N
-        acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, key_start, key_limit, qk_scale,
-                                         BLOCK_N, DOT_FP32, IEEE)
+        acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limit, qk_scale,
+                                         HEAD_DIM, BLOCK_N, DOT_FP32, IEEE)
     # Rows that saw no visible key have l = 0 and acc = 0: they store zeros.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_desc.store([q_start, 0], acc.to(dtype))
+    o_desc.store([b, h, q_start, 0], acc.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+
+
+def _set_block_shapes(args):
+    """Descriptors carry their tile shape, so it must follow the config being tried or run."""
+    q_rows, kv_rows, dim = args["BLOCK_M"], args["BLOCK_N"], args["HEAD_DIM"]
+    args["q_desc"].block_shape = args["o_desc"].block_shape = [1, 1, q_rows, dim]
+    args["k_desc"].block_shape = args["v_desc"].block_shape = [1, 1, kv_rows, dim]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages), the measured best first: it is also the config used without autotuning.
+# warp_specialize=True compiled on triton 3.6 / H100 but timed the same as without (kernels/NOTES.md, run 1).
+CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 128, 4, 3)]
 
 
 def _configs():
-    configs = []
-    for block_m, block_n, warps, stages, ws in [
-        (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 8, 3, False), (128, 64, 8, 4, False),
-        (64, 64, 4, 3, False), (128, 128, 8, 2, True), (128, 64, 8, 3, True),
-    ]:
-        configs.append(triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "WARP_SPECIALIZE": ws},
-                                     num_warps=warps, num_stages=stages))
-    return configs
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                          pre_hook=_set_block_shapes) for block_m, block_n, warps, stages in CONFIGS]
 
 
 def _prune(configs, named_args, **kwargs):
     """Tiles must divide the mask's block (a query tile shares one key-block list); fp32 needs smaller tiles."""
     block_size, head_dim = kwargs["BLOCK_SIZE"], kwargs["HEAD_DIM"]
-    fp32 = named_args["q_ptr"].dtype == torch.float32
+    fp32 = named_args["q_desc"].base.dtype == torch.float32
     kept = [c for c in configs if block_size % c.kwargs["BLOCK_M"] == 0 and block_size % c.kwargs["BLOCK_N"] == 0
             and not (fp32 and c.kwargs["BLOCK_N"] * head_dim > 64 * 128)]
-    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "WARP_SPECIALIZE": False}, num_warps=4,
-                                  num_stages=2)]
+    return kept or [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2,
+                                  pre_hook=_set_block_shapes)]
 
 
-_tuned_kernel = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "HAS_KV_LENGTHS", "IEEE"],
-    prune_configs_by={"early_config_prune": _prune})(_block_sparse_attention_kernel)
+def _tuned(dtype: torch.dtype):
+    """One autotuner per dtype: descriptors carry no dtype Triton's autotuner could key on."""
+    if dtype not in _tuned_kernels:
+        _tuned_kernels[dtype] = triton.autotune(
+            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "HAS_KV_LENGTHS"],
+            prune_configs_by={"early_config_prune": _prune})(_block_sparse_attention_kernel)
+    return _tuned_kernels[dtype]
 
-_allocator_ready = False
+
+_tuned_kernels: dict = {}
 _autotune = os.environ.get("VSPARSE_AUTOTUNE", "1") == "1"
-
-
-def _ensure_descriptor_allocator():
-    """Device-side TMA descriptors need a scratch allocator; set one once unless the caller already has."""
-    global _allocator_ready
-    if _allocator_ready:
-        return
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-    _allocator_ready = True
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
@@ -155,7 +144,7 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
                                   kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None,
                                   out: Optional[torch.Tensor] = None):
     """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs). `config`
-    ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "WARP_SPECIALIZE"}) skips autotuning, e.g. for benchmarks
+    ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks
     of one variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list;
     under TRITON_INTERPRET=1 a small fixed config is always used. `out` (contiguous, like q) receives the result."""
     batch, heads, q_len, head_dim = q.shape
@@ -168,36 +157,35 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     num_q_blocks = triton.cdiv(q_len, block_size)
     # Per-head order of query blocks, heaviest first (stable: ties keep ascending ids, good for L2 locality).
     order = torch.sort(kv_num_blocks, dim=-1, descending=True, stable=True).indices.to(torch.int32)
-    ib, ih = (kv_indices.stride(0) if kv_indices.shape[0] > 1 else 0), (kv_indices.stride(1) if kv_indices.shape[1] > 1 else 0)
-    nb, nh = (kv_num_blocks.stride(0) if kv_num_blocks.shape[0] > 1 else 0), (kv_num_blocks.stride(1) if kv_num_blocks.shape[1] > 1 else 0)
-    ob, oh = (order.stride(0) if order.shape[0] > 1 else 0), (order.stride(1) if order.shape[1] > 1 else 0)
-    ieee = q.dtype == torch.float32
-    args = (q, k, v, out, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), nb, nh, ib, ih, kv_indices.stride(2), ob, oh,
-            heads, q_len, kv_len, num_q_blocks, scale * _LOG2E)
-    consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_KV_LENGTHS=kv_lengths is not None, IEEE=ieee)
+
+    def broadcast_strides(t):  # a mask dim of size 1 is shared by every batch element / head
+        return [t.stride(d) if t.shape[d] > 1 else 0 for d in (0, 1)]
+
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim]) for t in (q, k, v, out)]
+    args = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
+            *broadcast_strides(kv_num_blocks), *broadcast_strides(kv_indices), kv_indices.stride(2),
+            *broadcast_strides(order), heads, kv_len, scale * _LOG2E)
+    consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_KV_LENGTHS=kv_lengths is not None,
+                  IEEE=q.dtype == torch.float32)
 
     def grid(meta):
         return (num_q_blocks * (block_size // meta["BLOCK_M"]), batch * heads)
 
+    def launch(block_m, block_n, num_warps, num_stages, dot_fp32=False):
+        _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], "o_desc": descs[3],
+                           "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim})
+        _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=dot_fp32,
+                                             num_warps=num_warps, num_stages=num_stages)
+
     if _INTERPRET:
-        _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=64, BLOCK_N=64, DOT_FP32=True,
-                                             WARP_SPECIALIZE=False)
-        return out
-    _ensure_descriptor_allocator()
-    if config is not None:
-        config = dict(config)
-        warps, stages = config.pop("num_warps"), config.pop("num_stages")
-        config.setdefault("WARP_SPECIALIZE", False)
-        _block_sparse_attention_kernel[grid](*args, **consts, **config, DOT_FP32=False, num_warps=warps,
-                                             num_stages=stages)
+        launch(64, 64, 4, 1, dot_fp32=True)
+    elif config is not None:
+        launch(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"])
     elif _autotune:
-        _tuned_kernel[grid](*args, **consts, DOT_FP32=False)
+        _tuned(q.dtype)[grid](*args, **consts, DOT_FP32=False)
     else:
-        first = _prune(_tuned_kernel.configs, {"q_ptr": q}, **consts)[0]
-        _block_sparse_attention_kernel[grid](*args, **consts, **first.kwargs, DOT_FP32=False,
-                                             num_warps=first.num_warps, num_stages=first.num_stages)
+        first = _prune(_configs(), {"q_desc": descs[0]}, **consts)[0]
+        launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages)
     return out
 
 
@@ -209,8 +197,8 @@ def set_autotune(enabled: bool) -> None:
 
 def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype) -> Optional[str]:
     """The config the autotuner chose for a key, for benchmark reports (None before the first call)."""
-    for key, cfg in _tuned_kernel.cache.items():
-        if key[0] == head_dim and key[1] == block_size and str(dtype) in key:
+    tuner = _tuned_kernels.get(dtype)
+    for key, cfg in (tuner.cache.items() if tuner else ()):
+        if key[0] == head_dim and key[1] == block_size:
             return str(cfg)
     return None
-
