@@ -41,14 +41,15 @@ def _analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> Gra
     input_dependent = depends_on(gm, data)
     projections = TokenTracer(sizes, input_dependent, stop_at_projections=True)
     tokens = TokenTracer(sizes, input_dependent, stop_at_projections=False)
-    stacks, notes = find_stacks(gm, latent_inputs(gm, sizes, data))
+    raw_sites = find_attention(gm)
+    stacks, notes = find_stacks(gm, latent_inputs(gm, sizes, data), {raw.node.name for raw in raw_sites})
     layer_of = {}
     for stack in stacks:
         for index in range(len(stack.blocks)):
             layer_of[(stack.name, index)] = len(layer_of)
     nodes = {n.name: n for n in gm.graph.nodes}
     sites = []
-    for raw in find_attention(gm):
+    for raw in raw_sites:
         site, blockers = analyze_site(raw, sizes, projections)
         site.layer = layer_of.get((site.stack, site.block))
         if site.self_attention:

@@ -13,7 +13,6 @@ fills. Everything else is "unsupported".
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -22,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from .block_stack import block_of
-from .graph import PASSTHROUGH_OPS, Sizes, arg, module_path, op_name, tensor_of
+from .graph import PASSTHROUGH_OPS, Sizes, arg, einsum_spec, module_path, op_name, tensor_of
 from .tokens import TokenTracer, TraceFailure
 from .types import AttentionSite
 
@@ -152,23 +151,18 @@ def _untransposed(node: fx.Node) -> Optional[fx.Node]:
 
 
 def _einsum_operands(node: fx.Node, scores: bool) -> Optional[tuple[fx.Node, fx.Node]]:
-    equation, *operands = node.args
-    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
-        operands = list(operands[0])
-    if not isinstance(equation, str) or len(operands) != 2:
+    """q, k of einsum("...id,...jd->...ij", q, k) (scores) or p, v of einsum("...ij,...jd->...id", p, v)."""
+    spec = einsum_spec(node)
+    if spec is None or len(spec[2]) != 2:
         return None
-    spec = equation.replace(" ", "").replace("...", "?")
-    match = re.fullmatch(r"([\w?]+),([\w?]+)->([\w?]+)", spec)
-    if match is None:
-        return None
-    a, b, out = match.groups()
+    (a, b), out, _ = spec
     if a[:-2] != b[:-2] or out[:-2] != a[:-2]:
         return None
-    if scores:  # ...id,...jd->...ij
+    if scores:
         ok = a[-1] == b[-1] and a[-1] not in out and out[-2:] == a[-2] + b[-2]
-    else:  # ...ij,...jd->...id
+    else:
         ok = a[-1] == b[-2] and a[-1] not in out and out[-2:] == a[-2] + b[-1]
-    return (operands[0], operands[1]) if ok else None
+    return (spec[2][0], spec[2][1]) if ok else None
 
 
 # --- masks -------------------------------------------------------------------------------------------------------
@@ -224,6 +218,8 @@ def _key_set(node: Any) -> Optional[str]:
                 not Sizes.equal(Sizes.expr(source.shape[-1]), Sizes.expr(value.shape[-1])):
             return None  # bool <-> float changes the meaning; the key dim must stay the last one
         return _key_set(node.args[0])
+    if _only_inserts_dims(node):
+        return _key_set(node.args[0])
     if name in ("logical_not", "bitwise_not") and is_bool:
         return _NOT.get(_key_set(node.args[0]))
     if name in ("and", "logical_and", "bitwise_and", "or", "logical_or", "bitwise_or"):
@@ -251,6 +247,14 @@ def _key_set(node: Any) -> Optional[str]:
         valid = _valid_constant(fill, is_bool)
         return None if valid is None else ("all" if valid else "none")
     return None
+
+
+def _only_inserts_dims(node: fx.Node) -> bool:
+    """x[:, None, None, :] and the like: new unit dims, every existing dim kept whole."""
+    if op_name(node) != "getitem" or tensor_of(node.args[0]) is None:
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in index)
 
 
 def _operand_set(x: Any, is_bool: bool) -> Optional[str]:
@@ -289,8 +293,8 @@ def _comparison(node: fx.Node) -> Optional[str]:
 
 def _is_key_index(node: Any, key_len: sympy.Expr) -> bool:
     """An increasing arange along the last (key) dim, possibly unsqueezed, expanded or converted."""
-    while isinstance(node, fx.Node) and op_name(node) in PASSTHROUGH_OPS | {"unsqueeze", "view", "reshape",
-                                                                            "expand"}:
+    while isinstance(node, fx.Node) and (op_name(node) in PASSTHROUGH_OPS | {"unsqueeze", "view", "reshape",
+                                                                             "expand"} or _only_inserts_dims(node)):
         node = node.args[0]
     if not isinstance(node, fx.Node) or op_name(node) != "arange":
         return False

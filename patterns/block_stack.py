@@ -53,8 +53,11 @@ def _flatten(value) -> list:
     return [value]
 
 
-def find_stacks(gm: fx.GraphModule, latents: list[fx.Node]) -> tuple[list[BlockStackInfo], list[str]]:
-    """The main-stream stacks in graph order, and notes on what was left out or looked odd."""
+def find_stacks(gm: fx.GraphModule, latents: list[fx.Node], attention: set[str]) -> tuple[list[BlockStackInfo],
+                                                                                         list[str]]:
+    """The main-stream stacks in graph order, and notes on what was left out or looked odd. Only ModuleLists
+    whose blocks run attention (nodes named in `attention`) are transformer stacks; an nn.Sequential of layers
+    is not."""
     notes: list[str] = []
     members: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     for node in gm.graph.nodes:
@@ -69,6 +72,8 @@ def find_stacks(gm: fx.GraphModule, latents: list[fx.Node]) -> tuple[list[BlockS
     stacks = []
     for name, blocks in members.items():
         nodes = {n for names in blocks.values() for n in names}
+        if not nodes & attention:
+            continue
         cut = dag.subgraph(n for n in dag if n not in nodes)
         if reaching and any(nx.has_path(cut, x, output) for x in reaching):
             notes.append(f"{name}: not on the main residual stream (the latent reaches the output without it)")

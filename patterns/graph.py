@@ -38,6 +38,20 @@ def op_name(node: fx.Node) -> Optional[str]:
     return None
 
 
+def einsum_spec(node: fx.Node) -> Optional[tuple[list[str], str, list[Any]]]:
+    """(operand subscripts, output subscripts, operands) of an einsum with explicit subscripts, else None."""
+    if op_name(node) != "einsum" or not node.args or not isinstance(node.args[0], str):
+        return None
+    equation, *operands = node.args
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    match = re.fullmatch(r"([a-zA-Z,]+)->([a-zA-Z]*)", equation.replace(" ", ""))
+    if match is None:
+        return None  # implicit output or "..." broadcasting
+    inputs = match.group(1).split(",")
+    return (inputs, match.group(2), operands) if len(inputs) == len(operands) else None
+
+
 def tensor_of(node: Any) -> Optional[torch.Tensor]:
     value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
     return value if isinstance(value, torch.Tensor) else None

@@ -20,7 +20,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from .graph import PASSTHROUGH_OPS, RESHAPE_OPS, Sizes, arg, op_name, tensor_of
+from .graph import PASSTHROUGH_OPS, RESHAPE_OPS, Sizes, arg, einsum_spec, op_name, tensor_of
 
 ELEMENTWISE_OPS = {
     "add", "sub", "mul", "truediv", "div", "neg", "pow", "rsqrt", "sqrt", "exp", "tanh", "sigmoid", "relu", "gelu",
@@ -125,6 +125,8 @@ class TokenTracer:
             return self.trace(node.args[0], dims)
         if name in MATMUL_OPS:
             return self._matmul(node, dims, ndim)
+        if name == "einsum":
+            return self._einsum(node, dims)
         if name == "scaled_dot_product_attention":
             if dims != (ndim - 2,):
                 return self._origin(node, dims)
@@ -188,6 +190,20 @@ class TokenTracer:
         if ndim - 1 in dims or ndim - 2 in dims:
             return self._origin(node, dims)
         return self._elementwise(node, [left, right], dims)
+
+    def _einsum(self, node: fx.Node, dims: tuple[int, ...]) -> Segments:
+        """Tokens follow their subscript letters into the operands that have all of them."""
+        spec = einsum_spec(node)
+        if spec is None:
+            return self._origin(node, dims)
+        inputs, out, operands = spec
+        letters = [out[d] for d in dims]
+        carriers = [(x, tuple(sub.index(c) for c in letters)) for sub, x in zip(inputs, operands)
+                    if all(c in sub for c in letters)]
+        if self.stop_at_projections and any(x not in self.data_dependent for x in operands):
+            data = [(x, mapped) for x, mapped in carriers if x in self.data_dependent]
+            return self._origin(*data[0]) if len(data) == 1 else self._origin(node, dims)
+        return self._agree(node, dims, carriers)
 
     def _getitem(self, node: fx.Node, dims: tuple[int, ...]) -> Segments:
         source, index = node.args

@@ -37,7 +37,8 @@ def hunyuan(frames=3, height=6, width=10, text=5, valid_text=3, layers=1, single
         rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
     ).eval()
     mask = torch.zeros(batch, text, dtype=torch.long)
-    mask[:, :valid_text] = 1
+    for row, valid in zip(mask, [valid_text] * batch if isinstance(valid_text, int) else valid_text):
+        row[:valid] = 1  # valid_text: one count for all, or one per batch element
     inputs = dict(
         hidden_states=torch.randn(batch, 4, frames, height, width),
         timestep=torch.full((batch,), 500, dtype=torch.long),
@@ -69,3 +70,110 @@ def cogvideox(frames=3, height=6, width=10, text=5, layers=2, batch=1, seed=0, h
 
 
 BUILDERS = {"wan": wan, "hunyuan": hunyuan, "cogvideox": cogvideox}
+
+
+class _Patches(torch.nn.Module):
+    """Conv3d patch embedding (1, 2, 2) flattened into tokens, as diffusers' video DiTs do."""
+
+    def __init__(self, channels, dim):
+        super().__init__()
+        self.proj = torch.nn.Conv3d(channels, dim, (1, 2, 2), stride=(1, 2, 2))
+
+    def forward(self, latent):
+        return self.proj(latent).flatten(2).transpose(1, 2)
+
+
+class _ExplicitBlock(torch.nn.Module):
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.scale = heads, 0.5 / (dim // heads) ** 0.5
+        self.norm1, self.norm2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.modulation = torch.nn.Linear(dim, dim)
+        self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.cross_q, self.cross_kv, self.cross_out = (torch.nn.Linear(dim, dim), torch.nn.Linear(dim, 2 * dim),
+                                                       torch.nn.Linear(dim, dim))
+
+    def forward(self, x, temb, text):
+        b, s, d = x.shape
+        h = self.heads
+        y = self.norm1(x) * (1 + self.modulation(temb)[:, None])
+        q, k, v = self.qkv(y).reshape(b, s, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        probs = torch.softmax((q @ k.transpose(-2, -1)) * self.scale, dim=-1)
+        x = x + self.out((probs @ v).transpose(1, 2).reshape(b, s, d))
+        q = self.cross_q(self.norm2(x)).view(b, s, h, d // h).transpose(1, 2)
+        k, v = self.cross_kv(text).view(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / (d // h) ** 0.5
+        return x + self.cross_out(torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v).transpose(1, 2).reshape(
+            b, s, d))
+
+
+class ExplicitAttentionDiT(torch.nn.Module):
+    """A hand-written video DiT whose attention is spelled out: self-attention as softmax(q @ k^T * scale) @ v
+    with matmul, cross-attention to text with einsum; sinusoidal timestep embedding from exp(arange)."""
+
+    def __init__(self, channels=4, dim=32, heads=2, layers=2, text_dim=16, freq_dim=16):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.patches = _Patches(channels, dim)
+        self.time = torch.nn.Sequential(torch.nn.Linear(freq_dim, dim), torch.nn.SiLU(), torch.nn.Linear(dim, dim))
+        self.text = torch.nn.Linear(text_dim, dim)
+        self.blocks = torch.nn.ModuleList(_ExplicitBlock(dim, heads) for _ in range(layers))
+        self.proj_out = torch.nn.Linear(dim, channels * 4)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states):
+        b, c, f, h, w = hidden_states.shape
+        half = self.freq_dim // 2
+        freqs = torch.exp(-9.21 * torch.arange(half, dtype=torch.float32) / half)
+        angles = timestep.float()[:, None] * freqs[None]
+        temb = self.time(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1))
+        text = self.text(encoder_hidden_states)
+        x = self.patches(hidden_states)
+        for block in self.blocks:
+            x = block(x, temb, text)
+        x = self.proj_out(x).reshape(b, f, h // 2, w // 2, c, 2, 2)
+        return (x.permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, f, h, w),)
+
+
+def explicit(frames=2, height=6, width=10, text=4, layers=2, batch=1, seed=0):
+    torch.manual_seed(seed)
+    inputs = dict(hidden_states=torch.randn(batch, 4, frames, height, width), timestep=torch.full((batch,), 500.0),
+                  encoder_hidden_states=torch.randn(batch, text, 16))
+    return ExplicitAttentionDiT(layers=layers).eval(), inputs
+
+
+class MaskedSelfAttention(torch.nn.Module):
+    """Self-attention over a patch grid with a key mask built by `mask_kind` from per-sample valid lengths:
+    "prefix" (bool, arange < length), "additive" (0 / -inf by masked_fill), "where" (torch.where 0 / -inf),
+    "suffix" (bool, arange >= length), "rows" (a [B, 1, S, S] mask), "causal" (is_causal, no mask)."""
+
+    def __init__(self, mask_kind, channels=4, dim=32, heads=2):
+        super().__init__()
+        self.mask_kind, self.heads = mask_kind, heads
+        self.patches = _Patches(channels, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, hidden_states, lengths):
+        x = self.patches(hidden_states)
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        positions = torch.arange(s, device=x.device)
+        padded = positions[None, :] >= lengths[:, None]
+        masks = {
+            "prefix": lambda: (positions[None, :] < lengths[:, None])[:, None, None, :],
+            "additive": lambda: torch.zeros(b, s).masked_fill(padded, float("-inf"))[:, None, None, :],
+            "where": lambda: torch.where(~padded, 0.0, float("-inf")).unsqueeze(1).unsqueeze(1),
+            "suffix": lambda: padded[:, None, None, :],
+            "rows": lambda: (padded[:, None, :, None] | padded[:, None, None, :]).logical_not(),
+            "causal": lambda: None,
+        }
+        mask = masks[self.mask_kind]()
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                                               is_causal=self.mask_kind == "causal")
+        return (out.transpose(1, 2).reshape(b, s, d),)
+
+
+def masked_attention(mask_kind, frames=2, height=4, width=6, lengths=(5, 9), seed=0):
+    torch.manual_seed(seed)
+    inputs = dict(hidden_states=torch.randn(len(lengths), 4, frames, height, width),
+                  lengths=torch.tensor(lengths))
+    return MaskedSelfAttention(mask_kind).eval(), inputs
