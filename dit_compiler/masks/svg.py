@@ -47,8 +47,10 @@ def _nearest_units_visit(unit_len, layout, block_size, density, device) -> torch
     n = block_mask.num_blocks(seq_len, block_size)
     ids = torch.arange(n, device=device)
     # Unit range of each block's video tokens; text-only blocks get a clamped range but are forced anyway.
-    first = (ids * block_size - text_before).clamp(0, video_len - 1) // unit_len
-    last = (ids * block_size + block_size - 1 - text_before).clamp(0, video_len - 1) // unit_len
+    # (Divide, then clamp: Inductor in torch 2.13 fails to compile a floor division of a clamped arange.)
+    last_unit = (video_len - 1) // unit_len
+    first = ((ids * block_size - text_before) // unit_len).clamp(0, last_unit)
+    last = ((ids * block_size + block_size - 1 - text_before) // unit_len).clamp(0, last_unit)
     unit_gap = (first - last[:, None]).clamp(min=0) + (first[:, None] - last).clamp(min=0)
     block_gap = (ids - ids[:, None]).abs()
     nearness = -(unit_gap * n + block_gap)
