@@ -22,8 +22,10 @@ ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 
 def make_case(seed, batch, heads, q_len, kv_len, dim, dtype, block_size, density, mask_batch, mask_heads, empty_rows,
-              with_kv_lengths, device="cpu"):
+              with_kv_lengths, kv_aligned=False, device="cpu"):
     g = torch.Generator().manual_seed(seed)
+    if kv_aligned:  # whole key blocks: the kernel's unmasked (EVEN_KV) path when kv_lengths is None
+        kv_len = -(-kv_len // block_size) * block_size
     q, k, v = (torch.randn(batch, heads, n, dim, generator=g).to(dtype).to(device) for n in (q_len, kv_len, kv_len))
     num, idx = random_block_mask(batch if mask_batch else 1, heads if mask_heads else 1, q_len, kv_len, block_size,
                                  density, ragged=True, empty_rows=empty_rows, generator=g)
@@ -74,7 +76,7 @@ def cases(max_len, dims, block_sizes):
                 q_len=st.integers(1, max_len), kv_len=st.integers(1, max_len), dim=st.sampled_from(dims),
                 dtype=dtypes, block_size=st.sampled_from(block_sizes), density=st.floats(0.0, 1.0),
                 mask_batch=st.booleans(), mask_heads=st.booleans(), empty_rows=st.sampled_from([0.0, 0.3]),
-                with_kv_lengths=st.booleans())
+                with_kv_lengths=st.booleans(), kv_aligned=st.booleans())
 
 
 @settings(max_examples=25, deadline=None)
@@ -85,13 +87,15 @@ def test_op_cpu_matches_float64_sdpa(**case):
     assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(**cases(max_len=300, dims=[16, 64], block_sizes=[64, 128]))
-def test_triton_kernel_matches_float64_sdpa(**case):
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**cases(max_len=300, dims=[16, 64], block_sizes=[64, 128]), mask_bias=st.booleans())
+def test_triton_kernel_matches_float64_sdpa(mask_bias, **case):
     """Interpreted on CPU (small sizes: every visited block costs milliseconds there)."""
     q, k, v, num, idx, scale, kvl = make_case(**case)
     out = torch.full_like(q, float("nan"))
-    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, out=out)
+    config = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, MASK_BIAS=mask_bias)
+    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, config,
+                                                      out=out)
     assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
 
 
@@ -209,11 +213,19 @@ def poison_cuda_allocator(like: torch.Tensor, copies: int = 4):
 
 @pytest.mark.gpu
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(**cases(max_len=2100, dims=[64, 128], block_sizes=[64, 128]))
-def test_gpu_op_matches_float64_sdpa(fixed_config, **case):
+@given(**cases(max_len=2100, dims=[64, 128], block_sizes=[64, 128]),
+       config=st.sampled_from(triton_block_sparse.CONFIGS))
+def test_gpu_op_matches_float64_sdpa(fixed_config, config, **case):
     q, k, v, num, idx, scale, kvl = make_case(**case, device="cuda")
     out = torch.full_like(q, float("nan"))
-    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, out=out)
+    block_m, block_n, warps, stages, bias = config
+    if case["block_size"] % block_m or case["block_size"] % block_n:
+        block_m = block_n = 64  # tiles must divide the block
+    if q.dtype == torch.float32:  # the one fp32 config (see _prune)
+        block_m, block_n, warps, stages = 64, 64, 4, 2
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, MASK_BIAS=bias)
+    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, config,
+                                                      out=out)
     assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
     poison_cuda_allocator(q)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl)
