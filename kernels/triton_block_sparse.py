@@ -215,10 +215,11 @@ def set_autotune(enabled: bool) -> None:
     _autotune = bool(enabled)
 
 
-def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype) -> Optional[str]:
+def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False,
+                 even_kv: bool = False) -> Optional[str]:
     """The config the autotuner chose for a key, for benchmark reports (None before the first call)."""
     tuner = _tuned_kernels.get(dtype)
     for key, cfg in (tuner.cache.items() if tuner else ()):
-        if key[0] == head_dim and key[1] == block_size:
+        if tuple(key[:4]) == (head_dim, block_size, has_kv_lengths, even_kv):
             return str(cfg)
     return None
