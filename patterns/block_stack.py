@@ -94,8 +94,8 @@ def _residual_ends(gm: fx.GraphModule, dag: nx.DiGraph, nodes: set[str], blocks:
     stack's effect reaches the output."""
     by_name = {n.name: n for n in gm.graph.nodes}
     first = set(blocks[0])
-    exit_ = [n for n in sorted(nodes, key=list(by_name).index)
-             if tensor_of(by_name[n]) is not None and any(u not in nodes for u in dag.successors(n))]
+    exit_ = [n for n in by_name if n in nodes and tensor_of(by_name[n]) is not None
+             and any(u not in nodes for u in dag.successors(n))]
     identity = nx.DiGraph()
     for n in nodes:
         node = by_name[n]
@@ -119,7 +119,7 @@ def _residual_ends(gm: fx.GraphModule, dag: nx.DiGraph, nodes: set[str], blocks:
     # The brief's dominance property: every path from the latent into the stack passes through the entry.
     if entry and latents:
         cut = dag.subgraph(n for n in dag if n not in entry)
-        bypass = [n for n in nodes if any(nx.has_path(cut, x, n) for x in latents)]
+        bypass = sorted(nodes & set().union(*(nx.descendants(cut, x) for x in latents)))
         if bypass:
             notes.append(f"{name}: the latent reaches {bypass[0]} without passing through the entry {entry}")
     return entry, exit_
@@ -150,7 +150,10 @@ def partition(gm: fx.GraphModule, analysis: GraphAnalysis) -> dict[str, str]:
     dag = dataflow_dag(gm)
     blocks = {n for stack in analysis.stacks for block in stack.blocks for n in block}
     after_entry = set().union(*(nx.descendants(dag, e) for e in entry))
-    feeds_blocks = set().union(*(nx.ancestors(dag, b) for b in blocks))
+    feeds_blocks: set[str] = set()
+    for node in reversed(gm.graph.nodes):  # graph order is topological (in-place writes only add forward edges)
+        if any(u in blocks or u in feeds_blocks for u in dag.successors(node.name)):
+            feeds_blocks.add(node.name)
     stack = blocks | (after_entry & feeds_blocks)
     pieces = {}
     for node in gm.graph.nodes:

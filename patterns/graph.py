@@ -64,10 +64,6 @@ def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
     return node.args[index] if index < len(node.args) else default
 
 
-def input_nodes(node: fx.Node) -> list[fx.Node]:
-    return list(node.all_input_nodes)
-
-
 class Sizes:
     """Sizes as sympy expressions, plus their example values (hints) to order them when they are symbolic."""
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import sympy
-import torch
 import torch.fx as fx
 
 from .graph import PASSTHROUGH_OPS, RESHAPE_OPS, Sizes, arg, einsum_spec, op_name, tensor_of
@@ -100,7 +99,7 @@ class TokenTracer:
             return self.trace(node.args[0], dims)
         if name in RESHAPE_OPS:
             return self._reshape(node, node.args[0], dims)
-        if name in ("permute", "transpose", "swapaxes", "movedim"):
+        if name in ("permute", "transpose", "swapaxes"):
             return self.trace(node.args[0], tuple(_permutation(node, ndim)[d] for d in dims))
         if name == "expand":
             return self._elementwise(node, [node.args[0]], dims)
@@ -336,8 +335,6 @@ def _permutation(node: fx.Node, ndim: int) -> list[int]:
     if name == "permute":
         order = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
         return [d % ndim for d in order]
-    if name == "movedim":
-        raise TraceFailure("movedim")
     perm = list(range(ndim))
     a, b = (d % ndim for d in node.args[1:3])
     perm[a], perm[b] = perm[b], perm[a]
