@@ -51,6 +51,9 @@ CASES = {
     "cogvideox_odd": Case(tiny_models.cogvideox, dict(frames=1, height=10, width=14, text=3), frames=1, height=10,
                           width=14, text_before=3, sites=2, eligible=2, stacks=(("transformer_blocks", 2),),
                           entries=(2,)),
+    # batch 2: frames come out of the Conv2d's batch*frames dim by a reshape (batch 1 leaves it unsplit).
+    "cogvideox_batch2": Case(tiny_models.cogvideox, dict(batch=2), text_before=5, sites=2, eligible=2,
+                             stacks=(("transformer_blocks", 2),), entries=(2,)),
     "explicit": Case(tiny_models.explicit, frames=2, sites=4, eligible=2, stacks=(("blocks", 2),), entries=(1,)),
 }
 
