@@ -74,7 +74,9 @@ def capture(model, inputs, dynamic=False):
     graphs = []
     compiled = torch.compile(model, backend=lambda gm, ex: (graphs.append((gm, ex)), gm.forward)[1],
                              fullgraph=True, dynamic=dynamic or None)
-    with torch.no_grad():
+    # Every diffusers model's forward runs through one shared wrapper code object: allow more than Dynamo's
+    # default 8 captures of it in one session.
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
         output = compiled(**inputs)[0]
     assert len(graphs) == 1
     return graphs[0][0], list(graphs[0][1]), output
