@@ -104,9 +104,14 @@ def keep_strongest(scores: torch.Tensor, density: float, text: torch.Tensor) -> 
     forced = (ids[:, None] == ids) | text
     top = torch.finfo(scores.dtype).max if scores.is_floating_point() else torch.iinfo(scores.dtype).max
     order = scores.masked_fill(forced, top).argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, ids.expand_as(order))
-    # rank < ceil(x) <=> rank < x for an integer rank; float64 matches Python's own density * n exactly.
-    return (rank.double() < density * n) | forced | text[:, None]
+    # Keep rank r of a row if r < ceil(density * n) (<=> r < density * n for an integer r; float64 matches
+    # Python's own product), if r is among the row's forced blocks (its text blocks, plus its diagonal when
+    # that is not text), or if the row is text.
+    forced_count = text.sum() + ~text
+    keep = (ids.double() < density * n) | (ids < forced_count[:, None]) | text[:, None]
+    # Scattering the per-rank flags (rather than OR-ing [n, n] masks) leaves a buffer that reductions read as is:
+    # Inductor (torch 2.11, CUDA, dynamic n) fails to fuse an [n, n] pointwise into a row reduction (CantSplit).
+    return torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, keep.expand_as(order))
 
 
 def sequence_permutation(video_order: torch.Tensor, text_before, text_after) -> tuple[torch.Tensor, torch.Tensor]:
