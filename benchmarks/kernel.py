@@ -32,8 +32,7 @@ from dit_compiler.masks.random import random_block_mask
 SHAPES = {"wan1.3b": (1, 12, 32760, 128), "wan14b": (1, 40, 75600, 128)}
 # Wan's token grids (frames, height, width) behind those lengths, for the permutation benchmark.
 GRIDS = {"wan1.3b": (21, 30, 52), "wan14b": (21, 45, 80)}
-SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s, MASK_BIAS=bias)
-         for m, n, w, s, bias in triton_block_sparse.CONFIGS]
+SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in triton_block_sparse.CONFIGS]
 
 
 def bench(fn, budget_ms: float) -> float:
@@ -93,8 +92,7 @@ def run_attention(name, shape, densities, families, budget_ms, sweep, rows, chec
             add("flex", family, density, bench(lambda: flex(q, k, v, block_mask=mask, scale=scale), budget_ms), flops)
             if sweep and family == "random" and density in (1.0, 0.25):
                 for cfg in sweep:
-                    label = "m{BLOCK_M}n{BLOCK_N}w{num_warps}s{num_stages}{bias}".format(
-                        bias="bias" if cfg["MASK_BIAS"] else "", **cfg)
+                    label = "m{BLOCK_M}n{BLOCK_N}w{num_warps}s{num_stages}".format(**cfg)
                     try:
                         fn = lambda: triton_block_sparse.triton_block_sparse_attention(  # noqa: E731
                             q, k, v, num, idx, scale, bs, config=cfg)
@@ -102,7 +100,7 @@ def run_attention(name, shape, densities, families, budget_ms, sweep, rows, chec
                         add("ours:" + label, family, density, bench(fn, budget_ms), flops, f"vs flex {err:.1e}")
                     except Exception as exc:  # a config that does not compile on this triton is reported, not fatal
                         print(f"{label}: failed: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
-                if density == 1.0:  # what masking the partial tail costs: whole blocks only (EVEN_KV path)
+                if density == 1.0:  # the same kernel at a whole-block length: no tile takes the masking branch
                     even = seq // bs * bs
                     qe, ke, ve = q[:, :, :even], k[:, :, :even], v[:, :, :even]
                     full_num, full_idx = block_mask.full(1, heads, even, even, bs, device="cuda")

@@ -27,12 +27,11 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limit, qk_scale,
-                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
-                     EVEN_KV: tl.constexpr, MASK_BIAS: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     """Fold keys [key_start, key_start+BLOCK_N) of head (b, h) into the running (acc, l_i, m_i) of a query tile.
-    EVEN_KV: no tile ever reaches past the visible keys, so nothing is masked. Otherwise MASK_BIAS adds a 0/-inf
-    column bias to every tile (one add per score, no branch); without it only tiles that reach past the limit
-    are masked, behind a branch."""
+    Only tiles that reach past the visible keys are masked, behind a branch: on H100 this measured faster than
+    a branch-free 0/-inf bias on every tile and than a variant without masking code for whole-block lengths
+    (kernels/NOTES.md, run 3)."""
     k = k_desc.load([b, h, key_start, 0]).reshape(BLOCK_N, HEAD_DIM)
     v = v_desc.load([b, h, key_start, 0]).reshape(BLOCK_N, HEAD_DIM)
     if DOT_FP32:  # the interpreter's bf16/fp16 dot is wrong (triton-lang/triton#11584)
@@ -41,21 +40,13 @@ def _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limi
         qk = tl.dot(q, k.T, input_precision="ieee")
     else:
         qk = tl.dot(q, k.T)
-    if MASK_BIAS and not EVEN_KV:
-        visible = key_start + tl.arange(0, BLOCK_N) < key_limit
-        qk = qk * qk_scale + tl.where(visible, 0.0, float("-inf"))[None, :]
-        row_max = tl.max(qk, 1)
-    else:
-        if not EVEN_KV:
-            if key_start + BLOCK_N > key_limit:  # tile reaches past S or kv_lengths: hide those keys
-                offs_n = tl.arange(0, BLOCK_N)
-                qk = tl.where((key_start + offs_n < key_limit)[None, :], qk, float("-inf"))
-        row_max = tl.max(qk, 1) * qk_scale
-        qk = qk * qk_scale  # folded into the exp2 argument's subtraction below as one FMA
-    m_new = tl.maximum(m_i, row_max)
+    if key_start + BLOCK_N > key_limit:  # tile reaches past S or kv_lengths: hide those keys
+        offs_n = tl.arange(0, BLOCK_N)
+        qk = tl.where((key_start + offs_n < key_limit)[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     # A row that has seen only hidden keys keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk - m_shift[:, None])
+    p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -73,8 +64,7 @@ def _block_sparse_attention_kernel(
         q_desc, k_desc, v_desc, o_desc, num_ptr, idx_ptr, order_ptr, kv_lengths_ptr,
         stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb, stride_orh, heads, kv_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_KV_LENGTHS: tl.constexpr, EVEN_KV: tl.constexpr, MASK_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
-        IEEE: tl.constexpr):
+        HAS_KV_LENGTHS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     M_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_M
     N_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
     slot = tl.program_id(0)
@@ -99,7 +89,7 @@ def _block_sparse_attention_kernel(
     for t in tl.range(0, count * N_TILES):
         key_start = tl.load(ids + t // N_TILES) * BLOCK_SIZE + (t % N_TILES) * BLOCK_N
         acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limit, qk_scale,
-                                         HEAD_DIM, BLOCK_N, DOT_FP32, IEEE, EVEN_KV, MASK_BIAS)
+                                         HEAD_DIM, BLOCK_N, DOT_FP32, IEEE)
     # Rows that saw no visible key have l = 0 and acc = 0: they store zeros.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_desc.store([b, h, q_start, 0], acc.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
@@ -112,20 +102,15 @@ def _set_block_shapes(args):
     args["k_desc"].block_shape = args["v_desc"].block_shape = [1, 1, kv_rows, dim]
 
 
-# (BLOCK_M, BLOCK_N, warps, stages, MASK_BIAS), the measured best first: it is also the config used without
-# autotuning. warp_specialize=True compiled on triton 3.6 / H100 but timed the same as without (NOTES.md, run 1).
-CONFIGS = [(128, 128, 8, 3, False), (128, 128, 8, 3, True), (128, 128, 8, 2, False), (128, 64, 8, 3, False),
-           (64, 64, 4, 3, False), (64, 64, 4, 3, True)]
-
-
-FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "MASK_BIAS": False}, num_warps=4, num_stages=2,
-                            pre_hook=_set_block_shapes)
+# (BLOCK_M, BLOCK_N, warps, stages), the measured best first: it is also the config used without autotuning.
+# warp_specialize=True compiled on triton 3.6 / H100 but timed the same as without (NOTES.md, run 1).
+CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)]
+FP32_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2, pre_hook=_set_block_shapes)
 
 
 def _configs():
-    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "MASK_BIAS": bias}, num_warps=warps,
-                          num_stages=stages, pre_hook=_set_block_shapes)
-            for block_m, block_n, warps, stages, bias in CONFIGS]
+    return [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages,
+                          pre_hook=_set_block_shapes) for block_m, block_n, warps, stages in CONFIGS]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -141,7 +126,7 @@ def _tuned(dtype: torch.dtype):
     """One autotuner per dtype: descriptors carry no dtype Triton's autotuner could key on."""
     if dtype not in _tuned_kernels:
         _tuned_kernels[dtype] = triton.autotune(
-            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "HAS_KV_LENGTHS", "EVEN_KV"],
+            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "HAS_KV_LENGTHS"],
             prune_configs_by={"early_config_prune": _prune})(_block_sparse_attention_kernel)
     return _tuned_kernels[dtype]
 
@@ -162,7 +147,7 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
                                   kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None,
                                   out: Optional[torch.Tensor] = None):
     """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs). `config`
-    ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", optional "MASK_BIAS"}) skips autotuning, e.g. for benchmarks
+    ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks
     of one variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list;
     under TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (contiguous, like q) receives the result."""
     batch, heads, q_len, head_dim = q.shape
@@ -184,28 +169,26 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
             *broadcast_strides(kv_num_blocks), *broadcast_strides(kv_indices), kv_indices.stride(2),
             *broadcast_strides(order), heads, kv_len, scale * _LOG2E)
     consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_KV_LENGTHS=kv_lengths is not None,
-                  EVEN_KV=kv_lengths is None and kv_len % block_size == 0, IEEE=q.dtype == torch.float32)
+                  IEEE=q.dtype == torch.float32)
 
     def grid(meta):
         return (num_q_blocks * (block_size // meta["BLOCK_M"]), batch * heads)
 
-    def launch(block_m, block_n, num_warps, num_stages, mask_bias=False, dot_fp32=False):
+    def launch(block_m, block_n, num_warps, num_stages, dot_fp32=False):
         _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], "o_desc": descs[3],
                            "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim})
-        _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, MASK_BIAS=mask_bias,
-                                             DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages)
+        _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=dot_fp32,
+                                             num_warps=num_warps, num_stages=num_stages)
 
     if _INTERPRET and config is None:
         launch(64, 64, 4, 1, dot_fp32=True)
     elif config is not None:
-        launch(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"],
-               config.get("MASK_BIAS", False), dot_fp32=_INTERPRET)
+        launch(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"], dot_fp32=_INTERPRET)
     elif _autotune:
         _tuned(q.dtype)[grid](*args, **consts, DOT_FP32=False)
     else:
         first = _prune(_configs(), {"q_desc": descs[0]}, **consts)[0]
-        launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages,
-               first.kwargs["MASK_BIAS"])
+        launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages)
     return out
 
 
@@ -215,11 +198,10 @@ def set_autotune(enabled: bool) -> None:
     _autotune = bool(enabled)
 
 
-def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False,
-                 even_kv: bool = False) -> Optional[str]:
+def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False) -> Optional[str]:
     """The config the autotuner chose for a key, for benchmark reports (None before the first call)."""
     tuner = _tuned_kernels.get(dtype)
     for key, cfg in (tuner.cache.items() if tuner else ()):
-        if tuple(key[:4]) == (head_dim, block_size, has_kv_lengths, even_kv):
+        if tuple(key[:3]) == (head_dim, block_size, has_kv_lengths):
             return str(cfg)
     return None

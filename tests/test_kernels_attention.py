@@ -24,7 +24,7 @@ ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 def make_case(seed, batch, heads, q_len, kv_len, dim, dtype, block_size, density, mask_batch, mask_heads, empty_rows,
               with_kv_lengths, kv_aligned=False, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    if kv_aligned:  # whole key blocks: the kernel's unmasked (EVEN_KV) path when kv_lengths is None
+    if kv_aligned:  # whole key blocks: no tile needs masking unless kv_lengths cuts it
         kv_len = -(-kv_len // block_size) * block_size
     q, k, v = (torch.randn(batch, heads, n, dim, generator=g).to(dtype).to(device) for n in (q_len, kv_len, kv_len))
     num, idx = random_block_mask(batch if mask_batch else 1, heads if mask_heads else 1, q_len, kv_len, block_size,
@@ -88,14 +88,12 @@ def test_op_cpu_matches_float64_sdpa(**case):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(**cases(max_len=300, dims=[16, 64], block_sizes=[64, 128]), mask_bias=st.booleans())
-def test_triton_kernel_matches_float64_sdpa(mask_bias, **case):
+@given(**cases(max_len=300, dims=[16, 64], block_sizes=[64, 128]))
+def test_triton_kernel_matches_float64_sdpa(**case):
     """Interpreted on CPU (small sizes: every visited block costs milliseconds there)."""
     q, k, v, num, idx, scale, kvl = make_case(**case)
     out = torch.full_like(q, float("nan"))
-    config = dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=1, MASK_BIAS=mask_bias)
-    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, config,
-                                                      out=out)
+    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, out=out)
     assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
 
 
@@ -218,12 +216,12 @@ def poison_cuda_allocator(like: torch.Tensor, copies: int = 4):
 def test_gpu_op_matches_float64_sdpa(fixed_config, config, **case):
     q, k, v, num, idx, scale, kvl = make_case(**case, device="cuda")
     out = torch.full_like(q, float("nan"))
-    block_m, block_n, warps, stages, bias = config
+    block_m, block_n, warps, stages = config
     if case["block_size"] % block_m or case["block_size"] % block_n:
         block_m = block_n = 64  # tiles must divide the block
     if q.dtype == torch.float32:  # the one fp32 config (see _prune)
         block_m, block_n, warps, stages = 64, 64, 4, 2
-    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, MASK_BIAS=bias)
+    config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, config,
                                                       out=out)
     assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
