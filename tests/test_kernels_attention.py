@@ -210,7 +210,7 @@ def poison_cuda_allocator(like: torch.Tensor, copies: int = 4):
 
 
 @pytest.mark.gpu
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(**cases(max_len=2100, dims=[64, 128], block_sizes=[64, 128]),
        config=st.sampled_from(triton_block_sparse.CONFIGS))
 def test_gpu_op_matches_float64_sdpa(fixed_config, config, **case):
