@@ -157,6 +157,11 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         out = torch.empty(batch, heads, q_len, head_dim, dtype=q.dtype, device=q.device)
     elif not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
         raise ValueError("out must be contiguous with q's shape and dtype")
+    # The kernel walks the last dim of both mask tensors with unit stride (other dims may broadcast with stride 0).
+    if kv_num_blocks.stride(-1) != 1:
+        kv_num_blocks = kv_num_blocks.contiguous()
+    if kv_indices.stride(-1) != 1:
+        kv_indices = kv_indices.contiguous()
     num_q_blocks = triton.cdiv(q_len, block_size)
     # Per-head order of query blocks, heaviest first (stable: ties keep ascending ids, good for L2 locality).
     order = torch.sort(kv_num_blocks, dim=-1, descending=True, stable=True).indices.to(torch.int32)

@@ -97,11 +97,14 @@ def test_triton_kernel_matches_float64_sdpa(**case):
     assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
 
 
-def test_triton_kernel_reads_strided_heads():
-    """diffusers hands q/k/v as a transpose of [B, S, H, D]: strided heads, contiguous last dim."""
+def test_triton_kernel_reads_strided_heads_and_masks():
+    """diffusers hands q/k/v as a transpose of [B, S, H, D]: strided heads, contiguous last dim. Masks may come
+    expanded (stride 0) or as a non-contiguous view."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 150, 3, 64, generator=g).transpose(1, 2) for _ in range(3))
-    num, idx = banded_block_mask(2, 3, 150, 150, 64, 0.5)
+    num, idx = random_block_mask(1, 3, 150, 150, 64, 0.5, ragged=True, generator=g)
+    num = num.expand(2, 3, 3)
+    idx = idx.transpose(-1, -2).contiguous().transpose(-1, -2)
     out = torch.full((2, 3, 150, 64), float("nan"))
     triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, 0.125, 64, out=out)
     assert_matches(out, q, k, v, num, idx, 0.125, 64, None)
