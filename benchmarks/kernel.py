@@ -3,8 +3,8 @@
     python benchmarks/kernel.py --out results.json               # Wan-1.3B and Wan-14B, all densities and masks
     python benchmarks/kernel.py --shapes wan1.3b --sweep         # also time every fixed kernel config
 
-Per shape (bf16, D=128, 128-token blocks): cuDNN and flash SDPA (dense), then for each mask family (random, banded)
-and density: ours (autotuned once, cached) and FlexAttention (torch.compile) with the identical BlockMask.
+Per shape (bf16, D=128, 128-token blocks): cuDNN and flash SDPA (dense), then for each mask family (random: every
+row the same count; banded; optional ragged: per-pair coin flips, 10% empty rows) and density: ours (autotuned once, cached) and FlexAttention (torch.compile) with the identical BlockMask.
 Effective TFLOP/s = 4 * sum over query rows of visible keys * D / time. A correctness line per case compares ours with
 FlexAttention's output (and, at density 1, with cuDNN's). Then the permutation kernel's GB/s against a device copy.
 Prints a table and writes JSON.
@@ -82,8 +82,10 @@ def run_attention(name, shape, densities, families, budget_ms, sweep, rows, chec
     op = torch.ops.vsparse.block_sparse_attention
     for family in families:
         for density in densities:
-            if family == "random":
-                num, idx = random_block_mask(1, heads, seq, seq, bs, density, generator=g, device="cuda")
+            if family in ("random", "ragged"):  # ragged: rows of different lengths, 10% of them empty
+                num, idx = random_block_mask(1, heads, seq, seq, bs, density, ragged=family == "ragged",
+                                             empty_rows=0.1 if family == "ragged" else 0.0, generator=g,
+                                             device="cuda")
             else:
                 num, idx = banded_block_mask(1, heads, seq, seq, bs, density, device="cuda")
             flops = 4 * visible_pairs(num, idx, seq, seq, bs, batch, heads) * dim
@@ -150,7 +152,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5, 0.25, 0.1, 0.05])
-    parser.add_argument("--masks", nargs="+", default=["random", "banded"], choices=["random", "banded"])
+    parser.add_argument("--masks", nargs="+", default=["random", "banded"], choices=["random", "banded", "ragged"])
     parser.add_argument("--budget-ms", type=float, default=400.0, help="do_bench repetition time per case")
     parser.add_argument("--sweep", action="store_true",
                         help="also time each fixed config at densities 1 and 0.25 (first shape only)")
