@@ -28,7 +28,6 @@ from .types import AttentionSite
 SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention}
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _MATMULS = {"matmul", "bmm", "einsum"}
-_COMPARISONS = {"lt": "lt", "le": "le", "gt": "gt", "ge": "ge"}
 _MIRRORED = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
 
 
@@ -46,6 +45,7 @@ class RawSite:
     dropout_p: float = 0.0
     is_causal: bool = False
     enable_gqa: bool = False
+    graph_valued: tuple[str, ...] = ()  # options passed as graph values, unknown until run time
 
 
 def find_attention(gm: fx.GraphModule) -> list[RawSite]:
@@ -53,9 +53,10 @@ def find_attention(gm: fx.GraphModule) -> list[RawSite]:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in SDPA_TARGETS:
             options = {name: arg(node, i, name) for i, name in enumerate(_SDPA_ARGS)}
+            graph_valued = tuple(name for name in _SDPA_ARGS[4:] if isinstance(options[name], fx.Node))
             sites.append(RawSite(node, "sdpa", options["query"], options["key"], options["value"],
                                  options["attn_mask"], _number(options["scale"]), _number(options["dropout_p"]) or 0.0,
-                                 bool(options["is_causal"]), bool(options["enable_gqa"])))
+                                 options["is_causal"] is True, options["enable_gqa"] is True, graph_valued))
         else:
             explicit = _match_explicit(node)
             if explicit is not None:
@@ -225,7 +226,7 @@ def _key_set(node: Any) -> Optional[str]:
     if name in ("and", "logical_and", "bitwise_and", "or", "logical_or", "bitwise_or"):
         combine = _and if "and" in name else _or
         return combine(_key_set(node.args[0]), _key_set(node.args[1]))
-    if name in _COMPARISONS:
+    if name in _MIRRORED:
         return _comparison(node)
     if name == "masked_fill":
         base, condition, fill = (arg(node, i, n) for i, n in enumerate(("self", "mask", "value")))
@@ -279,7 +280,7 @@ def _valid_constant(fill: Any, is_bool: bool) -> Optional[bool]:
 
 def _comparison(node: fx.Node) -> Optional[str]:
     """arange(S) < t -> prefix, arange(S) >= t -> suffix, t broadcast over keys (mirrored when swapped)."""
-    name = _COMPARISONS[op_name(node)]
+    name = op_name(node)
     a, b = node.args[:2]
     key_len = Sizes.expr(tensor_of(node).shape[-1])
     if _is_key_index(a, key_len) and _broadcast_over_keys(b):
@@ -345,6 +346,8 @@ def analyze_site(raw: RawSite, sizes: Sizes, projections: TokenTracer) -> tuple[
         blockers.append(mask_reason)
     if raw.dropout_p:
         blockers.append(f"dropout_p={raw.dropout_p}")
+    if raw.graph_valued:
+        blockers.append(f"{', '.join(raw.graph_valued)} computed in the graph")
     if raw.enable_gqa and not Sizes.equal(q_shape[1], kv_shape[1]):
         blockers.append("grouped-query heads")
     return site, blockers

@@ -213,9 +213,9 @@ def module_path(node: fx.Node) -> str:
 def root_class_name(gm: fx.GraphModule) -> Optional[str]:
     """Class name of the compiled root module.
 
-    Dynamo's nn_module_stack lists the submodules the root calls, not the root itself. The frame that calls a
-    top-level submodule is the root's `forward`; its file and line in the node's stack trace name the class whose
-    `forward` holds that line.
+    Dynamo's nn_module_stack lists the submodules the root calls, not the root itself. A node run by a top-level
+    submodule has the root's `forward` among its stack-trace frames (outermost first, after any decorator's
+    wrapper): the first `forward` frame whose file and line fall inside some Module class's `forward` names it.
     """
     for node in gm.graph.nodes:
         entries = (node.meta.get("nn_module_stack") or {}).values()
@@ -224,7 +224,6 @@ def root_class_name(gm: fx.GraphModule) -> Optional[str]:
         if not top or not trace:
             continue
         frames = re.findall(r'File "([^"]+)", line (\d+), in (\w+)', trace)
-        # The last frame before the submodule's own code runs is the caller: walk back to the root's `forward`.
         for filename, line, function in frames:
             if function == "forward":
                 found = _class_with_method_at(filename, int(line))

@@ -134,3 +134,14 @@ def test_partition_rejects_a_cycle(explicit):
 def test_analyze_rejects_non_graph_modules():
     with pytest.raises(TypeError, match="GraphModule"):
         analyze(torch.nn.Linear(2, 2), [])
+
+
+def test_scale_computed_in_the_graph_blocks_rewriting():
+    class ScaledByBatch(torch.nn.Module):
+        def forward(self, x):  # x: [B, H, S, D]; with dynamic shapes the scale is a symbolic float
+            return (torch.nn.functional.scaled_dot_product_attention(x, x, x, scale=1.0 / x.shape[0]),)
+
+    gm, example_inputs, _ = capture(ScaledByBatch(), dict(x=torch.randn(3, 2, 8, 16)), dynamic=True)
+    (site,) = analyze(gm, example_inputs).sites
+    assert site.self_attention and not site.eligible
+    assert "scale computed in the graph" in site.reason and site.scale is None
