@@ -4,7 +4,8 @@
     python benchmarks/kernel.py --shapes wan1.3b --sweep         # also time every fixed kernel config
 
 Per shape (bf16, D=128, 128-token blocks): cuDNN and flash SDPA (dense), then for each mask family (random: every
-row the same count; banded; optional ragged: per-pair coin flips, 10% empty rows) and density: ours (autotuned once, cached) and FlexAttention (torch.compile) with the identical BlockMask.
+row the same count; banded; optional ragged: per-pair coin flips, 10% empty rows) and density: ours (autotuned once,
+cached) and FlexAttention (torch.compile) with the identical BlockMask (listed blocks passed as full blocks).
 Effective TFLOP/s = 4 * sum over query rows of visible keys * D / time. A correctness line per case compares ours with
 FlexAttention's output (and, at density 1, with cuDNN's). Then the permutation kernel's GB/s against a device copy.
 Prints a table and writes JSON.

@@ -146,10 +146,11 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
 def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
                                   kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None,
                                   out: Optional[torch.Tensor] = None):
-    """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs). `config`
-    ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks
-    of one variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list;
-    under TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (contiguous, like q) receives the result."""
+    """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs).
+    `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks of one
+    variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list. Under
+    TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (contiguous, like q), if
+    given, receives the result."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
