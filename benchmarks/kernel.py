@@ -25,7 +25,8 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
 from dit_compiler.kernels import triton_block_sparse
-from dit_compiler.kernels.permute import frame_to_position_major, triton_permute_tokens
+from dit_compiler.kernels.permute import frame_to_position_major
+from dit_compiler.kernels.triton_permute import triton_permute_tokens
 from dit_compiler.masks import block_mask
 from dit_compiler.masks.banded import banded_block_mask
 from dit_compiler.masks.random import random_block_mask

@@ -1,7 +1,7 @@
 """`torch.ops.vsparse.permute_tokens`: reorder [B, H, S, D] along S by an int64 index, out[..., s, :] =
 x[..., index[s], :], with the index shared by all heads ([S]) or per head ([H, S]). The inverse reordering is the
-same op with `invert_permutation(index)`. Writes are contiguous and reads are whole rows, so the kernel is a copy
-with gathered row addresses.
+same op with `invert_permutation(index)`. CUDA runs the Triton gather in triton_permute.py (imported on first
+use, so CPU-only installs need no Triton); CPU runs torch.gather.
 
 Index factories for the two layouts the planners use; text tokens (before or after the video) keep their places:
 - `frame_to_position_major`: Sparse VideoGen's temporal heads, (frame, row, col) -> (row, col, frame), so one spatial
@@ -11,23 +11,6 @@ Index factories for the two layouts the planners use; text tokens (before or aft
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-
-@triton.jit
-def _gather_tokens_kernel(x_ptr, index_ptr, out_ptr, stride_xb, stride_xh, stride_xs, stride_ih, heads, seq_len,
-                          DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    b = bh // heads
-    h = bh % heads
-    rows = tile * BLOCK_S + tl.arange(0, BLOCK_S)
-    cols = tl.arange(0, BLOCK_D)
-    inside = rows < seq_len
-    keep = inside[:, None] & (cols < DIM)[None, :]
-    src = tl.load(index_ptr + h * stride_ih + rows, mask=inside, other=0)
-    values = tl.load(x_ptr + b * stride_xb + h * stride_xh + src[:, None] * stride_xs + cols[None, :], mask=keep)
-    tl.store(out_ptr + (bh * seq_len + rows)[:, None] * DIM + cols[None, :], values, mask=keep)
 
 
 def _check(x: torch.Tensor, index: torch.Tensor) -> None:
@@ -53,27 +36,13 @@ def reference_permute_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tens
     return torch.gather(x, 2, full[None, :, :, None].expand(batch, heads, seq_len, dim)).contiguous()
 
 
-def triton_permute_tokens(x: torch.Tensor, index: torch.Tensor, block_s: int = 64, num_warps: int = 4,
-                          out: torch.Tensor | None = None):
-    """Launch the gather; `out` (contiguous, like x) receives the result if given."""
-    batch, heads, seq_len, dim = x.shape
-    index = index.contiguous()
-    if out is None:
-        out = torch.empty(batch, heads, seq_len, dim, dtype=x.dtype, device=x.device)
-    elif not out.is_contiguous() or out.shape != x.shape or out.dtype != x.dtype:
-        raise ValueError("out must be contiguous with x's shape and dtype")
-    stride_ih = index.stride(0) if index.dim() == 2 else 0
-    grid = (triton.cdiv(seq_len, block_s), batch * heads)
-    _gather_tokens_kernel[grid](x, index, out, x.stride(0), x.stride(1), x.stride(2), stride_ih, heads, seq_len,
-                                DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=block_s, num_warps=num_warps)
-    return out
-
-
 @torch.library.custom_op("vsparse::permute_tokens", mutates_args=())
 def permute_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """out[b, h, s] = x[b, h, index[s]] (index [S]) or x[b, h, index[h, s]] (index [H, S])."""
     _check(x, index)
     if x.device.type == "cuda":
+        from dit_compiler.kernels.triton_permute import triton_permute_tokens
+
         return triton_permute_tokens(x, index)
     return reference_permute_tokens(x, index)
 

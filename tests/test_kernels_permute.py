@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import dit_compiler.kernels as kernels
-from dit_compiler.kernels.permute import triton_permute_tokens
+from dit_compiler.kernels.triton_permute import triton_permute_tokens
 
 
 def draw_case(seed, batch, heads, seq_len, dim, per_head, dtype, device="cpu"):
