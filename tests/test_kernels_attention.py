@@ -133,7 +133,7 @@ def test_mask_format_agrees_with_flex_attention(seed, batch, heads, q_len, kv_le
     # Eager flex otherwise runs through Dynamo, recompiling for every drawn shape (seconds each).
     with warnings.catch_warnings(), pytest.MonkeyPatch.context() as patch:
         warnings.simplefilter("ignore")  # eager flex warns that it is slow
-        patch.setattr(flex_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True)
+        patch.setattr(flex_module, "_FLEX_ATTENTION_DISABLE_COMPILE_DEBUG", True, raising=False)
         theirs = flex_attention(q, k, v, block_mask=flex_mask, scale=scale)
     ours = bsa.reference_block_sparse_attention(q, k, v, num, idx, scale, block_size)
     assert torch.allclose(ours, theirs, atol=1e-12, rtol=0)
