@@ -41,6 +41,10 @@ def _inductor_config(opts: Options, dynamic: bool) -> dict:
     return torch._inductor.list_mode_options(opts.mode, dynamic)
 
 
+def _device_of(values) -> torch.device:
+    return next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+
+
 def _example_value(node: torch.fx.Node):
     return node.meta.get("val", node.meta.get("example_value"))
 
@@ -76,11 +80,17 @@ def _complete_partition(gm: torch.fx.GraphModule, partition: dict[str, str]) -> 
     return complete
 
 
-def _piece_example_inputs(parent: torch.fx.GraphModule, fake_args: list) -> dict[str, list]:
-    """Fake example values for each split piece, propagated through the parent graph under Dynamo's fake mode."""
+def _piece_example_inputs(parent: torch.fx.GraphModule, example_inputs: list) -> dict[str, list]:
+    """Fake example values for each split piece, propagated through the parent graph.
+
+    Uses the fake mode Dynamo gives the backend (not the one of the captured nodes' example values) and keeps each
+    input's symbolic sizes, as Dynamo's DDP optimizer does when it compiles split pieces.
+    """
+    from torch._dynamo.utils import to_fake_tensor
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-    fake_mode = torch._guards.detect_fake_mode(fake_args)
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    fake_args = [to_fake_tensor(x, fake_mode) if isinstance(x, torch.Tensor) else x for x in example_inputs]
     FakeTensorProp(parent, fake_mode).propagate_dont_convert_inputs(*fake_args)
     return {node.target.removeprefix("submod_"): [a.meta["val"] for a in node.args]
             for node in parent.graph.nodes if node.op == "call_module"}
@@ -117,10 +127,10 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
 
     decisions, sites_out, uses_flag, extra_outputs = {}, None, False, []
     if opts.rewrites_attention:
-        device = next((a.device for a in example_inputs if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        device = _device_of(example_inputs)
         fake_mode = torch._guards.detect_fake_mode(fake_args)
-        flag_example = torch.tensor(False, device=device)
-        dense_flag = _add_input(gm, "vsparse_dense", fake_mode.from_tensor(flag_example) if fake_mode else flag_example)
+        flag = torch.tensor(False, device=device)
+        dense_flag = _add_input(gm, "vsparse_dense", fake_mode.from_tensor(flag) if fake_mode else flag)
         site_decisions, counts, masks = rewrite_sparse_attention(gm, analysis, opts, dense_flag,
                                                                  collect_masks=dump is not None)
         decisions = {d.node: d for d in site_decisions}
@@ -145,14 +155,13 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     config = _inductor_config(opts, dynamic)
     runner_args = dict(num_user_outputs=num_user, timestep_index=analysis.timestep_index,
                        dense_steps=opts.dense_steps, uses_dense_flag=uses_flag, sites=sites_out, dump=dump)
+    inputs = list(example_inputs)
+    if uses_flag:
+        inputs.append(torch.tensor(False, device=_device_of(inputs)))
     if partition is not None:
-        fake_args = [_example_value(n) for n in gm.graph.nodes if n.op == "placeholder"]
-        runner = _compile_split(gm, _complete_partition(gm, partition), analysis, opts, config, fake_args,
+        runner = _compile_split(gm, _complete_partition(gm, partition), analysis, opts, config, inputs,
                                 runner_args, notes)
     else:
-        inputs = list(example_inputs)
-        if uses_flag:
-            inputs.append(torch.tensor(False, device=inputs[0].device if inputs else "cpu"))
         runner = DiTRunner(compiled=_compile(gm, inputs, config), **runner_args)
 
     if dump:
@@ -160,12 +169,11 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     return runner
 
 
-def _compile_split(gm, partition, analysis, opts, config, fake_args, runner_args, notes) -> DiTRunner:
+def _compile_split(gm, partition, analysis, opts, config, example_inputs, runner_args, notes) -> DiTRunner:
     split = split_block_stack(gm, partition)
-    piece_inputs = _piece_example_inputs(split.parent, fake_args)
-    compiled = {name: _compile(piece, piece_inputs[name], config) for name, piece in split.pieces.items()}
+    piece_inputs = _piece_example_inputs(split.parent, example_inputs)
     runner = DiTRunner(compiled=split.parent, cache=EasyCache(opts.cache_threshold), **runner_args)
-    stack = split.pieces["stack"]
+    stack = split.pieces["stack"]  # read before compiling: Inductor rewrites a single output into a tuple
     stack_inputs = [n.name for n in stack.graph.nodes if n.op == "placeholder"]
     entry = analysis.stacks[0].entry[0]
     if entry not in stack_inputs:
@@ -173,13 +181,16 @@ def _compile_split(gm, partition, analysis, opts, config, fake_args, runner_args
     entry_index = stack_inputs.index(entry)
     entry_shape = piece_inputs["stack"][entry_index].shape
     outputs = next(n for n in stack.graph.nodes if n.op == "output").args[0]
+    single_output = not isinstance(outputs, (tuple, list))
+    outputs = [outputs] if single_output else list(outputs)
     like_entry = [getattr(_example_value(o), "shape", None) == entry_shape for o in outputs]
     for o, like in zip(outputs, like_entry):
         if not like:
             notes.append(f"cache: stack output {o.name} is not shaped like the entry {entry}; a skipped step reuses "
                          "its last computed value as is")
-    for name, fn in compiled.items():
-        module = CachedStack(fn, runner, entry_index, like_entry) if name == "stack" else _Compiled(fn)
+    for name, piece in split.pieces.items():
+        fn = _compile(piece, piece_inputs[name], config)
+        module = CachedStack(fn, runner, entry_index, like_entry, single_output) if name == "stack" else _Compiled(fn)
         setattr(split.parent, f"submod_{name}", module)
     return runner
 

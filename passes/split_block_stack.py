@@ -18,8 +18,6 @@ PIECES = ("head", "stack", "tail")
 class SplitGraph:
     parent: torch.fx.GraphModule  # calls submod_head, submod_stack, submod_tail in order
     pieces: dict[str, torch.fx.GraphModule]
-    # For each piece, the original nodes whose values its placeholders receive (to find example values).
-    piece_inputs: dict[str, list[torch.fx.Node]]
 
 
 def split_block_stack(gm: torch.fx.GraphModule, partition: dict[str, str]) -> SplitGraph:
@@ -30,14 +28,12 @@ def split_block_stack(gm: torch.fx.GraphModule, partition: dict[str, str]) -> Sp
     if "stack" not in partition.values():
         raise ValueError("partition has no 'stack' node: nothing to split")
     index = {name: i for i, name in enumerate(PIECES)}
-    by_name = {n.name: n for n in gm.graph.nodes}
-    by_name.update({("placeholder", n.target): n for n in gm.graph.nodes if n.op == "placeholder"})
 
     def piece_of(node: torch.fx.Node) -> int:
         return index[partition.get(node.name, "head")]
 
     parent = split_module(gm, gm, piece_of, keep_original_order=True)
-    pieces, piece_inputs = {}, {}
+    pieces = {}
     for node in parent.graph.nodes:
         if node.op != "call_module":
             continue
@@ -48,16 +44,6 @@ def split_block_stack(gm: torch.fx.GraphModule, partition: dict[str, str]) -> Sp
         parent.add_submodule(new_name, sub)
         node.target = new_name
         pieces[piece] = sub
-        piece_inputs[piece] = [_origin(a, by_name) for a in node.args]
     parent.recompile()
-    return SplitGraph(parent, pieces, piece_inputs)
+    return SplitGraph(parent, pieces)
 
-
-def _origin(arg, by_name) -> torch.fx.Node:
-    """The original graph node whose value a piece input carries (a placeholder, or an earlier piece's output)."""
-    if not isinstance(arg, torch.fx.Node):
-        raise TypeError(f"piece input {arg!r} is not a graph value")
-    if arg.op == "placeholder":
-        return by_name[("placeholder", arg.target)]
-    # getitem(submod_k, i) nodes are named after the original node whose value they carry.
-    return by_name[arg.name]

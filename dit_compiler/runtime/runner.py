@@ -29,12 +29,14 @@ class SparseSiteOutputs:
 class CachedStack(torch.nn.Module):
     """Stands in for the compiled stack piece inside the split parent graph and applies EasyCache."""
 
-    def __init__(self, compiled: Callable, runner: "DiTRunner", entry_index: int, like_entry: list[bool]):
+    def __init__(self, compiled: Callable, runner: "DiTRunner", entry_index: int, like_entry: list[bool],
+                 single_output: bool):
         super().__init__()
         self.compiled = compiled
         self.runner = runner
         self.entry_index = entry_index
         self.like_entry = like_entry
+        self.single_output = single_output  # the piece returns one value, not a tuple
 
     def forward(self, *args):
         runner = self.runner
@@ -42,10 +44,12 @@ class CachedStack(torch.nn.Module):
         decision = runner.cache.decide(runner.position.branch, entry)
         runner.last_cache = decision
         if decision.reused:
-            return tuple(runner.cache.reuse(runner.position.branch, entry, self.like_entry))
-        outputs = list(self.compiled(*args))
-        runner.cache.record(runner.position.branch, entry, outputs, self.like_entry)
-        return tuple(outputs)
+            outputs = runner.cache.reuse(runner.position.branch, entry, self.like_entry)
+        else:
+            result = self.compiled(*args)
+            outputs = [result] if self.single_output else list(result)
+            runner.cache.record(runner.position.branch, entry, outputs, self.like_entry)
+        return outputs[0] if self.single_output else tuple(outputs)
 
 
 @dataclass
