@@ -160,7 +160,7 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
         inputs.append(torch.tensor(False, device=_device_of(inputs)))
     if partition is not None:
         runner = _compile_split(gm, _complete_partition(gm, partition), analysis, opts, config, inputs,
-                                runner_args, notes)
+                                runner_args, notes, {n.name for n in extra_outputs})
     else:
         runner = DiTRunner(compiled=_compile(gm, inputs, config), **runner_args)
 
@@ -169,7 +169,8 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     return runner
 
 
-def _compile_split(gm, partition, analysis, opts, config, example_inputs, runner_args, notes) -> DiTRunner:
+def _compile_split(gm, partition, analysis, opts, config, example_inputs, runner_args, notes,
+                   extra_outputs: set[str]) -> DiTRunner:
     split = split_block_stack(gm, partition)
     piece_inputs = _piece_example_inputs(split.parent, example_inputs)
     runner = DiTRunner(compiled=split.parent, cache=EasyCache(opts.cache_threshold), **runner_args)
@@ -185,7 +186,7 @@ def _compile_split(gm, partition, analysis, opts, config, example_inputs, runner
     outputs = [outputs] if single_output else list(outputs)
     like_entry = [getattr(_example_value(o), "shape", None) == entry_shape for o in outputs]
     for o, like in zip(outputs, like_entry):
-        if not like:
+        if not like and o.name not in extra_outputs:  # our per-site mask outputs are not logged on skipped steps
             notes.append(f"cache: stack output {o.name} is not shaped like the entry {entry}; a skipped step reuses "
                          "its last computed value as is")
     for name, piece in split.pieces.items():

@@ -72,8 +72,8 @@ def _why_dense(site: AttentionSite, opts: Options) -> Optional[str]:
         return "cross-attention (keys are text tokens): stays dense"
     if not site.eligible:
         return site.reason or "not eligible"
-    if site.block is not None and site.block < opts.dense_layers:
-        return f"block {site.block} < dense_layers={opts.dense_layers}"
+    if site.layer is not None and site.layer < opts.dense_layers:
+        return f"layer {site.layer} < dense_layers={opts.dense_layers}"
     if site.head_dim not in (64, 128):
         return f"head dim {site.head_dim} not supported by the block-sparse kernel (64, 128)"
     return None

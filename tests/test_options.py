@@ -53,3 +53,22 @@ def test_factory_rejects_bad_options_at_configuration_time():
 
     with pytest.raises(ValueError, match="'density'"):
         dit_compiler.vsparse(density=2)
+
+
+def test_sites_kept_dense_say_why():
+    from dit_compiler.passes.sparse_attention import _why_dense
+    from dit_compiler.patterns.types import AttentionSite, VideoLayout
+
+    def site(**kw):
+        base = dict(node="out", kind="sdpa", module_path="blocks.0.attn1", block=0, stack="blocks",
+                    self_attention=True, query="q", key="k", value="v", q_shape=[1, 2, 90, 64],
+                    kv_shape=[1, 2, 90, 64], head_dim=64, dtype="float32", scale=None, mask="none",
+                    layout=VideoLayout(2, 5, 9, 0, 0, "90 == 2*5*9"), eligible=True, layer=0)
+        return AttentionSite(**dict(base, **kw))
+
+    opts = parse_options({"dense_layers": 1})
+    assert "dense_layers=1" in _why_dense(site(layer=0), opts)
+    assert _why_dense(site(layer=1), opts) is None
+    assert "cross-attention" in _why_dense(site(layer=1, self_attention=False), opts)
+    assert "head dim 80" in _why_dense(site(layer=1, head_dim=80), opts)
+    assert _why_dense(site(layer=1, eligible=False, reason="per-row mask"), opts) == "per-row mask"
