@@ -1,11 +1,16 @@
 """Token permutation: the op, its Triton kernel (interpreted on CPU, compiled on a GPU), the inverse and the index
 factories for Sparse VideoGen's and DraftAttention's layouts."""
+import os
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import dit_compiler.kernels as kernels
 from dit_compiler.kernels.triton_permute import triton_permute_tokens
+
+# Tests that run Triton kernels on CPU tensors through the interpreter (GPU runs set TRITON_INTERPRET=0).
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 
 def draw_case(seed, batch, heads, seq_len, dim, per_head, dtype, device="cpu"):
@@ -30,6 +35,7 @@ case = dict(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), heads=st.in
             dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
 
 
+@interpreted
 @settings(max_examples=25, deadline=None)
 @given(**case)
 def test_triton_gather_and_inverse(**drawn):
