@@ -1,0 +1,116 @@
+"""Compile time and forward time of diffusers' WanTransformer3DModel under plain Inductor and vsparse.
+
+`--config wan-1.3b` (GPU, bf16): Wan2.1-T2V-1.3B's configuration with random weights, latent 1x16x21x60x104
+(480x832, 81 frames: 32,760 video tokens), text 1x512x4096. `--config small` (CPU, float32): the quickstart's
+2-block model, latent 1x16x5x32x32 (1,280 tokens), text 1x12x64. Each variant runs in its own process with its
+own empty Inductor cache, so every compile is cold and none profits from another's cache.
+
+    python benchmarks/end_to_end.py --out results.json                 # all variants, Wan2.1-1.3B on the GPU
+    python benchmarks/end_to_end.py --config small --variants inductor,vsparse-none,vsparse-draft-0.25
+    python benchmarks/end_to_end.py --variant inductor                 # one, in this process
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = {
+    "eager": None,
+    "inductor": {},
+    "vsparse-none": {"sparsity": "none", "cache": "none"},
+    "vsparse-draft-0.25": {"sparsity": "draft", "density": 0.25, "dense_steps": 0.0},
+    "vsparse-svg-0.25": {"sparsity": "svg", "density": 0.25, "dense_steps": 0.0},
+}
+
+
+# (model keyword arguments, latent frames x height x width, text tokens, device)
+CONFIGS = {
+    "wan-1.3b": (dict(num_attention_heads=12, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=8960,
+                      num_layers=30, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
+                 (21, 60, 104), 512, "cuda"),
+    "small": (dict(num_attention_heads=2, attention_head_dim=64, text_dim=64, freq_dim=32, ffn_dim=256, num_layers=2,
+                   rope_max_seq_len=64), (5, 32, 32), 12, "cpu"),
+}
+
+
+def measure(variant: str, config: str, repeats: int) -> dict:
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    model_args, (frames, height, width), text, device = CONFIGS[config]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, cross_attn_norm=True,
+                                  **model_args).to(device=device, dtype=dtype).eval()
+    text_dim = model_args["text_dim"]
+    inputs = dict(hidden_states=torch.randn(1, 16, frames, height, width, device=device, dtype=dtype),
+                  timestep=torch.tensor([500.0], device=device),
+                  encoder_hidden_states=torch.randn(1, text, text_dim, device=device, dtype=dtype), return_dict=False)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    options = VARIANTS[variant]
+    if options is None:
+        fn = model
+    elif variant == "inductor":
+        fn = torch.compile(model, fullgraph=True)
+    else:
+        fn = torch.compile(model, backend="vsparse", options=options, fullgraph=True)
+    with torch.no_grad():
+        sync()
+        start = time.perf_counter()
+        out = fn(**inputs)[0]
+        sync()
+        first = time.perf_counter() - start
+        reference = model(**inputs)[0] if options is not None else out
+        times = []
+        for _ in range(repeats):
+            sync()
+            start = time.perf_counter()
+            fn(**inputs)
+            sync()
+            times.append(time.perf_counter() - start)
+    times.sort()
+    error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
+    return {"variant": variant, "first_call_s": round(first, 2), "forward_ms": round(1e3 * times[len(times) // 2], 1),
+            "rel_error_vs_eager": round(error, 5), "tokens": frames * height * width // 4, "config": config,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=sorted(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="wan-1.3b")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(measure(args.variant, args.config, args.repeats)))
+        return
+    rows = []
+    for variant in args.variants.split(","):
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=f"inductor-{variant}-"),
+                   TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"triton-{variant}-"))
+        proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--config", args.config, "--repeats", str(args.repeats)],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            rows.append({"variant": variant, "error": proc.stderr[-2000:]})
+            print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+            continue
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    print("\n| variant | compile + first call (s) | forward (ms) | rel. error vs eager |\n|---|---|---|---|")
+    for r in rows:
+        if "error" not in r:
+            print(f"| {r['variant']} | {r['first_call_s']} | {r['forward_ms']} | {r['rel_error_vs_eager']} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
