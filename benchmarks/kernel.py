@@ -25,7 +25,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
 from dit_compiler.kernels import triton_block_sparse
-from dit_compiler.kernels.permute import frame_to_position_major
+from dit_compiler.masks.svg import position_major_permutation
 from dit_compiler.kernels.triton_permute import triton_permute_tokens
 from dit_compiler.masks import block_mask
 from dit_compiler.masks.banded import banded_block_mask
@@ -135,7 +135,8 @@ def run_permutation(name, shape, budget_ms, rows):
     moved = 2 * x.numel() * x.element_size()
     copy_into = torch.empty_like(x)
     cases = {"copy": None,
-             "shared_fpm": frame_to_position_major(frames, height, width, text_after=seq - frames * height * width),
+             "shared_fpm": position_major_permutation(frames, height, width, 0, seq - frames * height * width,
+                                                     device="cuda")[0],
              "per_head_random": torch.stack([torch.randperm(seq, device="cuda") for _ in range(heads)])}
     for case, index in cases.items():
         if index is None:

@@ -4,13 +4,8 @@ from dit_compiler.kernels.attention_op import (
     reference_block_sparse_attention,
     set_mask_value_checks,
 )
-from dit_compiler.kernels.permute import (
-    frame_to_position_major,
-    invert_permutation,
-    permute_tokens,
-    reference_permute_tokens,
-    window_contiguous,
-)
+from dit_compiler.kernels.permute import permute_tokens, reference_permute_tokens
+from dit_compiler.masks.block_mask import invert_permutation
 
 __all__ = ["block_sparse_attention", "reference_block_sparse_attention", "set_mask_value_checks", "permute_tokens",
-           "reference_permute_tokens", "invert_permutation", "frame_to_position_major", "window_contiguous"]
+           "reference_permute_tokens", "invert_permutation"]

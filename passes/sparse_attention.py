@@ -36,7 +36,7 @@ def draft_attention(q, k, v, dense, kv_lengths, frames, height, width, text_befo
     perm, inverse = draft.window_permutation(frames, height, width, text_before, text_after, block_size, device=q.device)
     q, k, v = (t.index_select(2, perm) for t in (q, k, v))
     kv_num_blocks, kv_indices = draft.draft_block_mask(
-        q, k, block_size=block_size, density=density, text_before=text_before, text_after=text_after)
+        q, k, block_size=block_size, density=density, text_before=text_before, text_after=text_after, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
     return out.index_select(2, inverse), kv_num_blocks, kv_indices
@@ -47,7 +47,7 @@ def svg_attention(q, k, v, dense, kv_lengths, frames, height, width, text_before
     """Sparse VideoGen: each head spatial (frame-major) or temporal (position-major), chosen from sampled rows."""
     perm, inverse, kv_num_blocks, kv_indices = svg.svg_plan(
         q, k, v, frames=frames, height=height, width=width, text_before=text_before, text_after=text_after,
-        block_size=block_size, density=density)
+        block_size=block_size, density=density, scale=scale)
     gather = perm.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])
     q, k, v = (torch.gather(t, 2, gather) for t in (q, k, v))
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)

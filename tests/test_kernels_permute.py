@@ -65,32 +65,6 @@ def test_op_reads_strided_heads_and_checks_inputs():
         torch.ops.vsparse.permute_tokens(x, torch.randperm(39))
 
 
-def test_frame_to_position_major_groups_each_position_across_frames():
-    frames, height, width, text = 3, 2, 4, 5
-    index = kernels.frame_to_position_major(frames, height, width, text_after=text)
-    tokens = torch.arange(frames * height * width + text)
-    moved = tokens[index]
-    video = moved[: frames * height * width].view(height * width, frames)
-    # Row p holds position p in frames 0, 1, 2 (frame-major ids p, p + H*W, p + 2*H*W); text stays at the end.
-    assert torch.equal(video, torch.arange(height * width)[:, None] + height * width * torch.arange(frames))
-    assert torch.equal(moved[-text:], tokens[-text:])
-    assert torch.equal(tokens[index][kernels.invert_permutation(index)], tokens)
-
-
-def test_window_contiguous_puts_each_window_together():
-    frames, height, width, window, text = 4, 4, 6, (2, 2, 3), 3
-    index = kernels.window_contiguous(frames, height, width, window, text_before=text)
-    assert torch.equal(index[:text], torch.arange(text))
-    coords = torch.stack(torch.meshgrid(torch.arange(frames), torch.arange(height), torch.arange(width),
-                                        indexing="ij"), -1).view(-1, 3)
-    moved = coords[index[text:] - text].view(-1, 2 * 2 * 3, 3)
-    window_of = moved // torch.tensor(window)
-    assert (window_of == window_of[:, :1]).all(), "a run of 12 tokens spans two windows"
-    assert len({tuple(w) for w in window_of[:, 0].tolist()}) == moved.shape[0]
-    with pytest.raises(ValueError, match="divide"):
-        kernels.window_contiguous(frames, height, 5, window)
-
-
 def test_compiles_as_one_opaque_call():
     def layout(x, index):
         return torch.ops.vsparse.permute_tokens(x + 1, index) * 2

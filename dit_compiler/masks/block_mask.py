@@ -123,5 +123,10 @@ def sequence_permutation(video_order: torch.Tensor, text_before, text_after) -> 
     seq_len = text_before + video_len + text_after
     perm = torch.cat([torch.arange(text_before, device=device), video_order + text_before,
                       torch.arange(text_before + video_len, seq_len, device=device)])
-    inverse = torch.empty_like(perm).scatter_(0, perm, torch.arange(seq_len, device=device))
-    return perm, inverse
+    return perm, invert_permutation(perm)
+
+
+def invert_permutation(index: torch.Tensor) -> torch.Tensor:
+    """inverse[..., index[..., s]] = s for a permutation along the last dim (shared [S] or per head [H, S])."""
+    positions = torch.arange(index.shape[-1], device=index.device).expand_as(index)
+    return torch.empty_like(index).scatter_(-1, index, positions)
