@@ -30,6 +30,14 @@ def set_mask_value_checks(enabled: bool) -> None:
     _check_mask_values_on_cuda = bool(enabled)
 
 
+def check_bhsd(name: str, t: torch.Tensor) -> None:
+    """A [B, H, S, D] tensor whose last (head) dim is contiguous, as the kernels read it."""
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be [B, H, S, D], got shape {tuple(t.shape)}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last (head) dim, got strides {t.stride()}")
+
+
 def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths) -> None:
     """Raise TypeError / ValueError naming what is wrong. Reads values only on CPU or with the debug flag."""
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
@@ -42,10 +50,7 @@ def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengt
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be [B, H, S, D], got shape {tuple(t.shape)}")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must have a contiguous last (head) dim, got strides {t.stride()}")
+        check_bhsd(name, t)
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
     batch, heads, q_len, head_dim = q.shape

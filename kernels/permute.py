@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import torch
 
+from dit_compiler.kernels.attention_op import check_bhsd
+
 
 def _check(x: torch.Tensor, index: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor) or not isinstance(index, torch.Tensor):
         raise TypeError("x and index must be Tensors")
-    if x.dim() != 4:
-        raise ValueError(f"x must be [B, H, S, D], got shape {tuple(x.shape)}")
-    if x.stride(-1) != 1:
-        raise ValueError(f"x must have a contiguous last dim, got strides {x.stride()}")
+    check_bhsd("x", x)
     if index.dtype != torch.int64:
         raise TypeError(f"index must be int64, got {index.dtype}")
     heads, seq_len = x.shape[1], x.shape[2]

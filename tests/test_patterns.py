@@ -14,6 +14,20 @@ from dit_compiler.patterns import analyze, key_padding_lengths, partition
 from dit_compiler.patterns.graph import dataflow_dag
 
 
+def node_values(gm, inputs):
+    """Every node's value when `gm` runs on `inputs`, by node name."""
+    values = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = super().run_node(n)
+            return values[n.name]
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return values
+
+
 @dataclass
 class Case:
     build: object
@@ -226,15 +240,7 @@ def test_timestep_input(captured):
 def test_key_padding_lengths_match_the_mask(captured):
     if captured.case.mask != "key_padding":
         pytest.skip("no key-padding mask")
-    values = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            values[n.name] = super().run_node(n)
-            return values[n.name]
-
-    with torch.no_grad():
-        Recorder(captured.gm).run(*concrete(captured.example_inputs))
+    values = node_values(captured.gm, concrete(captured.example_inputs))
     site = next(s for s in captured.analysis.sites if s.eligible)
     mask = values[site.mask_node]
     lengths = key_padding_lengths(mask, batch=mask.shape[0])

@@ -10,7 +10,7 @@ from dit_compiler.patterns import analyze, key_padding_lengths, partition
 from dit_compiler.patterns.graph import Sizes
 from dit_compiler.patterns.tokens import reshape_groups
 from dit_compiler.patterns.types import BlockStackInfo, GraphAnalysis
-from test_patterns import capture
+from test_patterns import capture, node_values
 
 MASKS = {"prefix": "key_padding", "additive": "key_padding", "where": "key_padding", "suffix": "unsupported",
          "rows": "unsupported", "causal": "unsupported"}
@@ -41,15 +41,7 @@ def test_key_padding_lengths_of_recognized_masks(masked):
     kind, example_inputs, inputs, gm, analysis = masked
     if MASKS[kind] != "key_padding":
         pytest.skip("not a key-padding mask")
-    values = {}
-
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, n):
-            values[n.name] = super().run_node(n)
-            return values[n.name]
-
-    with torch.no_grad():
-        Recorder(gm).run(*example_inputs)
+    values = node_values(gm, example_inputs)
     mask = values[analysis.sites[0].mask_node]
     assert key_padding_lengths(mask).tolist() == inputs["lengths"].tolist()
 
