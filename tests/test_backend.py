@@ -57,6 +57,8 @@ def test_sparse_rewrite_at_full_density_is_dense_equal(name, sparsity, tmp_path)
         if not site["layout"]:
             assert not site["rewritten"] and site["decision_reason"]
     assert f"{sparsity}_attention" in (graph_dir / "rewritten.py").read_text()
+    pictures = sorted(p.stem for p in (graph_dir / "masks").glob("*.png"))
+    assert pictures == sorted(s["node"] for s in video_sites)
     op_calls = [e for e in prof.events() if e.name == "vsparse::block_sparse_attention"]
     assert len(op_calls) == len(video_sites)
     record = json.loads((graph_dir / "runtime.jsonl").read_text().splitlines()[0])
@@ -109,7 +111,9 @@ def test_scheduler_loop_with_cfg_split_stack_and_cache(tmp_path):
 
 def test_cache_reuses_and_stays_close_with_a_loose_threshold(tmp_path):
     model, inputs = wan(frames=2, height=8, width=8, layers=2)
-    ours = compiled(model, sparsity="none", cache="easycache", cache_threshold=0.5, dump_dir=str(tmp_path))
+    torch._dynamo.reset()
+    backend = dit_compiler.vsparse(sparsity="none", cache="easycache", cache_threshold=0.5, dump_dir=str(tmp_path))
+    ours = torch.compile(model, backend=backend, fullgraph=True)
     outs, refs = [], []
     for t in (900.0, 890.0, 880.0, 870.0, 860.0):
         step = dict(inputs, timestep=torch.full((1,), t), hidden_states=inputs["hidden_states"] * (1 + t / 1e4))
@@ -189,3 +193,16 @@ def test_entry_point_and_a_graph_without_timestep():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparsity", ["draft", "svg"])
+def test_gpu_sparse_rewrite_runs_the_triton_kernel_dense_equal(sparsity):
+    model, inputs = wan(head_dim=64, frames=3, height=10, width=14)
+    model = model.to("cuda", torch.bfloat16)
+    inputs = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+              for k, v in inputs.items()}
+    expected = run(model, inputs).float()
+    out = run(compiled(model, sparsity=sparsity, density=1.0, block_size=64, dense_layers=0, dense_steps=0.0),
+              inputs).float()
+    assert ((out - expected).norm() / expected.norm()).item() < 2e-2
