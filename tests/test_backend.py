@@ -206,3 +206,17 @@ def test_gpu_sparse_rewrite_runs_the_triton_kernel_dense_equal(sparsity):
     out = run(compiled(model, sparsity=sparsity, density=1.0, block_size=64, dense_layers=0, dense_steps=0.0),
               inputs).float()
     assert ((out - expected).norm() / expected.norm()).item() < 2e-2
+
+
+def test_explicit_softmax_attention_is_rewritten_too(tmp_path):
+    from tiny_models import ExplicitAttentionDiT, explicit
+
+    _, inputs = explicit(frames=3, height=10, width=14)
+    model = ExplicitAttentionDiT(dim=128, heads=2).eval()  # head dim 64
+    ours = compiled(model, sparsity="draft", density=1.0, block_size=64, dense_layers=0, dense_steps=0.0,
+                    dump_dir=str(tmp_path))
+    assert_fp32_close(run(ours, inputs), run(model, inputs))
+    (graph_dir,) = tmp_path.iterdir()
+    sites = json.loads((graph_dir / "analysis.json").read_text())["sites"]
+    assert [(s["kind"], s["self_attention"], s["rewritten"]) for s in sites] == [
+        ("explicit", True, True), ("explicit", False, False)] * 2
