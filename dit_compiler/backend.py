@@ -89,9 +89,13 @@ def _piece_example_inputs(parent: torch.fx.GraphModule, example_inputs: list) ->
     from torch._dynamo.utils import to_fake_tensor
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    class Propagate(FakeTensorProp):
+        def get_attr(self, target, args, kwargs):  # our constant buffers (e.g. window permutations) are real
+            return fake_mode.from_tensor(super().get_attr(target, args, kwargs), static_shapes=True)
+
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     fake_args = [to_fake_tensor(x, fake_mode) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    FakeTensorProp(parent, fake_mode).propagate_dont_convert_inputs(*fake_args)
+    Propagate(parent, fake_mode).propagate_dont_convert_inputs(*fake_args)
     return {node.target.removeprefix("submod_"): [a.meta["val"] for a in node.args]
             for node in parent.graph.nodes if node.op == "call_module"}
 
@@ -131,7 +135,7 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
         fake_mode = torch._guards.detect_fake_mode(fake_args)
         flag = torch.tensor(False, device=device)
         dense_flag = _add_input(gm, "vsparse_dense", fake_mode.from_tensor(flag) if fake_mode else flag)
-        site_decisions, counts, masks = rewrite_sparse_attention(gm, analysis, opts, dense_flag,
+        site_decisions, counts, masks = rewrite_sparse_attention(gm, analysis, opts, dense_flag, device,
                                                                  collect_masks=dump is not None)
         decisions = {d.node: d for d in site_decisions}
         if counts:

@@ -30,10 +30,10 @@ def _with_dense_fallback(dense: torch.Tensor, kv_num_blocks, kv_indices, seq_len
     return torch.where(dense, full_num, kv_num_blocks), torch.where(dense, full_idx, kv_indices)
 
 
-def draft_attention(q, k, v, dense, kv_lengths, frames, height, width, text_before, text_after, *,
+def draft_attention(q, k, v, dense, kv_lengths, perm, inverse, text_before, text_after, *,
                     density: float, block_size: int, scale: float):
-    """DraftAttention: window-contiguous token order, block mask from a pooled low-resolution attention map."""
-    perm, inverse = draft.window_permutation(frames, height, width, text_before, text_after, block_size, device=q.device)
+    """DraftAttention: window-contiguous token order (`perm`, the same every call), block mask from a pooled
+    low-resolution attention map."""
     q, k, v = (t.index_select(2, perm) for t in (q, k, v))
     kv_num_blocks, kv_indices = draft.draft_block_mask(
         q, k, block_size=block_size, density=density, text_before=text_before, text_after=text_after, scale=scale)
@@ -79,8 +79,24 @@ def _why_dense(site: AttentionSite, opts: Options) -> Optional[str]:
     return None
 
 
+def _draft_permutation(gm: torch.fx.GraphModule, sizes: list, block_size: int, device, constants: dict):
+    """Nodes of DraftAttention's (perm, inverse). With a static layout they are computed once here and live in the
+    module as buffers shared by every site of that layout; with symbolic sizes the graph computes them."""
+    if all(isinstance(size, int) for size in sizes):
+        key = tuple(sizes)
+        if key not in constants:
+            perm, inverse = draft.window_permutation(*sizes, block_size, device=device)
+            name = f"vsparse_window_perm_{len(constants)}"
+            gm.register_buffer(name, perm)
+            gm.register_buffer(f"{name}_inverse", inverse)
+            constants[key] = (name, f"{name}_inverse")
+        return tuple(gm.graph.get_attr(name) for name in constants[key])
+    pair = gm.graph.call_function(draft.window_permutation, (*sizes, block_size), {"device": device})
+    return tuple(gm.graph.call_function(operator.getitem, (pair, i)) for i in range(2))
+
+
 def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, opts: Options,
-                             dense_flag: torch.fx.Node, collect_masks: bool = False):
+                             dense_flag: torch.fx.Node, device: torch.device, collect_masks: bool = False):
     """Rewrite every eligible site in place.
 
     Returns the decision per site, and per rewritten site the node of its kv_num_blocks and (with
@@ -88,7 +104,7 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     replacement = REPLACEMENTS[opts.sparsity]
-    decisions, mask_counts, masks = [], [], []
+    decisions, mask_counts, masks, constants = [], [], [], {}
     for site in analysis.sites:
         reason = _why_dense(site, opts)
         if reason is not None:
@@ -106,9 +122,12 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
             if site.mask == "key_padding":
                 kv_lengths = gm.graph.call_function(key_padding_lengths, (nodes[site.mask_node],))
             scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
+            layout_args = sizes
+            if replacement is draft_attention:
+                layout_args = [*_draft_permutation(gm, sizes, opts.block_size, device, constants), *sizes[3:]]
             call = gm.graph.call_function(
                 replacement,
-                (nodes[site.query], nodes[site.key], nodes[site.value], dense_flag, kv_lengths, *sizes),
+                (nodes[site.query], nodes[site.key], nodes[site.value], dense_flag, kv_lengths, *layout_args),
                 {"density": opts.density, "block_size": opts.block_size, "scale": scale})
             out = gm.graph.call_function(operator.getitem, (call, 0))
             count = gm.graph.call_function(operator.getitem, (call, 1))
