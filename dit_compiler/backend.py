@@ -13,7 +13,7 @@ from dit_compiler import patterns
 from dit_compiler.dump import Dump, render_report
 from dit_compiler.masks.block_mask import num_blocks
 from dit_compiler.options import Options, parse_options
-from dit_compiler.passes.sparse_attention import rewrite_sparse_attention
+from dit_compiler.passes.sparse_attention import EXTRA_OUTPUT, rewrite_sparse_attention
 from dit_compiler.passes.split_block_stack import PIECES, split_block_stack
 from dit_compiler.runtime.easycache import EasyCache
 from dit_compiler.runtime.runner import CachedStack, DiTRunner, SparseSiteOutputs
@@ -164,7 +164,7 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
         inputs.append(torch.tensor(False, device=_device_of(inputs)))
     if partition is not None:
         runner = _compile_split(gm, _complete_partition(gm, partition), analysis, opts, config, inputs,
-                                runner_args, notes, {n.name for n in extra_outputs})
+                                runner_args, notes)
     else:
         runner = DiTRunner(compiled=_compile(gm, inputs, config), **runner_args)
 
@@ -173,8 +173,7 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     return runner
 
 
-def _compile_split(gm, partition, analysis, opts, config, example_inputs, runner_args, notes,
-                   extra_outputs: set[str]) -> DiTRunner:
+def _compile_split(gm, partition, analysis, opts, config, example_inputs, runner_args, notes) -> DiTRunner:
     split = split_block_stack(gm, partition)
     piece_inputs = _piece_example_inputs(split.parent, example_inputs)
     runner = DiTRunner(compiled=split.parent, cache=EasyCache(opts.cache_threshold), **runner_args)
@@ -190,7 +189,7 @@ def _compile_split(gm, partition, analysis, opts, config, example_inputs, runner
     outputs = [outputs] if single_output else list(outputs)
     like_entry = [getattr(_example_value(o), "shape", None) == entry_shape for o in outputs]
     for o, like in zip(outputs, like_entry):
-        if not like and o.name not in extra_outputs:  # our per-site mask outputs are not logged on skipped steps
+        if not like and not o.meta.get(EXTRA_OUTPUT):  # our per-site mask outputs are not logged on skipped steps
             notes.append(f"cache: stack output {o.name} is not shaped like the entry {entry}; a skipped step reuses "
                          "its last computed value as is")
     for name, piece in split.pieces.items():

@@ -23,7 +23,8 @@ def build_model(device, dtype):
     model = WanTransformer3DModel(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16,
         text_dim=64, freq_dim=32, ffn_dim=256, num_layers=2, cross_attn_norm=True, rope_max_seq_len=64)
-    return model.to(device=device, dtype=dtype).eval()
+    # Cast only when asked to: diffusers warns that Wan keeps some modules in float32.
+    return (model if dtype == torch.float32 else model.to(dtype)).to(device).eval()
 
 
 def denoise(transformer, latents, prompt, negative, steps, guidance):

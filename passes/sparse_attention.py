@@ -56,6 +56,8 @@ def svg_attention(q, k, v, dense, kv_lengths, frames, height, width, text_before
 
 
 REPLACEMENTS = {"draft": draft_attention, "svg": svg_attention}
+# node.meta key marking the per-site values this pass exposes as extra graph outputs (not the model's own).
+EXTRA_OUTPUT = "vsparse_extra_output"
 
 
 @dataclass
@@ -131,10 +133,14 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
                 {"density": opts.density, "block_size": opts.block_size, "scale": scale})
             out = gm.graph.call_function(operator.getitem, (call, 0))
             count = gm.graph.call_function(operator.getitem, (call, 1))
+            extras = [count]
             if collect_masks:
                 indices = gm.graph.call_function(operator.getitem, (call, 2))
-                masks.append(gm.graph.call_function(block_mask.to_block_bool, (count, indices)))
+                extras.append(gm.graph.call_function(block_mask.to_block_bool, (count, indices)))
+                masks.append(extras[-1])
         out.meta.update(node.meta)
+        for extra in extras:
+            extra.meta[EXTRA_OUTPUT] = True
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         decisions.append(SiteDecision(site.node, site.module_path, True,
