@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dit_compiler
-from tiny_models import BUILDERS, cogvideox, hunyuan, wan
+from tiny_models import BUILDERS, wan
 
 pytestmark = pytest.mark.slow
 
