@@ -11,7 +11,6 @@ from torch._inductor.compile_fx import compile_fx
 
 from dit_compiler import patterns
 from dit_compiler.dump import Dump, render_report
-from dit_compiler.masks.block_mask import num_blocks
 from dit_compiler.options import Options, parse_options
 from dit_compiler.passes.sparse_attention import EXTRA_OUTPUT, rewrite_sparse_attention
 from dit_compiler.passes.split_block_stack import PIECES, split_block_stack
@@ -135,21 +134,15 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
         fake_mode = torch._guards.detect_fake_mode(fake_args)
         flag = torch.tensor(False, device=device)
         dense_flag = _add_input(gm, "vsparse_dense", fake_mode.from_tensor(flag) if fake_mode else flag)
-        site_decisions, counts, masks = rewrite_sparse_attention(gm, analysis, opts, dense_flag, device,
-                                                                 collect_masks=dump is not None)
+        site_decisions, densities, masks = rewrite_sparse_attention(gm, analysis, opts, dense_flag, device,
+                                                                    collect_stats=dump is not None)
         decisions = {d.node: d for d in site_decisions}
-        if counts:
-            uses_flag = True
-            rewritten = [d for d in site_decisions if d.rewritten]
-            by_node = {s.node: s for s in analysis.sites}
-            extra_outputs = counts + masks
-            num_user = len(next(n for n in gm.graph.nodes if n.op == "output").args[0])
-            sites_out = SparseSiteOutputs(
-                names=[d.node for d in rewritten],
-                blocks_per_row=[num_blocks(by_node[d.node].kv_shape[2], opts.block_size)
-                                if isinstance(by_node[d.node].kv_shape[2], int) else 0 for d in rewritten],
-                counts_start=num_user, masks_start=num_user + len(counts) if masks else None)
-        else:
+        uses_flag = any(d.rewritten for d in site_decisions)
+        if uses_flag and dump:
+            extra_outputs = densities + masks
+            sites_out = SparseSiteOutputs(names=[d.node for d in site_decisions if d.rewritten],
+                                          start=len(next(n for n in gm.graph.nodes if n.op == "output").args[0]))
+        if not uses_flag:
             gm.graph.erase_node(dense_flag)
             gm.recompile()
     num_user = _add_outputs(gm, extra_outputs)

@@ -66,7 +66,6 @@ class SiteDecision:
     module_path: str
     rewritten: bool
     reason: str
-    density_output: Optional[int] = None  # index of this site's kv_num_blocks among the extra graph outputs
 
 
 def _why_dense(site: AttentionSite, opts: Options) -> Optional[str]:
@@ -98,15 +97,15 @@ def _draft_permutation(gm: torch.fx.GraphModule, sizes: list, block_size: int, d
 
 
 def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, opts: Options,
-                             dense_flag: torch.fx.Node, device: torch.device, collect_masks: bool = False):
+                             dense_flag: torch.fx.Node, device: torch.device, collect_stats: bool = False):
     """Rewrite every eligible site in place.
 
-    Returns the decision per site, and per rewritten site the node of its kv_num_blocks and (with
-    `collect_masks`) of its block-bool mask, for the runner to report densities and draw masks.
+    Returns the decision per site and, with `collect_stats` (dumping), per rewritten site the nodes of its visited
+    block fraction and its block-bool mask, for the runner to log densities and draw masks.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     replacement = REPLACEMENTS[opts.sparsity]
-    decisions, mask_counts, masks, constants = [], [], [], {}
+    decisions, densities, masks, constants = [], [], [], {}
     for site in analysis.sites:
         reason = _why_dense(site, opts)
         if reason is not None:
@@ -132,24 +131,20 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
                 (nodes[site.query], nodes[site.key], nodes[site.value], dense_flag, kv_lengths, *layout_args),
                 {"density": opts.density, "block_size": opts.block_size, "scale": scale})
             out = gm.graph.call_function(operator.getitem, (call, 0))
-            count = gm.graph.call_function(operator.getitem, (call, 1))
-            extras = [count]
-            if collect_masks:
-                indices = gm.graph.call_function(operator.getitem, (call, 2))
-                extras.append(gm.graph.call_function(block_mask.to_block_bool, (count, indices)))
-                masks.append(extras[-1])
+            if collect_stats:
+                count, indices = (gm.graph.call_function(operator.getitem, (call, i)) for i in (1, 2))
+                densities.append(gm.graph.call_function(block_mask.visited_fraction, (count, indices)))
+                masks.append(gm.graph.call_function(block_mask.to_block_bool, (count, indices)))
+                for extra in (densities[-1], masks[-1]):
+                    extra.meta[EXTRA_OUTPUT] = True
         out.meta.update(node.meta)
-        for extra in extras:
-            extra.meta[EXTRA_OUTPUT] = True
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         decisions.append(SiteDecision(site.node, site.module_path, True,
-                                      f"{opts.sparsity} block-sparse, density {opts.density}, block {opts.block_size}",
-                                      density_output=len(mask_counts)))
-        mask_counts.append(count)
+                                      f"{opts.sparsity} block-sparse, density {opts.density}, block {opts.block_size}"))
     gm.graph.lint()
     gm.recompile()
-    return decisions, mask_counts, masks
+    return decisions, densities, masks
 
 
 def _size_arg(graph: torch.fx.Graph, nodes, site: AttentionSite, key: str):

@@ -133,15 +133,18 @@ def test_cache_reuses_and_stays_close_with_a_loose_threshold(tmp_path):
             assert (out - ref).norm() / ref.norm() < 0.05
 
 
-def test_dynamic_shapes_give_correct_output_at_a_second_resolution():
+def test_dynamic_shapes_give_correct_output_at_a_second_resolution(tmp_path):
     model, _ = wan(head_dim=64)
     torch._dynamo.reset()
     ours = torch.compile(model, backend="vsparse", dynamic=True, fullgraph=True,
                          options={"sparsity": "draft", "density": 1.0, "block_size": 64, "dense_layers": 0,
-                                  "dense_steps": 0.0})
+                                  "dense_steps": 0.0, "dump_dir": str(tmp_path)})
     for frames, height, width in ((2, 8, 10), (3, 10, 14)):
         _, inputs = wan(head_dim=64, frames=frames, height=height, width=width)
         assert_fp32_close(run(ours, inputs), run(model, inputs))
+    records = [json.loads(line) for graph_dir in tmp_path.iterdir()
+               for line in (graph_dir / "runtime.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(set(r["density"].values()) == {1.0} for r in records)
 
 
 def test_backend_leaves_dynamo_graph_alone_and_translates_mode(monkeypatch):

@@ -27,3 +27,9 @@ def test_dense_phase_is_a_share_of_the_timestep_range():
     assert dense == [True, True, True, False, False]
     tracker = StepTracker()
     assert not tracker.dense_phase(tracker.observe(torch.tensor(1000.0)), 0.0)
+
+
+def test_all_dense_steps_cover_graphs_without_timestep():
+    tracker = StepTracker()
+    assert tracker.dense_phase(tracker.observe(None), 1.0)
+    assert not tracker.dense_phase(tracker.observe(None), 0.5)

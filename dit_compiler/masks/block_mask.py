@@ -31,6 +31,11 @@ def to_block_bool(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torc
     return visit.scatter(-1, kv_indices.long(), valid)
 
 
+def visited_fraction(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
+    """0-dim float: the share of (query block, key block) pairs the mask visits, averaged over batch and heads."""
+    return kv_num_blocks.float().mean() / kv_indices.shape[-1]
+
+
 def to_token_mask(kv_num_blocks, kv_indices, q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
     """[..., q_len, kv_len] bool: the block mask expanded to tokens (True = attend), tails cut off."""
     visit = to_block_bool(kv_num_blocks, kv_indices)

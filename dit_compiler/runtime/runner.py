@@ -18,12 +18,11 @@ from dit_compiler.runtime.state import CallPosition, StepTracker
 
 @dataclass
 class SparseSiteOutputs:
-    """Where the per-site extras sit among the graph's outputs (after the model's own outputs)."""
+    """Where the per-site extras of a dumping graph sit among its outputs: after the model's own outputs, one
+    visited-block fraction per rewritten site, then one block-bool mask per site."""
 
     names: list[str]  # site node names, in output order
-    blocks_per_row: list[int]  # key blocks per query block at density 1, per site (for the density figure)
-    counts_start: int  # index of the first kv_num_blocks output
-    masks_start: Optional[int]  # index of the first block-bool mask output, when dumping
+    start: int  # index of the first fraction output
 
 
 class CachedStack(torch.nn.Module):
@@ -99,10 +98,10 @@ class DiTRunner:
                   "cache_accumulated": None if self.last_cache is None else self.last_cache.accumulated,
                   "cache_rate": None if self.last_cache is None else self.last_cache.rate}
         if self.sites is not None and not reused:
-            counts = outputs[self.sites.counts_start: self.sites.counts_start + len(self.sites.names)]
-            record["density"] = {name: round(float(c.float().mean()) / per_row, 4)
-                                 for name, c, per_row in zip(self.sites.names, counts, self.sites.blocks_per_row)}
-            if self.sites.masks_start is not None and not dense and not self.dump.masks_written:
-                masks = outputs[self.sites.masks_start: self.sites.masks_start + len(self.sites.names)]
+            count = len(self.sites.names)
+            fractions = outputs[self.sites.start: self.sites.start + count]
+            record["density"] = {name: round(float(f), 4) for name, f in zip(self.sites.names, fractions)}
+            if not dense and not self.dump.masks_written:
+                masks = outputs[self.sites.start + count: self.sites.start + 2 * count]
                 self.dump.write_masks(self.sites.names, list(masks))
         self.dump.append_runtime(record)

@@ -49,8 +49,11 @@ class StepTracker:
         """Whether this call falls in the leading `dense_steps` share of the denoising trajectory.
 
         The share is measured on the timestep scale of the generation (first timestep down to 0), because the
-        compiler never sees how many steps the pipeline will take; without a timestep input no call is dense.
+        compiler never sees how many steps the pipeline will take. Without a timestep input only `dense_steps=1` makes
+        calls dense.
         """
+        if dense_steps >= 1:
+            return True
         if dense_steps <= 0 or pos.timestep is None or not pos.first_timestep:
             return False
         return pos.timestep > (1.0 - dense_steps) * pos.first_timestep
