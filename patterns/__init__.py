@@ -38,7 +38,10 @@ def analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]] = None) 
 def _analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> GraphAnalysis:
     sizes = Sizes(gm)
     data = data_inputs(gm, example_inputs)
-    input_dependent = depends_on(gm, data)
+    timestep, timestep_index, timestep_notes = find_timestep(gm, data)
+    # Token content comes from the data inputs other than the timestep: what only the timestep computes is
+    # conditioning, like a RoPE table (Wan2.2 TI2V's per-token timesteps modulate every token differently).
+    input_dependent = depends_on(gm, [d for d in data if d.name != timestep])
     projections = TokenTracer(sizes, input_dependent, stop_at_projections=True)
     tokens = TokenTracer(sizes, input_dependent, stop_at_projections=False)
     raw_sites = find_attention(gm)
@@ -65,7 +68,6 @@ def _analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> Gra
             site.reason = f"{site.reason}: {layout.text_before} text + {layout.frames}x{layout.height}x" \
                           f"{layout.width} video + {layout.text_after} text tokens, mask {site.mask}"
         sites.append(site)
-    timestep, timestep_index, timestep_notes = find_timestep(gm, data)
     return GraphAnalysis(model=root_class_name(gm) or "", sites=sites, stacks=stacks, timestep_input=timestep,
                          timestep_index=timestep_index, notes=notes + timestep_notes)
 

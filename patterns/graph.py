@@ -146,11 +146,19 @@ def data_inputs(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> 
     return [p for p, e in zip(placeholders, examples) if placeholder_kind(p, e) == "data"]
 
 
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """The inputs whose values flow into `node`: `x.type_as(y)` and `x.to(y)` take only y's dtype and device
+    (Wan casts its timestep embedding `type_as` the text states, which carries no text)."""
+    if op_name(node) in ("type_as", "to") and len(node.args) > 1 and isinstance(node.args[0], fx.Node):
+        return [node.args[0]]
+    return node.all_input_nodes
+
+
 def depends_on(gm: fx.GraphModule, sources: Iterable[fx.Node]) -> set[fx.Node]:
     """Nodes whose value depends on any of `sources` (the sources included), in one pass in graph order."""
     reached = set(sources)
     for node in gm.graph.nodes:
-        if node not in reached and any(i in reached for i in node.all_input_nodes):
+        if node not in reached and any(i in reached for i in value_inputs(node)):
             reached.add(node)
     return reached
 
