@@ -6,7 +6,7 @@
 Installing the distribution registers the backend name through the `torch_dynamo_backends` entry point.
 The driver is imported on first use, so `import dit_compiler.kernels` (the ops alone) stays light.
 """
-__all__ = ["vsparse", "vsparse_backend", "Options", "parse_options"]
+__all__ = ["vsparse", "vsparse_backend", "Options", "parse_options", "stats"]
 
 
 def __getattr__(name):
@@ -14,6 +14,10 @@ def __getattr__(name):
         from dit_compiler import backend
 
         return getattr(backend, name)
+    if name == "stats":
+        from dit_compiler.call_stats import stats
+
+        return stats
     if name in ("Options", "parse_options"):
         from dit_compiler import options
 

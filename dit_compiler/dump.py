@@ -4,18 +4,30 @@ captured.py   the graph as Dynamo captured it
 analysis.json recognized sites, layouts, block stacks, timestep input, and every decision with its reason
 rewritten.py  the graph after our passes, as handed to Inductor
 report.md     one table to read first
-runtime.jsonl one line per call: generation, step, branch, timestep, cache decision, per-site density
+runtime.jsonl one line per call (at most RUNTIME_LINES): model, generation, step, branch, timestep, dense phase,
+              cache decision, per-site density
 masks/*.png   block masks (white = visited) of the first sparse call, one picture per site, heads side by side
+
+A dump directory holds one run: the first graph a process dumps into it removes the graph folders an earlier
+process left there (only folders marked as ours), so `show` never mixes runs.
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
+
+RUNTIME_LINES = 10_000  # runtime.jsonl stops here (with a last line saying so): a long-running server stays bounded
+_GRAPH_MARK = ".vsparse-graph"
+_RUN_MARK = ".vsparse-run"
+_RUN_ID = f"{os.getpid()}-{time.time_ns()}"  # this process
 
 
 def write_png(path: Path, pixels: torch.Tensor) -> None:
@@ -40,11 +52,26 @@ def mask_picture(visit: torch.Tensor, gap: int = 2) -> torch.Tensor:
     return image
 
 
+def _claim(root: Path) -> None:
+    """Make `root` this process's run: remove graph folders an earlier run left (ours only), mark the run."""
+    root.mkdir(parents=True, exist_ok=True)
+    mark = root / _RUN_MARK
+    if mark.exists() and mark.read_text() == _RUN_ID:
+        return
+    for old in root.iterdir():
+        if (old / _GRAPH_MARK).exists():
+            shutil.rmtree(old)
+    mark.write_text(_RUN_ID)
+
+
 class Dump:
     def __init__(self, root: str, graph_name: str) -> None:
+        _claim(Path(root))
         self.dir = Path(root) / graph_name
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / _GRAPH_MARK).write_text("")
         (self.dir / "runtime.jsonl").write_text("")
+        self.runtime_lines = 0
         self.masks_written = False
 
     def write_text(self, name: str, text: str) -> None:
@@ -54,6 +81,11 @@ class Dump:
         (self.dir / name).write_text(json.dumps(data, indent=2, default=str) + "\n")
 
     def append_runtime(self, record: dict) -> None:
+        if self.runtime_lines > RUNTIME_LINES:
+            return
+        self.runtime_lines += 1
+        if self.runtime_lines > RUNTIME_LINES:
+            record = {"truncated": f"runtime.jsonl stops after {RUNTIME_LINES} calls"}
         with open(self.dir / "runtime.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -64,6 +96,30 @@ class Dump:
         for name, visit in zip(site_names, visits):
             write_png(masks / f"{name}.png", mask_picture(visit[0].cpu()))
         self.masks_written = True
+
+
+class DumpObserver:
+    """Writes one runtime.jsonl line per call and the first sparse call's mask pictures (reads the device)."""
+
+    def __init__(self, dump: Dump, site_names: list[str]) -> None:
+        self.dump = dump
+        self.site_names = site_names
+
+    def on_call(self, runner, state, record, outputs) -> None:
+        pos, cache = record.position, record.cache
+        values = record.vector.tolist() if record.vector is not None else [None, None]
+        dense = bool(values[1]) if values[1] is not None else None
+        line = {"model": state.index, "call": state.calls - 1, "generation": pos.generation, "step": pos.step,
+                "branch": pos.branch, "timestep": pos.timestep, "dense_phase": dense,
+                "cache": None if cache is None else ("reuse" if cache.reused else "compute"),
+                "cache_estimate": None if cache is None else cache.estimate}
+        computed = cache is None or not cache.reused
+        if self.site_names and computed:
+            line["density"] = {name: round(v, 4) for name, v in zip(self.site_names, values[2:])}
+            start = runner.outputs.masks
+            if not dense and start is not None and not self.dump.masks_written:
+                self.dump.write_masks(self.site_names, list(outputs[start: start + len(self.site_names)]))
+        self.dump.append_runtime(line)
 
 
 def render_report(model: str, graph_name: str, options: dict, sites: list[dict], stacks: list[dict],

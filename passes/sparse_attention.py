@@ -4,8 +4,9 @@ Pattern: an attention site the recognizers marked eligible (self-attention over 
 mask or a key-padding mask), outside the leading `dense_layers` blocks.
 Replacement: one call of `draft_attention` or `svg_attention` below, traced into the graph by AOTAutograd when
 Inductor compiles it. Each plans its block mask in the graph from q and k (no host sync), permutes tokens so the
-pattern is contiguous, calls `torch.ops.vsparse.block_sparse_attention` and restores token order. A boolean
-`dense` input chooses the full mask at run time, so the leading dense steps need no second compiled graph.
+pattern is contiguous, calls `torch.ops.vsparse.block_sparse_attention` and restores token order. The dense phase
+(a 0-dim bool computed in the graph from the timestep, passes/call_record.py) chooses the full mask at run time, so
+the leading dense steps need neither a host read nor a second compiled graph.
 Every site not rewritten keeps its dense SDPA call and gets a reason in the report.
 """
 from __future__ import annotations
@@ -24,8 +25,10 @@ from dit_compiler.patterns import key_padding_lengths
 from dit_compiler.patterns.types import AttentionSite, GraphAnalysis
 
 
-def _with_dense_fallback(dense: torch.Tensor, kv_num_blocks, kv_indices, seq_len, block_size: int):
-    """The planned mask, or every block when `dense` (a 0-dim bool tensor) is set."""
+def _with_dense_fallback(dense: Optional[torch.Tensor], kv_num_blocks, kv_indices, seq_len, block_size: int):
+    """The planned mask, or every block when `dense` (a 0-dim bool tensor) is set; None: never dense."""
+    if dense is None:
+        return kv_num_blocks, kv_indices
     full_num, full_idx = block_mask.full(1, 1, seq_len, seq_len, block_size, device=kv_indices.device)
     return torch.where(dense, full_num, kv_num_blocks), torch.where(dense, full_idx, kv_indices)
 
@@ -56,8 +59,6 @@ def svg_attention(q, k, v, dense, kv_lengths, frames, height, width, text_before
 
 
 REPLACEMENTS = {"draft": draft_attention, "svg": svg_attention}
-# node.meta key marking the per-site values this pass exposes as extra graph outputs (not the model's own).
-EXTRA_OUTPUT = "vsparse_extra_output"
 
 
 @dataclass
@@ -77,6 +78,8 @@ def _why_dense(site: AttentionSite, opts: Options) -> Optional[str]:
         return f"layer {site.layer} < dense_layers={opts.dense_layers}"
     if site.head_dim not in (64, 128):
         return f"head dim {site.head_dim} not supported by the block-sparse kernel (64, 128)"
+    if opts.dense_steps >= 1:
+        return "dense_steps=1: every step is dense"
     return None
 
 
@@ -97,11 +100,11 @@ def _draft_permutation(gm: torch.fx.GraphModule, sizes: list, block_size: int, d
 
 
 def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, opts: Options,
-                             dense_flag: torch.fx.Node, device: torch.device, collect_stats: bool = False):
-    """Rewrite every eligible site in place.
+                             dense_flag: Optional[torch.fx.Node], device: torch.device, collect_masks: bool = False):
+    """Rewrite every eligible site in place; `dense_flag` None when no call is ever dense (dense_steps=0).
 
-    Returns the decision per site and, with `collect_stats` (dumping), per rewritten site the nodes of its visited
-    block fraction and its block-bool mask, for the runner to log densities and draw masks.
+    Returns the decision per site and, per rewritten site, the node of its visited block fraction (for the call
+    record) and, with `collect_masks` (dumping), of its block-bool mask.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     replacement = REPLACEMENTS[opts.sparsity]
@@ -131,12 +134,10 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
                 (nodes[site.query], nodes[site.key], nodes[site.value], dense_flag, kv_lengths, *layout_args),
                 {"density": opts.density, "block_size": opts.block_size, "scale": scale})
             out = gm.graph.call_function(operator.getitem, (call, 0))
-            if collect_stats:
-                count, indices = (gm.graph.call_function(operator.getitem, (call, i)) for i in (1, 2))
-                densities.append(gm.graph.call_function(block_mask.visited_fraction, (count, indices)))
+            count, indices = (gm.graph.call_function(operator.getitem, (call, i)) for i in (1, 2))
+            densities.append(gm.graph.call_function(block_mask.visited_fraction, (count, indices)))
+            if collect_masks:
                 masks.append(gm.graph.call_function(block_mask.to_block_bool, (count, indices)))
-                for extra in (densities[-1], masks[-1]):
-                    extra.meta[EXTRA_OUTPUT] = True
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)

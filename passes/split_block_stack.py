@@ -1,15 +1,19 @@
 """Split the graph into head / stack / tail pieces around the transformer block stack.
 
-Pattern: the partition that `dit_compiler.patterns.partition` derives from the recognized block stack(s).
+Pattern: the partition that `dit_compiler.patterns.partition` derives from the recognized block stack(s), taken
+before the other passes run; nodes those passes add go to the latest piece among their inputs.
 Replacement: `split_module` with the original node order kept, so each piece computes exactly what the same
-nodes computed before; the runtime can then skip the stack piece and reuse a cached result.
+nodes computed before; the runtime can then skip the stack piece and reuse a cached result. `stack_interface` tells
+the runtime where the stack's residual entry is among the piece's inputs and which outputs are shaped like it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx.passes.split_module import split_module
+
+from dit_compiler.passes.call_record import EXTRA_OUTPUT
 
 PIECES = ("head", "stack", "tail")
 
@@ -20,13 +24,35 @@ class SplitGraph:
     pieces: dict[str, torch.fx.GraphModule]
 
 
+@dataclass
+class StackInterface:
+    entry_index: int  # position of the residual entry among the stack piece's inputs
+    like_entry: list[bool]  # per stack output: shaped like the entry (a residual can be added to it)
+    single_output: bool  # the piece returns one value, not a tuple
+    notes: list[str] = field(default_factory=list)
+
+
+def complete_partition(gm: torch.fx.GraphModule, partition: dict[str, str]) -> dict[str, str]:
+    """Place nodes added after the partition was taken: each goes to the latest piece among its inputs, which keeps
+    the split acyclic."""
+    rank = {p: i for i, p in enumerate(PIECES)}
+    complete = dict(partition)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") or node.name in complete:
+            continue
+        inputs = [complete.get(a.name, "head") for a in node.all_input_nodes if a.op != "placeholder"]
+        complete[node.name] = max(inputs, key=rank.__getitem__, default="head")
+    return complete
+
+
 def split_block_stack(gm: torch.fx.GraphModule, partition: dict[str, str]) -> SplitGraph:
-    """Split `gm` by `partition` (node name -> "head" | "stack" | "tail"); nodes it omits go to the head."""
+    """Split `gm` by `partition` (node name -> "head" | "stack" | "tail"), completed for nodes it omits."""
     bad = {p for p in partition.values() if p not in PIECES}
     if bad:
         raise ValueError(f"partition names unknown pieces {sorted(bad)}; allowed: {PIECES}")
     if "stack" not in partition.values():
         raise ValueError("partition has no 'stack' node: nothing to split")
+    partition = complete_partition(gm, partition)
     index = {name: i for i, name in enumerate(PIECES)}
 
     def piece_of(node: torch.fx.Node) -> int:
@@ -47,3 +73,40 @@ def split_block_stack(gm: torch.fx.GraphModule, partition: dict[str, str]) -> Sp
     parent.recompile()
     return SplitGraph(parent, pieces)
 
+
+def piece_example_inputs(parent: torch.fx.GraphModule, example_inputs: list) -> dict[str, list]:
+    """Fake example values for each piece, propagated through the parent graph.
+
+    Uses the fake mode Dynamo gives the backend (not the one of the captured nodes' example values) and keeps each
+    input's symbolic sizes, as Dynamo's DDP optimizer does when it compiles split pieces.
+    """
+    from torch._dynamo.utils import to_fake_tensor
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    class Propagate(FakeTensorProp):
+        def get_attr(self, target, args, kwargs):  # our constant buffers (e.g. window permutations) are real
+            return fake_mode.from_tensor(super().get_attr(target, args, kwargs), static_shapes=True)
+
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    fake_args = [to_fake_tensor(x, fake_mode) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+    Propagate(parent, fake_mode).propagate_dont_convert_inputs(*fake_args)
+    return {node.target.removeprefix("submod_"): [a.meta["val"] for a in node.args]
+            for node in parent.graph.nodes if node.op == "call_module"}
+
+
+def stack_interface(stack: torch.fx.GraphModule, entry: str, stack_inputs: list) -> StackInterface:
+    """Where the residual `entry` (a node name of the original graph) enters the stack piece, and which outputs
+    are shaped like it. Read before compiling: Inductor rewrites a single output into a tuple."""
+    names = [n.name for n in stack.graph.nodes if n.op == "placeholder"]
+    if entry not in names:
+        raise RuntimeError(f"stack entry {entry} is not an input of the stack piece ({names[:8]}...)")
+    entry_index = names.index(entry)
+    entry_shape = stack_inputs[entry_index].shape
+    outputs = next(n for n in stack.graph.nodes if n.op == "output").args[0]
+    single_output = not isinstance(outputs, (tuple, list))
+    outputs = [outputs] if single_output else list(outputs)
+    like_entry = [getattr(o.meta.get("val", o.meta.get("example_value")), "shape", None) == entry_shape
+                  for o in outputs]
+    notes = [f"cache: stack output {o.name} is not shaped like the entry {entry}; a skipped step reuses its last "
+             "computed value as is" for o, like in zip(outputs, like_entry) if not like and not o.meta.get(EXTRA_OUTPUT)]
+    return StackInterface(entry_index, like_entry, single_output, notes)

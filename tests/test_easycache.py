@@ -3,16 +3,18 @@ import torch
 from dit_compiler.runtime.easycache import EasyCache
 
 
-def run_steps(cache, inputs, stack):
-    """Feed successive stack inputs through the cache; return the outputs and which steps reused."""
+def run_steps(policy, inputs, stack):
+    """Feed successive stack inputs through the policy as the runner does; return outputs and reuse flags."""
+    state = policy.new_state()
     outs, reused = [], []
     for x in inputs:
-        decision = cache.decide(0, x)
+        probe = policy.probe(state, x)
+        decision = policy.decide(state, None if probe is None else probe.item())
         if decision.reused:
-            y = cache.reuse(0, x, [True])[0]
+            y = policy.reuse(state, x, [True])[0]
         else:
             y = stack(x)
-            cache.record(0, x, [y], [True])
+            policy.record(state, x, [y], [True])
         outs.append(y)
         reused.append(decision.reused)
     return outs, reused
@@ -43,3 +45,22 @@ def test_accumulated_error_forces_recompute():
     inputs = [base + 0.02 * i for i in range(12)]
     _, reused = run_steps(EasyCache(threshold=0.06), inputs, lambda x: 2 * x)
     assert any(reused) and not all(reused[2:])
+
+
+def test_unchanged_input_never_reuses_before_a_rate_is_known():
+    x = torch.randn(8)
+    _, reused = run_steps(EasyCache(threshold=10.0), [x, x, x, x], lambda v: v + 1)
+    assert not any(reused)
+
+
+def test_record_reads_nothing_on_the_host(monkeypatch):
+    """record keeps rate and scale on the device: no .item()/float() of a tensor."""
+    policy, state = EasyCache(threshold=0.05), None
+    state = policy.new_state()
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: calls.append("item"))
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda self: calls.append("float"))
+    for i in range(3):
+        x = torch.randn(4, 8)
+        policy.record(state, x, [x * 2], [True])
+    assert calls == [] and state.rate is not None and state.rate.dim() == 0

@@ -1,107 +1,201 @@
 """The callable the backend returns: runs the compiled graph (or its head / stack / tail pieces) with run-time state.
 
-One `DiTRunner` per compiled graph. It reads the timestep input to tell step, CFG branch and generation, passes the
-`dense` flag to rewritten attention, lets EasyCache skip the block stack, strips the extra outputs our passes add
-(per-site mask counts, masks when dumping) and writes one `runtime.jsonl` line per call. State lives here, never
-on module attributes that Dynamo would guard on.
+One `DiTRunner` per compiled graph, one `ModelState` per model instance that calls it. Dynamo shares one compiled
+graph between models of the same architecture (their parameters are graph inputs), so state is keyed by the
+identity of the model's first parameter, held weakly: two experts of one pipeline each track their own steps and
+cache, and a model's state goes when the model does. Parameter objects keep their identity when offload moves their
+data between devices.
+
+Host reads: none per call when the cache is off and nothing is dumped (the dense phase is decided in the graph from
+the timestep); one per call with the cache on (`CachedStack` reads the timestep and the policy's probes together).
+The graph's call record ([timestep, dense, density per rewritten site], see passes/call_record.py) stays on the
+device in a bounded history that `dit_compiler.stats` reads on demand. Observers (the dump) see every call.
 """
 from __future__ import annotations
 
+import weakref
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 
-from dit_compiler.runtime.easycache import CacheDecision, EasyCache
-from dit_compiler.runtime.state import CallPosition, StepTracker
+from dit_compiler.runtime.cache import CacheDecision, CachePolicy
+from dit_compiler.runtime.state import CallPosition, StepTracker, read_timestep
+
+HISTORY = 4096  # calls kept per model for stats()
 
 
 @dataclass
-class SparseSiteOutputs:
-    """Where the per-site extras of a dumping graph sit among its outputs: after the model's own outputs, one
-    visited-block fraction per rewritten site, then one block-bool mask per site."""
+class CallRecord:
+    vector: Optional[torch.Tensor]  # the graph's call record, on the device; None for graphs that make none
+    position: Optional[CallPosition]  # known on the host when the cache or an observer read it, else None
+    cache: Optional[CacheDecision]  # None without the cache
 
-    names: list[str]  # site node names, in output order
-    start: int  # index of the first fraction output
+
+@dataclass
+class ModelState:
+    index: int  # 0, 1, ... in the order models first called this graph (dumps name them so)
+    tracker: StepTracker = field(default_factory=StepTracker)
+    branches: dict = field(default_factory=dict)  # cache policy state per CFG branch of the current generation
+    history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
+    calls: int = 0
+
+
+class ModelStates:
+    """`ModelState` per model, keyed by its first parameter's identity (weakly; never by address)."""
+
+    def __init__(self) -> None:
+        self._states: dict[int, tuple[Optional[weakref.ref], ModelState]] = {}
+        self._count = 0
+
+    def get(self, key: Optional[torch.Tensor]) -> ModelState:
+        entry = self._states.get(id(key))
+        if entry is not None and (entry[0] is None or entry[0]() is key):
+            return entry[1]
+        state = ModelState(self._count)
+        self._count += 1
+        ref = None
+        if key is not None:
+            slot = id(key)
+            ref = weakref.ref(key, lambda r: self._states.pop(slot) if self._states.get(slot, (None,))[0] is r
+                              else None)
+        self._states[id(key)] = (ref, state)
+        return state
+
+    def find(self, keys) -> list[ModelState]:
+        """States of live models whose key is among `keys` (tensors)."""
+        found = []
+        for key in keys:
+            entry = self._states.get(id(key))
+            if entry is not None and entry[0] is not None and entry[0]() is key:
+                found.append(entry[1])
+        return found
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+@dataclass
+class GraphOutputs:
+    """How a compiled graph's outputs are laid out: the model's own first, then ours."""
+
+    num_user: int
+    record: Optional[int] = None  # index of the call record vector
+    site_names: list = field(default_factory=list)  # rewritten sites, in the record's density order
+    masks: Optional[int] = None  # index of the first per-site block mask (dumping only)
+
+
+class Observer(Protocol):
+    def on_call(self, runner: "DiTRunner", state: ModelState, record: CallRecord, outputs) -> None: ...
+
+
+@dataclass
+class _Call:
+    state: ModelState
+    timestep: Optional[torch.Tensor]
+    position: Optional[CallPosition] = None
+    cache: Optional[CacheDecision] = None
+    probes: dict = field(default_factory=dict)  # cache probe values by branch, read with the timestep
+
+
+class DiTRunner:
+    """Runs one compiled graph for every model that calls it, with that model's state."""
+
+    def __init__(self, compiled: Callable, outputs: GraphOutputs, *, timestep_index: Optional[int],
+                 model_key_index: Optional[int], copies_outputs: bool = False,
+                 observers: Optional[list] = None) -> None:
+        self.compiled = compiled
+        self.outputs = outputs
+        self.timestep_index = timestep_index
+        self.model_key_index = model_key_index
+        self.copies_outputs = copies_outputs  # CUDA graphs overwrite their outputs on the next replay
+        self.observers = list(observers or [])
+        self.states = ModelStates()
+        self.current: Optional[_Call] = None
+        _RUNNERS.add(self)
+
+    def __call__(self, *args):
+        key = args[self.model_key_index] if self.model_key_index is not None else None
+        state = self.states.get(key if isinstance(key, torch.Tensor) else None)
+        timestep = args[self.timestep_index] if self.timestep_index is not None else None
+        self.current = call = _Call(state, timestep)
+        try:
+            outputs = self.compiled(*args)
+        finally:
+            self.current = None
+        vector = outputs[self.outputs.record] if self.outputs.record is not None else None
+        if vector is not None and self.copies_outputs:
+            vector = vector.clone()
+        if call.position is None and self.observers:  # observers (the dump) may read the device
+            call.position = state.tracker.observe(None if vector is None else _timestep_value(vector))
+        record = CallRecord(vector, call.position, call.cache)
+        state.history.append(record)
+        state.calls += 1
+        for observer in self.observers:
+            observer.on_call(self, state, record, outputs)
+        return tuple(outputs[: self.outputs.num_user])
+
+    def own(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if self.copies_outputs else t
+
+
+def _timestep_value(vector: torch.Tensor) -> Optional[float]:
+    value = float(vector[0])
+    return None if value != value else value  # NaN: the graph has no timestep input
 
 
 class CachedStack(torch.nn.Module):
-    """Stands in for the compiled stack piece inside the split parent graph and applies EasyCache."""
+    """Stands in for the compiled stack piece inside the split parent graph and applies the cache policy."""
 
-    def __init__(self, compiled: Callable, runner: "DiTRunner", entry_index: int, like_entry: list[bool],
-                 single_output: bool):
+    def __init__(self, compiled: Callable, runner: DiTRunner, policy: CachePolicy, entry_index: int,
+                 like_entry: list[bool], single_output: bool):
         super().__init__()
         self.compiled = compiled
         self.runner = runner
+        self.policy = policy
         self.entry_index = entry_index
         self.like_entry = like_entry
         self.single_output = single_output  # the piece returns one value, not a tuple
 
     def forward(self, *args):
-        runner = self.runner
-        entry = args[self.entry_index]
-        decision = runner.cache.decide(runner.position.branch, entry)
-        runner.last_cache = decision
+        call = self.runner.current
+        state = call.state
+        entry = self.runner.own(args[self.entry_index])
+        position = self._position(call, entry)
+        branch = state.branches.setdefault(position.branch, self.policy.new_state())
+        call.position = position
+        call.cache = decision = self.policy.decide(branch, call.probes.get(position.branch))
         if decision.reused:
-            outputs = runner.cache.reuse(runner.position.branch, entry, self.like_entry)
+            outputs = self.policy.reuse(branch, entry, self.like_entry)
         else:
             result = self.compiled(*args)
             outputs = [result] if self.single_output else list(result)
-            runner.cache.record(runner.position.branch, entry, outputs, self.like_entry)
+            self.policy.record(branch, entry, [self.runner.own(o) for o in outputs], self.like_entry)
         return outputs[0] if self.single_output else tuple(outputs)
 
+    def _position(self, call: _Call, entry: torch.Tensor) -> CallPosition:
+        """Step, branch and generation of this call, and the policy's probes for the branches it may fall on,
+        read from the device in one transfer."""
+        state = call.state
+        probes = {b: self.policy.probe(state.branches[b], entry)
+                  for b in state.tracker.candidate_branches() if b in state.branches}
+        probes = {b: p for b, p in probes.items() if p is not None}
+        scalars = ([] if call.timestep is None else [read_timestep(call.timestep)]) + list(probes.values())
+        values = torch.stack([s.to(entry.device) for s in scalars]).tolist() if scalars else []
+        timestep = values.pop(0) if call.timestep is not None else None
+        position = state.tracker.observe(timestep)
+        if position.reset:
+            state.branches.clear()
+            call.probes = {}
+        else:
+            call.probes = dict(zip(probes, values))
+        return position
 
-@dataclass
-class DiTRunner:
-    compiled: Callable  # compiled graph, or the split parent whose stack is a CachedStack
-    num_user_outputs: int
-    timestep_index: Optional[int]
-    dense_steps: float
-    uses_dense_flag: bool
-    sites: Optional[SparseSiteOutputs] = None
-    cache: Optional[EasyCache] = None
-    dump: Optional[object] = None  # dit_compiler.dump.Dump
-    tracker: StepTracker = field(default_factory=StepTracker)
-    position: Optional[CallPosition] = None
-    last_cache: Optional[CacheDecision] = None
-    calls: int = 0
-    _flags: dict = field(default_factory=dict)
 
-    def _dense_flag(self, dense: bool, device: torch.device) -> torch.Tensor:
-        key = (dense, device)
-        if key not in self._flags:
-            self._flags[key] = torch.tensor(dense, device=device)
-        return self._flags[key]
+_RUNNERS: "weakref.WeakSet[DiTRunner]" = weakref.WeakSet()
 
-    def __call__(self, *args):
-        timestep = args[self.timestep_index] if self.timestep_index is not None else None
-        self.position = pos = self.tracker.observe(timestep)
-        if pos.reset and self.cache is not None:
-            self.cache.reset()
-        self.last_cache = None
-        dense = self.tracker.dense_phase(pos, self.dense_steps)
-        call_args = list(args)
-        if self.uses_dense_flag:
-            device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
-            call_args.append(self._dense_flag(dense, device))
-        outputs = self.compiled(*call_args)
-        if self.dump is not None:
-            self._record(pos, dense, outputs)
-        self.calls += 1
-        return tuple(outputs[: self.num_user_outputs])
 
-    def _record(self, pos: CallPosition, dense: bool, outputs) -> None:
-        reused = bool(self.last_cache and self.last_cache.reused)
-        record = {"call": self.calls, "generation": pos.generation, "step": pos.step, "branch": pos.branch,
-                  "timestep": pos.timestep, "dense_phase": dense,
-                  "cache": None if self.cache is None else ("reuse" if reused else "compute"),
-                  "cache_accumulated": None if self.last_cache is None else self.last_cache.accumulated,
-                  "cache_rate": None if self.last_cache is None else self.last_cache.rate}
-        if self.sites is not None and not reused:
-            count = len(self.sites.names)
-            fractions = outputs[self.sites.start: self.sites.start + count]
-            record["density"] = {name: round(float(f), 4) for name, f in zip(self.sites.names, fractions)}
-            if not dense and not self.dump.masks_written:
-                masks = outputs[self.sites.start + count: self.sites.start + 2 * count]
-                self.dump.write_masks(self.sites.names, list(masks))
-        self.dump.append_runtime(record)
+def runners() -> list[DiTRunner]:
+    """Every live runner (for `dit_compiler.stats`)."""
+    return list(_RUNNERS)

@@ -1,0 +1,271 @@
+"""Run-time state on real diffusers models: per model, bounded, host-read free, honest under autograd.
+
+The pieces run eagerly here (`compile_piece` patched): the runtime's behaviour does not depend on Inductor, and
+test_backend.py checks the Inductor-compiled pieces."""
+import gc
+import json
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import dit_compiler
+import dit_compiler.backend as backend
+from test_backend import graph_dirs
+from tiny_models import wan
+
+
+@pytest.fixture(autouse=True)
+def eager_pieces(monkeypatch):
+    monkeypatch.setattr(backend, "compile_piece", lambda gm, example_inputs, config: gm)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def vsparse(model, **options):
+    return torch.compile(model, backend="vsparse", options=options, fullgraph=True)
+
+
+def at(inputs, t, **changes):
+    """The inputs of a denoising step at timestep t: the latents drift a little with t, as they do in sampling."""
+    return dict(inputs, timestep=torch.full((1,), float(t)), hidden_states=inputs["hidden_states"] * (1 + t / 1e4),
+                **changes)
+
+
+def call(model, inputs, t, **changes):
+    with torch.no_grad():
+        return model(**at(inputs, t, **changes))[0]
+
+
+def cache_decisions(compiled):
+    """(generation, branch, reused) per call of every model that ran through `compiled`'s runner(s)."""
+    from dit_compiler.runtime.runner import runners
+
+    out = {}
+    for runner in runners():
+        for state in runner.states._states.values():
+            out.setdefault(state[1].index, []).extend(
+                (r.position.generation, r.position.branch, bool(r.cache and r.cache.reused))
+                for r in state[1].history)
+    return out
+
+
+def test_two_models_of_one_class_keep_their_own_cache():
+    """Dynamo gives two Wan models of one config one compiled graph: the second model's first call used to reuse
+    the first model's cached residual (relative error 0.19)."""
+    m1, inputs = wan(frames=2, height=8, width=8, seed=0)
+    m2, _ = wan(frames=2, height=8, width=8, seed=1)
+    c1 = vsparse(m1, sparsity="none", cache="easycache", cache_threshold=0.5)
+    c2 = vsparse(m2, sparsity="none", cache="easycache", cache_threshold=0.5)
+    for t in (900, 890, 880, 870):
+        call(c1, inputs, t)
+    assert any(r for _, _, r in cache_decisions(c1)[0])  # the first model does reuse by now
+    out = call(c2, inputs, 860)
+    torch.testing.assert_close(out, call(m2, inputs, 860), rtol=1e-4, atol=1e-5)
+    rows1, rows2 = dit_compiler.stats(c1), dit_compiler.stats(c2)
+    assert [(r["calls"], r["computed"]) for r in rows2] == [(1, 1)]
+    assert sum(r["calls"] for r in rows1) == 4
+
+
+def test_wan22_two_experts_track_their_own_steps():
+    """Wan2.2 A14B: `transformer` and `transformer_2` (one class) switch at a boundary timestep in one pipeline."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    t1, _ = wan(frames=2, height=8, width=8, seed=0)
+    t2, _ = wan(frames=2, height=8, width=8, seed=1)
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+
+    def pipeline(a, b):
+        return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(
+            shift=3.0), transformer=a, transformer_2=b, boundary_ratio=0.875)
+
+    prompt = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
+    args = dict(prompt_embeds=prompt, negative_prompt_embeds=torch.zeros_like(prompt), height=16, width=16,
+                num_frames=5, num_inference_steps=6, guidance_scale=4.0, guidance_scale_2=3.0, output_type="latent")
+    expected = pipeline(t1, t2)(**args, generator=torch.Generator().manual_seed(2)).frames
+    c1 = vsparse(t1, sparsity="none", cache="easycache", cache_threshold=1e-9)
+    c2 = vsparse(t2, sparsity="none", cache="easycache", cache_threshold=1e-9)
+    got = pipeline(c1, c2)(**args, generator=torch.Generator().manual_seed(2)).frames
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    timesteps = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    timesteps.set_timesteps(6)
+    high = int((timesteps.timesteps >= 875).sum())
+    rows1, rows2 = dit_compiler.stats(c1), dit_compiler.stats(c2)
+    assert [(r["generation"], r["branch"], r["calls"]) for r in rows1] == [(0, 0, high), (0, 1, high)]
+    assert [(r["generation"], r["branch"], r["calls"]) for r in rows2] == [(0, 0, 6 - high), (0, 1, 6 - high)]
+
+
+def _big_tensor_bytes():
+    gc.collect()
+    return sum(t.numel() * t.element_size() for t in gc.get_objects()
+               if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) and t.numel() > 64)
+
+
+def test_memory_stays_flat_over_repeated_calls_and_generations():
+    """A benchmark loop repeating one call used to open a new CFG branch (with its cached tensors) every call."""
+    model, inputs = wan(frames=2, height=8, width=8)
+    compiled = vsparse(model, sparsity="none", cache="easycache", cache_threshold=0.05)
+    for _ in range(20):
+        call(compiled, inputs, 500)
+    before = _big_tensor_bytes()
+    # Slack: which branches hold state depends on where the last generation stands (at most 3 branches, each a
+    # few tensors shaped like the stack's entry). The old runtime grew by that much every call.
+    slack = 3 * 4 * 32 * 32 * 4
+    for _ in range(300):
+        call(compiled, inputs, 500)
+    assert _big_tensor_bytes() <= before + slack
+    for _ in range(100):  # generations of 3 steps with CFG
+        for t in (900, 600, 300):
+            call(compiled, inputs, t)
+            call(compiled, inputs, t, encoder_hidden_states=inputs["encoder_hidden_states"] * 0)
+    assert _big_tensor_bytes() <= before + slack
+
+
+def test_grad_mode_gets_the_eager_gradients_with_the_cache_on(tmp_path, caplog):
+    """With cache="easycache" the output used to come back detached: proj_out.weight.grad was 0."""
+    model, inputs = wan(frames=2, height=8, width=8)
+    model.train()
+    compiled = vsparse(model, sparsity="draft", cache="easycache", dump_dir=str(tmp_path))
+    for t in (900, 890, 880):
+        model.zero_grad()
+        compiled(**at(inputs, t))[0].square().mean().backward()
+        got = model.proj_out.weight.grad.clone()
+        model.zero_grad()
+        model(**at(inputs, t))[0].square().mean().backward()
+        torch.testing.assert_close(got, model.proj_out.weight.grad, rtol=1e-4, atol=1e-6)
+        assert got.abs().sum() > 0
+    assert "grad mode" in caplog.text
+    (graph_dir,) = graph_dirs(tmp_path)
+    assert "grad mode: compiled dense and without the cache" in (graph_dir / "report.md").read_text()
+
+
+def test_per_token_timesteps_track_steps_and_go_sparse(tmp_path):
+    """Wan2.2 TI2V passes a [B, tokens] timestep with the first latent frame at t=0: the tracker read token 0, so
+    every call was "step 0, a new branch" and the dense phase never ended."""
+    model, inputs = wan(frames=3, height=8, width=8, head_dim=64)
+    compiled = vsparse(model, sparsity="draft", density=1.0, block_size=64, dense_layers=0, dense_steps=0.25,
+                       dump_dir=str(tmp_path))
+    tokens = 3 * 4 * 4
+    for t in (950, 950, 600, 600, 300, 300):
+        timestep = torch.full((1, tokens), float(t))
+        timestep[:, :16] = 0.0  # the first latent frame is the clean conditioning image
+        with torch.no_grad():
+            out = compiled(**dict(inputs, timestep=timestep))[0]
+            torch.testing.assert_close(out, model(**dict(inputs, timestep=timestep))[0], rtol=1e-4, atol=1e-5)
+    (graph_dir,) = graph_dirs(tmp_path)
+    records = [json.loads(line) for line in (graph_dir / "runtime.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["branch"], r["dense_phase"]) for r in records] == [
+        (0, 0, True), (0, 1, True), (1, 0, False), (1, 1, False), (2, 0, False), (2, 1, False)]
+    sites = json.loads((graph_dir / "analysis.json").read_text())["sites"]
+    assert any(s["rewritten"] for s in sites), [s["decision_reason"] for s in sites]
+
+
+def _host_reads(compiled, inputs, t):
+    """aten::_local_scalar_dense calls of one forward outside our op (whose CPU reference reads mask sizes)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        call(compiled, inputs, t)
+
+    def inside_op(event):
+        while event is not None:
+            if event.name == "vsparse::block_sparse_attention":
+                return True
+            event = event.cpu_parent
+        return False
+
+    return sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense" and not inside_op(e))
+
+
+@pytest.mark.parametrize("options,most", [
+    (dict(sparsity="draft", dense_layers=0), 0),
+    (dict(sparsity="none"), 0),
+    (dict(sparsity="draft", dense_layers=0, cache="easycache", cache_threshold=0.5), 1),
+])
+def test_host_reads_per_forward(options, most):
+    """Each host read stalls the CPU until the GPU catches up. Before: one per forward for the timestep with
+    sparse attention, and up to 4 more with the cache (norms read on the host)."""
+    model, inputs = wan(frames=2, height=8, width=8, head_dim=64)
+    compiled = vsparse(model, **options)
+    counts = [(_host_reads(compiled, inputs, t), _host_reads(compiled, inputs, t)) for t in (900, 890, 880, 870)]
+    assert max(max(c) for c in counts) <= most, counts
+
+
+def test_bad_option_raises_at_the_first_call_wrapped_by_dynamo():
+    model, inputs = wan()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as err:
+        call(vsparse(model, density=2.0), inputs, 500)
+    cause = err.value.inner_exception
+    assert isinstance(cause, ValueError) and "'density'" in str(cause)
+    with pytest.raises(ValueError, match="'density'"):
+        dit_compiler.vsparse(density=2.0)
+
+
+def test_a_dump_directory_holds_one_run(tmp_path):
+    """A reused dump_dir kept an earlier run's graph folders, and `show` printed them with the new ones."""
+    stale = tmp_path / "WanTransformer3DModel_7"
+    stale.mkdir()
+    (stale / ".vsparse-graph").write_text("")
+    (stale / "report.md").write_text("# an earlier run\n")
+    (tmp_path / ".vsparse-run").write_text("an earlier process")
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    model, inputs = wan()
+    call(vsparse(model, sparsity="none", dump_dir=str(tmp_path)), inputs, 500)
+    assert graph_dirs(tmp_path) != [stale], "the backend did not run"
+    assert not stale.exists() and mine.exists()
+    from dit_compiler.dump import show
+
+    assert "an earlier run" not in show(str(tmp_path))
+
+
+def test_runtime_jsonl_is_bounded(tmp_path, monkeypatch):
+    import dit_compiler.dump as dump
+
+    monkeypatch.setattr(dump, "RUNTIME_LINES", 5)
+    model, inputs = wan()
+    compiled = vsparse(model, sparsity="none", dump_dir=str(tmp_path))
+    for t in range(900, 780, -10):
+        call(compiled, inputs, t)
+    (graph_dir,) = graph_dirs(tmp_path)
+    lines = (graph_dir / "runtime.jsonl").read_text().splitlines()
+    assert len(lines) == 6 and "truncated" in json.loads(lines[-1])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, 1), st.integers(1, 4), st.integers(1, 2), st.booleans()),
+                min_size=1, max_size=6), st.data())
+def test_call_sequences_never_share_cache_state(generations, data):
+    """Generations of two models interleaved call by call (CFG branches, repeats, grad on and off): a reuse only
+    ever follows two full computations of the same model, generation and branch, and computed calls equal eager."""
+    from dit_compiler.runtime.runner import runners
+
+    torch._dynamo.reset()
+    models = [wan(frames=2, height=8, width=8, seed=s)[0] for s in (0, 1)]
+    _, inputs = wan(frames=2, height=8, width=8)
+    compiled = [vsparse(m, sparsity="none", cache="easycache", cache_threshold=0.5) for m in models]
+    expected_calls = {0: [], 1: []}
+    for which, steps, branches, grad in generations:
+        for t in torch.linspace(990, 10, steps).tolist():
+            for b in range(branches):
+                step = at(inputs, t, encoder_hidden_states=inputs["encoder_hidden_states"] * (1 - b))
+                if grad and data.draw(st.booleans()):
+                    out = compiled[which](**step)[0]
+                    assert out.requires_grad
+                    torch.testing.assert_close(out, models[which](**step)[0], rtol=1e-4, atol=1e-5)
+                    continue
+                with torch.no_grad():
+                    out = compiled[which](**step)[0]
+                expected_calls[which].append(out)
+    for runner in runners():
+        for ref, state in runner.states._states.values():
+            computed = {}
+            for record in state.history:
+                key = (record.position.generation, record.position.branch)
+                if record.cache.reused:
+                    assert computed.get(key, 0) >= 2, (key, computed)
+                else:
+                    computed[key] = computed.get(key, 0) + 1
+            assert len(state.branches) <= 3
