@@ -1,0 +1,141 @@
+"""The runtime's own overhead on a small Wan model: time per forward and host syncs per forward, against Inductor.
+
+Wan architecture, 6 layers, 4 heads x 64, latent 1x16x9x64x64 (9,216 tokens), text 1x64x256, bf16, on CUDA. Each
+variant is compiled in this process (`torch._dynamo.reset()` between variants) and runs a sampling-like loop: 10
+steps of falling timesteps, two calls per step (CFG: the second with other text states). Per forward: median of the
+loop's wall time / calls over `--repeats` loops (CUDA-synchronized at loop ends only), and host syncs counted with
+the torch profiler over one loop (`aten::_local_scalar_dense`, `cudaStreamSynchronize`, `cudaDeviceSynchronize`).
+
+    python benchmarks/runtime_overhead.py --out results.json
+    python benchmarks/runtime_overhead.py --variants inductor,vsparse-none
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+SPARSE = {"sparsity": "draft", "density": 0.25, "dense_steps": 0.0, "dense_layers": 0}
+CACHE = {"sparsity": "none", "cache": "easycache", "cache_threshold": 0.05}
+VARIANTS = {
+    "inductor": ("inductor", None),
+    "inductor-reduce-overhead": ("inductor", "reduce-overhead"),
+    "vsparse-none": ({"sparsity": "none"}, None),
+    "vsparse-none-reduce-overhead": ({"sparsity": "none"}, "reduce-overhead"),
+    "vsparse-draft-0.25": (SPARSE, None),
+    "vsparse-draft-0.25-reduce-overhead": (SPARSE, "reduce-overhead"),
+    "vsparse-cache": (CACHE, None),
+    "vsparse-cache-reduce-overhead": (CACHE, "reduce-overhead"),
+}
+SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+def build(device="cuda"):
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=64, in_channels=16, out_channels=16,
+        text_dim=256, freq_dim=256, ffn_dim=1024, num_layers=6, cross_attn_norm=True, rope_max_seq_len=1024,
+    ).to(device, torch.bfloat16).eval()
+    latents = torch.randn(1, 16, 9, 64, 64, device=device, dtype=torch.bfloat16)
+    texts = [torch.randn(1, 64, 256, device=device, dtype=torch.bfloat16) for _ in range(2)]
+    return model, latents, texts
+
+
+def sampling_loop(fn, latents, texts, steps=10):
+    import torch
+
+    out = None
+    for t in torch.linspace(999, 10, steps).tolist():
+        timestep = torch.full((1,), t, device=latents.device)
+        for text in texts:
+            out = fn(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
+    return out, steps * len(texts)
+
+
+def measure(name: str, repeats: int) -> dict:
+    import torch
+
+    options, mode = VARIANTS[name]
+    torch._dynamo.reset()
+    model, latents, texts = build()
+    if options == "inductor":
+        fn = torch.compile(model, fullgraph=True, mode=mode)
+    else:
+        import dit_compiler
+
+        fn = torch.compile(model, backend=dit_compiler.vsparse(**options, mode=mode), fullgraph=True)
+    with torch.no_grad():
+        start = time.perf_counter()
+        sampling_loop(fn, latents, texts)
+        torch.cuda.synchronize()
+        compile_s = time.perf_counter() - start
+        sampling_loop(fn, latents, texts)  # CUDA graphs record on a later call
+        torch.cuda.synchronize()
+        per_forward = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            _, calls = sampling_loop(fn, latents, texts)
+            torch.cuda.synchronize()
+            per_forward.append((time.perf_counter() - start) * 1e3 / calls)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            _, calls = sampling_loop(fn, latents, texts)
+            torch.cuda.synchronize()
+    counts = {e: 0 for e in SYNC_EVENTS}
+    for event in prof.events():
+        if event.name in counts:
+            counts[event.name] += 1
+    counts["cudaDeviceSynchronize"] -= 1  # the loop's own final torch.cuda.synchronize()
+    result = {"variant": name, "compile_and_first_loop_s": round(compile_s, 1),
+              "forward_ms": round(statistics.median(per_forward), 3), "forward_ms_min": round(min(per_forward), 3),
+              "forward_ms_all": [round(x, 3) for x in per_forward],
+              "syncs_per_forward": {k: round(v / calls, 2) for k, v in counts.items()}}
+    if options != "inductor":
+        import dit_compiler
+
+        rows = dit_compiler.stats(fn)
+        result["stack_runs_reused"] = sum(r["reused"] for r in rows)
+        result["stack_runs"] = sum(r["calls"] for r in rows)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    import torch
+
+    results = []
+    for name in args.variants.split(","):
+        try:
+            results.append(measure(name, args.repeats))
+        except Exception as failure:  # one failing variant must not hide the others' figures
+            results.append({"variant": name, "error": f"{type(failure).__name__}: {failure}"[:2000]})
+        print(json.dumps(results[-1]), flush=True)
+    base = next((r["forward_ms"] for r in results if r["variant"] == "inductor" and "forward_ms" in r), None)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
+    print("| variant | forward (ms), median / min | vs Inductor | host syncs / forward (_local_scalar_dense, stream,"
+          " device) | compile + first loop (s) |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        if "error" in r:
+            print(f"| {r['variant']} | error: {r['error'][:300]} | | | |")
+            continue
+        s = r["syncs_per_forward"]
+        ratio = f"{base / r['forward_ms']:.2f}x" if base else "-"
+        print(f"| {r['variant']} | {r['forward_ms']:.3f} / {r['forward_ms_min']:.3f} | {ratio} | {s['aten::_local_scalar_dense']}, "
+              f"{s['cudaStreamSynchronize']}, {s['cudaDeviceSynchronize']} | {r['compile_and_first_loop_s']} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,
+                      indent=2)
+
+
+if __name__ == "__main__":
+    main()
