@@ -1,4 +1,4 @@
-"""Block-sparse attention and token-permutation kernels against their peers, in one run (DESIGN.md, "Measuring").
+"""Block-sparse attention and token-permutation kernels against their peers, in one run (docs/DESIGN.md, "Measuring").
 
     python benchmarks/kernel.py --out results.json               # Wan-1.3B and Wan-14B, all densities and masks
     python benchmarks/kernel.py --shapes wan1.3b --sweep         # also time every fixed kernel config

@@ -129,7 +129,8 @@ def main() -> None:
             continue
         s = r["syncs_per_forward"]
         ratio = f"{base / r['forward_ms']:.2f}x" if base else "-"
-        print(f"| {r['variant']} | {r['forward_ms']:.3f} / {r['forward_ms_min']:.3f} | {ratio} | {s['aten::_local_scalar_dense']}, "
+        print(f"| {r['variant']} | {r['forward_ms']:.3f} / {r['forward_ms_min']:.3f} | {ratio} | "
+              f"{s['aten::_local_scalar_dense']}, "
               f"{s['cudaStreamSynchronize']}, {s['cudaDeviceSynchronize']} | {r['compile_and_first_loop_s']} |")
     if args.out:
         with open(args.out, "w") as f:

@@ -178,8 +178,9 @@ def _write_analysis(dump: Dump, graph_name: str, analysis, opts: Options, decisi
     data["notes"] = notes
     data["backend_seconds"] = round(seconds, 3)
     dump.write_json("analysis.json", data)
+    notes = notes + [f"backend + Inductor compile: {seconds:.1f} s"]
     dump.write_text("report.md", render_report(analysis.model, graph_name, dataclasses.asdict(opts), sites,
-                                               data["stacks"], notes + [f"backend + Inductor compile: {seconds:.1f} s"]))
+                                               data["stacks"], notes))
 
 
 def vsparse(**options: Any):

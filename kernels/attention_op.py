@@ -1,5 +1,5 @@
 """`torch.ops.vsparse.block_sparse_attention`: the op, its fake (meta) implementation, input checks and the
-pure-torch reference that serves CPU execution and is the oracle in tests (DESIGN.md, "Op and mask contract").
+pure-torch reference that serves CPU execution and is the oracle in tests (docs/DESIGN.md, "Op and mask contract").
 
 Checks: everything that reads only metadata (dtypes, ranks, shapes, strides) runs on every call; it costs a few
 microseconds of Python and never syncs with the GPU. Checks that read mask *values* (block ids in range) need a
@@ -133,7 +133,7 @@ def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
                            kv_indices: torch.Tensor, scale: float, block_size: int,
                            kv_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax(q kᵀ·scale + block mask) v over the key blocks each query block lists; see DESIGN.md."""
+    """softmax(q kᵀ·scale + block mask) v over the key blocks each query block lists; see docs/DESIGN.md."""
     check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
     if q.device.type == "cuda":
         from dit_compiler.kernels.triton_block_sparse import triton_block_sparse_attention

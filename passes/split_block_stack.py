@@ -108,5 +108,6 @@ def stack_interface(stack: torch.fx.GraphModule, entry: str, stack_inputs: list)
     like_entry = [getattr(o.meta.get("val", o.meta.get("example_value")), "shape", None) == entry_shape
                   for o in outputs]
     notes = [f"cache: stack output {o.name} is not shaped like the entry {entry}; a skipped step reuses its last "
-             "computed value as is" for o, like in zip(outputs, like_entry) if not like and not o.meta.get(EXTRA_OUTPUT)]
+             "computed value as is"
+             for o, like in zip(outputs, like_entry) if not like and not o.meta.get(EXTRA_OUTPUT)]
     return StackInterface(entry_index, like_entry, single_output, notes)

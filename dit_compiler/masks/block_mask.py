@@ -1,4 +1,4 @@
-"""The block-mask format every kernel, planner, test and benchmark shares (DESIGN.md, "Op and mask contract").
+"""The block-mask format every kernel, planner, test and benchmark shares (docs/DESIGN.md, "Op and mask contract").
 
 A mask is two int32 tensors, FlexAttention's `from_kv_blocks` arguments:
   kv_num_blocks [B|1, H|1, ceil(Sq/bs)]               key blocks each query block visits;
