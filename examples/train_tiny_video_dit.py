@@ -407,9 +407,25 @@ def main(argv: list[str] | None = None) -> dict:
         dropped = (torch.rand(batch_size, generator=g) < CAPTION_DROPOUT).to(device)
         cond = torch.where(dropped.view(-1, 1, 1), null.expand_as(cond), cond)
         noise = torch.randn(latents.shape, generator=g_device, device=device)
-        loss = flow_matching_loss(model, latents, cond, shifted_sigmas(batch_size, SHIFT, g), noise, autocast_dtype)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss = flow_matching_loss(model, latents, cond, shifted_sigmas(batch_size, SHIFT, g), noise,
+                                      autocast_dtype)
+            loss.backward()
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            out_of_memory = True  # handled outside the except block, once its frames (and activations) are freed
+        else:
+            out_of_memory = False
+        if out_of_memory:
+            optimizer.zero_grad(set_to_none=True)
+            latents = noise = cond = None
+            torch.cuda.empty_cache()
+            batch_size //= 2
+            record["batch_size"] = batch_size
+            print(f"out of GPU memory at step {step}: batch size halved to {batch_size}", flush=True)
+            continue
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         recent.append(loss.detach())
