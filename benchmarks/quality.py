@@ -21,13 +21,17 @@ figures are on decoded pixels, so these are not directly comparable to them):
     python benchmarks/quality.py --harness /tmp/harness --quick --device cpu --out /tmp/q      # CPU, toy
 
 A setting is `key=value,key=value` with README.md's option keys; unnamed keys take vsparse's defaults.
-Writes quality.json, quality.md and quality.png (the frontier) into --out, and each setting's dump under dumps/.
+Writes quality.json, quality.md and quality.png (the frontier) into --out, the dense latents (dense.pt) and each
+setting's dump under dumps/. A later run into the same --out with the same harness, captions, seeds, steps,
+guidance and device continues it (dense latents reused, earlier settings kept): a grid longer than one command's
+time limit runs as several `--settings ...` commands.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -297,6 +301,37 @@ def plot_frontier(path: Path, report: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def evaluate_setting(model, spec: str, cases: list, reference: list, shift: float, steps: int, guidance: float,
+                     device: torch.device, dump_dir: Path, share: float) -> dict:
+    """Compile one setting afresh, generate every case, compare with the dense latents."""
+    options = {**parse_setting(spec), "dump_dir": str(dump_dir)}
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="vsparse", options=options, fullgraph=True)
+    latents, seconds = run_setting(compiled, cases, shift, steps, guidance, device)
+    psnrs, ssims = [], []
+    for test, dense in zip(latents, reference):
+        data_range = (dense.max() - dense.min()).item()
+        psnrs.append(psnr(test, dense, data_range))
+        ssims.append(ssim(test[0], dense[0], data_range))
+    counts = runtime_counts(dump_dir)
+    densities = counts["mean_density"]
+    return {
+        "setting": spec, "options": options,
+        "psnr_mean": sum(psnrs) / len(psnrs), "psnr_min": min(psnrs), "psnr": psnrs,
+        "ssim_mean": sum(ssims) / len(ssims), "ssim_min": min(ssims), "ssim": ssims,
+        "cache_skipped": counts["reused"] / max(counts["calls"], 1),
+        "dense_call_share": counts["dense_calls"] / max(counts["calls"] - counts["reused"], 1),
+        "mean_density": sum(densities.values()) / len(densities) if densities else None,
+        "sparse_sites": list(rewritten_sites(dump_dir)), "runtime": counts,
+        "work": relative_work(counts, share, model.config["num_layers"]),
+        **_timing(seconds)}
+
+
+def _timing(seconds: list[float]) -> dict:
+    later = seconds[1:] or seconds
+    return {"first_generation_s": seconds[0], "generation_s": sum(later) / len(later)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--harness", default="examples/harness", help="directory written by train_tiny_video_dit.py")
@@ -308,6 +343,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="CPU toy: one generation, 5 steps, two settings")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--fresh", action="store_true",
+                        help="ignore an earlier run in --out (by default one with the same harness, captions, seeds, "
+                             "steps, guidance and device is continued: its dense latents reused, its other settings "
+                             "kept, so a long grid can run in several commands)")
     args = parser.parse_args(argv)
 
     from dit_compiler.options import parse_options
@@ -326,61 +365,49 @@ def main(argv: list[str] | None = None) -> dict:
     model, harness, caption_table, null = load_harness(Path(args.harness), device, dtype)
     if not 0 <= min(captions) <= max(captions) < len(caption_table):
         raise SystemExit(f"--captions must be indices below {len(caption_table)}, got {captions}")
-    latent_shape = harness["latent_shape"]
-    cases = [(torch.randn(1, *latent_shape, generator=torch.Generator().manual_seed(seed)).to(device),
+    cases = [(torch.randn(1, *harness["latent_shape"], generator=torch.Generator().manual_seed(seed)).to(device),
               caption_table[c: c + 1], null.unsqueeze(0)) for c in captions for seed in seeds]
     share = attention_share(model.config, harness["tokens"], null.shape[0])
+    run = {"harness": {k: harness[k] for k in ("command", "preset", "shift", "token_grid", "tokens", "steps")},
+           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "dtype": str(dtype).replace("torch.", ""), "captions": captions, "seeds": seeds, "steps": steps,
+           "guidance": args.guidance}
+    previous = None
+    if not args.fresh and (out / "quality.json").exists() and (out / "dense.pt").exists():
+        earlier = json.loads((out / "quality.json").read_text())
+        if {k: earlier.get(k) for k in run} == run:
+            previous = earlier
     print(f"{len(cases)} generations x {steps} steps with CFG on {device} ({dtype}); {len(specs)} settings; "
-          f"attention share {share:.3f}", flush=True)
+          f"attention share {share:.3f}" + ("; continuing the run in " + str(out) if previous else ""), flush=True)
 
-    torch._dynamo.reset()
-    reference, dense_seconds = run_setting(torch.compile(model, backend="inductor", fullgraph=True), cases,
-                                           harness["shift"], steps, args.guidance, device)
-    print(f"dense Inductor: {dense_seconds[0]:.1f} s first generation", flush=True)
-    results = []
-    for index, spec in enumerate(specs):
-        dump_dir = out / "dumps" / f"{index:02d}"
-        options = {**parse_setting(spec), "dump_dir": str(dump_dir)}
+    if previous:
+        reference, dense = torch.load(out / "dense.pt"), previous["dense"]
+    else:
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="vsparse", options=options, fullgraph=True)
-        latents, seconds = run_setting(compiled, cases, harness["shift"], steps, args.guidance, device)
-        psnrs, ssims = [], []
-        for test, dense in zip(latents, reference):
-            data_range = (dense.max() - dense.min()).item()
-            psnrs.append(psnr(test, dense, data_range))
-            ssims.append(ssim(test[0], dense[0], data_range))
-        counts = runtime_counts(dump_dir)
-        densities = counts["mean_density"]
-        result = {
-            "setting": spec, "options": options, "dump_dir": str(dump_dir),
-            "psnr_mean": sum(psnrs) / len(psnrs), "psnr_min": min(psnrs), "psnr": psnrs,
-            "ssim_mean": sum(ssims) / len(ssims), "ssim_min": min(ssims), "ssim": ssims,
-            "cache_skipped": counts["reused"] / max(counts["calls"], 1),
-            "dense_call_share": counts["dense_calls"] / max(counts["calls"] - counts["reused"], 1),
-            "mean_density": sum(densities.values()) / len(densities) if densities else None,
-            "sparse_sites": list(rewritten_sites(dump_dir)), "runtime": counts,
-            "work": relative_work(counts, share, model.config["num_layers"]),
-            "first_generation_s": seconds[0],
-            "generation_s": sum(seconds[1:]) / (len(seconds) - 1) if len(seconds) > 1 else seconds[0]}
-        results.append(result)
+        reference, seconds = run_setting(torch.compile(model, backend="inductor", fullgraph=True), cases,
+                                         harness["shift"], steps, args.guidance, device)
+        torch.save(reference, out / "dense.pt")
+        dense = _timing(seconds)
+        print(f"dense Inductor: {seconds[0]:.1f} s first generation", flush=True)
+    results = {r["setting"]: r for r in (previous["results"] if previous else [])}
+    for index, spec in enumerate(specs):
+        dump_dir = out / "dumps" / spec.replace("=", "-").replace(",", "_")
+        shutil.rmtree(dump_dir, ignore_errors=True)  # runtime.jsonl of an earlier run must not be counted
+        result = evaluate_setting(model, spec, cases, reference, harness["shift"], steps, args.guidance, device,
+                                  dump_dir, share)
+        results[spec] = result
         print(f"[{index + 1}/{len(specs)}] {spec}: PSNR {_fmt_db(result['psnr_mean'])} dB, SSIM "
               f"{result['ssim_mean']:.4f}, skipped {result['cache_skipped']:.2f}, sparse sites "
               f"{result['sparse_sites'][0]}/{result['sparse_sites'][1]}, work {result['work']:.3f}, "
-              f"{seconds[0]:.1f} s first generation", flush=True)
+              f"{result['first_generation_s']:.1f} s first generation", flush=True)
 
-    report = {"harness": {k: harness[k] for k in ("command", "preset", "shift", "token_grid", "tokens", "steps")},
-              "harness_dir": args.harness, "device": torch.cuda.get_device_name(device) if device.type == "cuda"
-              else "cpu", "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-              "captions": captions, "seeds": seeds, "cases": [[c, s] for c in captions for s in seeds],
-              "steps": steps, "guidance": args.guidance, "attention_share": share,
+    report = {**run, "harness_dir": args.harness, "torch": torch.__version__,
+              "cases": [[c, s] for c in captions for s in seeds], "attention_share": share,
               "metric_note": "final latents vs dense Inductor; PSNR peak and SSIM data range = dense max - min; SSIM "
                              "per frame over the spatial axes, averaged over channels and frames; published figures "
                              "are on decoded pixels",
               "wall_time_note": "harness wall time on this device; not a speed claim",
-              "dense": {"first_generation_s": dense_seconds[0],
-                        "generation_s": sum(dense_seconds[1:]) / max(len(dense_seconds) - 1, 1)
-                        if len(dense_seconds) > 1 else dense_seconds[0]},
-              "results": results}
+              "dense": dense, "results": list(results.values())}
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     write_markdown(out / "quality.md", report)
     plot_frontier(out / "quality.png", report)
