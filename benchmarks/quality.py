@@ -17,6 +17,7 @@ figures are on decoded pixels, so these are not directly comparable to them):
   Wan-1.3B configuration (benchmarks/end_to_end.py, benchmarks/generation.py).
 
     python benchmarks/quality.py --harness examples/harness --out results/quality            # GPU, default grid
+    python benchmarks/quality.py --part 1/3 ... --part 3/3                                     # the grid in 3 commands
     python benchmarks/quality.py --settings "sparsity=draft,density=0.15" "sparsity=none,cache=easycache"
     python benchmarks/quality.py --harness /tmp/harness --quick --device cpu --out /tmp/q      # CPU, toy
 
@@ -74,6 +75,15 @@ def parse_setting(spec: str) -> dict:
                 pass
         options[key.strip()] = value
     return options
+
+
+def select_part(specs, part: str) -> list:
+    """The K-th of N consecutive slices of the settings, "K/N" (1-based); the N parts together are all of them."""
+    k, _, n = part.partition("/")
+    if not (k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise ValueError(f"--part must be K/N with 1 <= K <= N, got {part!r}")
+    size = math.ceil(len(specs) / int(n))
+    return list(specs[(int(k) - 1) * size: int(k) * size])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", help="comma-separated noise seeds (default 0,1; quick: 0)")
     parser.add_argument("--steps", type=int, help="sampling steps (default 50; quick: 5)")
     parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--part", help="K/N: only the K-th of N consecutive slices of the settings (1-based), to "
+                                       "spread a grid over several commands into one --out")
     parser.add_argument("--quick", action="store_true", help="CPU toy: one generation, 5 steps, two settings")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--fresh", action="store_true",
@@ -354,6 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     specs = args.settings or (QUICK_SETTINGS if args.quick else DEFAULT_SETTINGS)
+    if args.part:
+        specs = select_part(specs, args.part)
     for spec in specs:
         parse_options(parse_setting(spec))  # a bad setting fails now, not after an hour of others
     captions = [int(c) for c in (args.captions or ("0" if args.quick else "0,5,10,15")).split(",")]

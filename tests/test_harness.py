@@ -144,6 +144,15 @@ def test_settings_parse_to_typed_options():
         quality.parse_setting("sparsity=draft,0.15")
 
 
+def test_parts_of_the_grid_cover_it_once():
+    grid = list(quality.DEFAULT_SETTINGS)
+    for n in (1, 2, 3, 4, 7):
+        assert sum((quality.select_part(grid, f"{k}/{n}") for k in range(1, n + 1)), []) == grid
+    for bad in ("0/3", "4/3", "2", "a/b"):
+        with pytest.raises(ValueError, match="K/N"):
+            quality.select_part(grid, bad)
+
+
 @pytest.mark.slow
 def test_quality_quick_run_reports_dense_equivalent_and_sparse_settings(tiny_harness, tmp_path):
     harness, _ = tiny_harness
