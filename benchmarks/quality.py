@@ -151,7 +151,8 @@ def runtime_counts(dump_dir: Path) -> dict:
 
 
 def rewritten_sites(dump_dir: Path) -> tuple[int, int]:
-    """(self-attention sites rewritten to block-sparse attention, self-attention sites) from the dumps' analysis.json."""
+    """(self-attention sites rewritten to block-sparse attention, all self-attention sites), from the dumps'
+    analysis.json."""
     rewritten = total = 0
     for path in Path(dump_dir).glob("*/analysis.json"):
         for site in json.loads(path.read_text())["sites"]:

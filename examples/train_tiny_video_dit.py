@@ -28,7 +28,7 @@ import math
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -58,7 +58,6 @@ class Preset:
     locality_rows: int  # query rows sampled per layer for the attention-locality figures
     spatial_window: int  # side of the spatial window in latent tokens (odd)
     max_steps: int = 0  # 0: until the time budget is spent
-    notes: dict = field(default_factory=dict)
 
 
 PRESETS = {
@@ -147,7 +146,7 @@ class ProceduralVideos:
             bg_angle=uniform(0, math.pi, 3), bg_phase=uniform(0, 2 * math.pi, 3), bg_amp=uniform(0.3, 1.0, 3))
 
     def render(self, batch: int, g: torch.Generator) -> dict:
-        """RGB [B, F, 3, H, W], mask and texture [B, F, H, W], the shape's centre [B, F, 2] and the caption [B]."""
+        """RGB [B, F, 3, H, W], the shape's mask and the texture value [B, F, H, W], and the caption index [B]."""
         p = {k: v.to(self.device) for k, v in self._parameters(batch, g).items()}
         t = torch.arange(self.frames, device=self.device, dtype=torch.float32).view(1, -1, 1, 1)
         ys = (torch.arange(self.height, device=self.device) + 0.5) / self.height * 2 - 1
@@ -186,7 +185,7 @@ class ProceduralVideos:
         m = mask.unsqueeze(2)
         rgb = m * paint(p["shape_colors"], stripes) + (1 - m) * paint(p["bg_colors"], background)
         texture = mask * stripes + (1 - mask) * background
-        return dict(rgb=rgb, mask=mask, texture=texture, centre=centre, caption=p["caption"])
+        return dict(rgb=rgb, mask=mask, texture=texture, caption=p["caption"])
 
     def sample(self, batch: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """(latents [B, 16, F, H, W], caption index [B] on the device)."""
@@ -294,11 +293,13 @@ def attention_locality(model, data: ProceduralVideos, text: torch.Tensor, preset
         entry = {"layer": layer}
         for name in masks:
             per_head = torch.stack(probe.mass[layer][name]).mean(0)
-            entry[name] = {"mean": round(per_head.mean().item(), 4), "per_head": [round(x, 4) for x in per_head.tolist()]}
+            entry[name] = {"mean": round(per_head.mean().item(), 4),
+                           "per_head": [round(x, 4) for x in per_head.tolist()]}
         layers.append(entry)
     if len(layers) != len(model.blocks):
         raise RuntimeError(f"attention probe saw {len(layers)} self-attention layers, the model has "
-                           f"{len(model.blocks)}: diffusers' Wan attention no longer calls F.scaled_dot_product_attention")
+                           f"{len(model.blocks)}: diffusers' Wan attention no longer calls "
+                           "F.scaled_dot_product_attention")
     return {"token_grid": [frames, height, width], "spatial_window": preset.spatial_window, "sigmas": [0.25, 0.5, 0.75],
             "query_rows": len(rows),
             "uniform": {name: round(mask.mean().item(), 4) for name, mask in masks.items()}, "layers": layers}
@@ -315,7 +316,8 @@ def print_locality(locality: dict) -> None:
         cells = []
         for name in ("frame_pm1", "spatial_window"):
             heads = entry[name]["per_head"]
-            cells.append(f"{entry[name]['mean']:.3f} ({min(heads):.2f}-{max(heads):.2f}) x{entry[name]['mean'] / u[name]:.1f}")
+            mean = entry[name]["mean"]
+            cells.append(f"{mean:.3f} ({min(heads):.2f}-{max(heads):.2f}) x{mean / u[name]:.1f}")
         print(f"{entry['layer']:>5}  {cells[0]:>22}  {cells[1]:>22}")
 
 
@@ -336,7 +338,8 @@ def save_harness(model, out: Path, text: torch.Tensor, null: torch.Tensor, recor
     half = type(model).from_config(model.config)  # a copy: the trained fp32 model stays for the analysis
     half.load_state_dict(model.state_dict())
     half.half().save_pretrained(out, safe_serialization=True)  # half(), not to(): every weight in fp16
-    save_file({"captions": text.cpu().contiguous(), "null": null.cpu().contiguous()}, str(out / "text_embeddings.safetensors"))
+    save_file({"captions": text.cpu().contiguous(), "null": null.cpu().contiguous()},
+              str(out / "text_embeddings.safetensors"))
     record["checkpoint_bytes"] = (out / "diffusion_pytorch_model.safetensors").stat().st_size
     write_record(out, record)
 

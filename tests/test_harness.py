@@ -171,9 +171,9 @@ def test_quality_quick_run_reports_dense_equivalent_and_sparse_settings(tiny_har
     assert 0 < sparse["mean_density"] < 1
 
     # A second run into the same directory reuses the dense latents and keeps the other setting's result.
+    svg = "sparsity=svg,density=0.5,dense_steps=0,dense_layers=0,block_size=64"
     again = quality.main(["--harness", str(harness), "--quick", "--device", "cpu", "--out", str(tmp_path),
-                          "--settings", "sparsity=svg,density=0.5,dense_steps=0,dense_layers=0,block_size=64"])
-    assert [r["setting"] for r in again["results"]] == [dense_like["setting"], sparse["setting"],
-                                                        "sparsity=svg,density=0.5,dense_steps=0,dense_layers=0,block_size=64"]
+                          "--settings", svg])
+    assert [r["setting"] for r in again["results"]] == [dense_like["setting"], sparse["setting"], svg]
     assert again["dense"] == report["dense"] and again["results"][:2] == json.loads(json.dumps(report["results"]))
     assert math.isfinite(again["results"][2]["psnr_mean"]) and again["results"][2]["sparse_sites"] == [2, 2]
