@@ -258,7 +258,7 @@ def write_markdown(path: Path, report: dict) -> None:
         "(published figures are on decoded pixels). Work: stack cost relative to dense "
         f"(attention share a = {report['attention_share']:.3f}; formula in benchmarks/quality.py). "
         "Wall time is the harness's on this device, not a speed claim.", "",
-        "| setting | PSNR dB mean (worst) | SSIM mean (worst) | cache skipped | dense calls | sparse sites | "
+        "| setting | PSNR dB mean (worst) | SSIM mean (worst) | cache skipped | dense-phase share | sparse sites | "
         "mean density | work | first gen. s (compile) | gen. s |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:

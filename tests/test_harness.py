@@ -170,10 +170,11 @@ def test_quality_quick_run_reports_dense_equivalent_and_sparse_settings(tiny_har
     assert 0 < sparse["cache_skipped"] < 1 and sparse["work"] < 1
     assert 0 < sparse["mean_density"] < 1
 
-    # A second run into the same directory reuses the dense latents and keeps the other setting's result.
-    svg = "sparsity=svg,density=0.5,dense_steps=0,dense_layers=0,block_size=64"
+    # A second run into the same directory reuses the dense latents, replaces the setting it reruns (the same graph:
+    # Inductor's cache makes its compile cheap) and keeps the other.
     again = quality.main(["--harness", str(harness), "--quick", "--device", "cpu", "--out", str(tmp_path),
-                          "--settings", svg])
-    assert [r["setting"] for r in again["results"]] == [dense_like["setting"], sparse["setting"], svg]
-    assert again["dense"] == report["dense"] and again["results"][:2] == json.loads(json.dumps(report["results"]))
-    assert math.isfinite(again["results"][2]["psnr_mean"]) and again["results"][2]["sparse_sites"] == [2, 2]
+                          "--settings", "sparsity=none"])
+    assert [r["setting"] for r in again["results"]] == ["sparsity=none", sparse["setting"]]
+    assert again["dense"] == report["dense"] and again["results"][1] == json.loads(json.dumps(sparse))
+    assert again["results"][0]["psnr_mean"] > 80 and again["results"][0]["first_generation_s"] != \
+        dense_like["first_generation_s"]
