@@ -439,8 +439,12 @@ def main(argv: list[str] | None = None) -> dict:
             if not math.isfinite(mean):
                 raise SystemExit(f"loss is {mean} at step {step}: training diverged (try a lower --lr)")
             losses.append([step, round(time.perf_counter() - start, 1), round(mean, 5)])
+            memory = ""
+            if device.type == "cuda":
+                record["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                memory = f"  peak memory {record['peak_gpu_memory_gib']} GiB"
             print(f"step {step:6d}  {time.perf_counter() - start:7.1f} s  loss {mean:.4f}  "
-                  f"lr {optimizer.param_groups[0]['lr']:.2e}", flush=True)
+                  f"lr {optimizer.param_groups[0]['lr']:.2e}{memory}", flush=True)
     if recent:
         losses.append([step, round(time.perf_counter() - start, 1), round(torch.stack(recent).mean().item(), 5)])
     train_s = time.perf_counter() - start
