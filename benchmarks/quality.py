@@ -20,6 +20,7 @@ figures are on decoded pixels, so these are not directly comparable to them):
     python benchmarks/quality.py --part 1/3 ... --part 3/3                                     # the grid in 3 commands
     python benchmarks/quality.py --settings "sparsity=draft,density=0.15" "sparsity=none,cache=easycache"
     python benchmarks/quality.py --harness /tmp/harness --quick --device cpu --out /tmp/q      # CPU, toy
+    python benchmarks/quality.py --out results/quality --plot-only                             # redraw from JSON
 
 A setting is `key=value,key=value` with README.md's option keys; unnamed keys take vsparse's defaults.
 Writes quality.json, quality.md and quality.png (the frontier) into --out, the dense latents (dense.pt) and each
@@ -356,11 +357,19 @@ def main(argv: list[str] | None = None) -> dict:
                                        "spread a grid over several commands into one --out")
     parser.add_argument("--quick", action="store_true", help="CPU toy: one generation, 5 steps, two settings")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plot-only", action="store_true",
+                        help="redraw quality.md and quality.png from --out's quality.json (no device, no model)")
     parser.add_argument("--fresh", action="store_true",
                         help="ignore an earlier run in --out (by default one with the same harness, captions, seeds, "
                              "steps, guidance and device is continued: its dense latents reused, its other settings "
                              "kept, so a long grid can run in several commands)")
     args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    if args.plot_only:
+        report = json.loads((out / "quality.json").read_text())
+        write_report(out, report)
+        return report
 
     from dit_compiler.options import parse_options
 
@@ -374,7 +383,6 @@ def main(argv: list[str] | None = None) -> dict:
     captions = [int(c) for c in (args.captions or ("0" if args.quick else "0,5,10,15")).split(",")]
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1")).split(",")]
     steps = args.steps or (5 if args.quick else 50)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     model, harness, caption_table, null = load_harness(Path(args.harness), device, dtype)
@@ -424,10 +432,19 @@ def main(argv: list[str] | None = None) -> dict:
               "wall_time_note": "harness wall time on this device; not a speed claim",
               "dense": dense, "results": list(results.values())}
     (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_markdown(out / "quality.md", report)
-    plot_frontier(out / "quality.png", report)
-    print((out / "quality.md").read_text())
+    write_report(out, report)
     return report
+
+
+def write_report(out: Path, report: dict) -> None:
+    """quality.md, and quality.png where matplotlib is installed (else `--plot-only` redraws it elsewhere)."""
+    write_markdown(out / "quality.md", report)
+    print((out / "quality.md").read_text())
+    try:
+        plot_frontier(out / "quality.png", report)
+    except ImportError:
+        print("matplotlib is not installed: no quality.png. Install it (pip install matplotlib) or copy quality.json "
+              "to a machine that has it and run `python benchmarks/quality.py --out DIR --plot-only` there.")
 
 
 if __name__ == "__main__":

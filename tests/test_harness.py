@@ -178,3 +178,9 @@ def test_quality_quick_run_reports_dense_equivalent_and_sparse_settings(tiny_har
     assert again["dense"] == report["dense"] and again["results"][1] == json.loads(json.dumps(sparse))
     assert again["results"][0]["psnr_mean"] > 80 and again["results"][0]["first_generation_s"] != \
         dense_like["first_generation_s"]
+
+    # The table and the plot redraw from quality.json alone.
+    (tmp_path / "quality.png").unlink()
+    redrawn = quality.main(["--out", str(tmp_path), "--plot-only"])
+    assert [r["setting"] for r in redrawn["results"]] == ["sparsity=none", sparse["setting"]]
+    assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
