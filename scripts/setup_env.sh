@@ -14,7 +14,7 @@ if [ "$(cat "$venv/.vsparse-installed" 2>/dev/null)" != "$want" ]; then
   "$py" -m pip install -q --disable-pip-version-check torch==2.13.0
   # The triton that torch 2.13 names; on CPU it runs our kernels under TRITON_INTERPRET=1.
   "$py" -m pip install -q --disable-pip-version-check triton==3.7.1
-  "$py" -m pip install -q --disable-pip-version-check -e "$root[test]"
+  "$py" -m pip install -q --disable-pip-version-check -e "$root[test,plot]"
   echo "$want" > "$venv/.vsparse-installed"
 fi
 VSPARSE_PYTHON="$py"
