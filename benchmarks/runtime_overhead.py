@@ -29,6 +29,7 @@ VARIANTS = {
     "vsparse-cache-reduce-overhead": (CACHE, "reduce-overhead"),
 }
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+COUNTED_CPU_OPS = ("aten::copy_", "cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaMemcpyAsync")
 
 
 def build(device="cuda"):
@@ -86,14 +87,26 @@ def measure(name: str, repeats: int) -> dict:
             _, calls = sampling_loop(fn, latents, texts)
             torch.cuda.synchronize()
     counts = {e: 0 for e in SYNC_EVENTS}
+    cpu_ops = {e: 0 for e in COUNTED_CPU_OPS}
+    kernels: dict = {}
     for event in prof.events():
         if event.name in counts:
             counts[event.name] += 1
+        if event.name in cpu_ops:
+            cpu_ops[event.name] += 1
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            total, n = kernels.get(event.name, (0.0, 0))
+            kernels[event.name] = (total + event.device_time, n + 1)
     counts["cudaDeviceSynchronize"] -= 1  # the loop's own final torch.cuda.synchronize()
     result = {"variant": name, "compile_and_first_loop_s": round(compile_s, 1),
               "forward_ms": round(statistics.median(per_forward), 3), "forward_ms_min": round(min(per_forward), 3),
               "forward_ms_all": [round(x, 3) for x in per_forward],
-              "syncs_per_forward": {k: round(v / calls, 2) for k, v in counts.items()}}
+              "syncs_per_forward": {k: round(v / calls, 2) for k, v in counts.items()},
+              "cpu_ops_per_forward": {k: round(v / calls, 1) for k, v in cpu_ops.items()},
+              "gpu_busy_ms_per_forward": round(sum(t for t, _ in kernels.values()) / 1e3 / calls, 3),
+              "gpu_ops_per_forward": round(sum(n for _, n in kernels.values()) / calls, 1),
+              "top_gpu_ops_us_per_forward": {name[:80]: round(t / calls, 1) for name, (t, _) in sorted(
+                  kernels.items(), key=lambda kv: -kv[1][0])[:6]}}
     if options != "inductor":
         import dit_compiler
 
