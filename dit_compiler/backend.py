@@ -37,7 +37,8 @@ _graph_ids = itertools.count()
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy whose graph we may rewrite (Inductor takes ownership of what we hand it; Dynamo keeps the original).
 
-    Node meta is copied shallowly: fake example values are shared, not cloned.
+    Node meta is copied shallowly: fake example values are shared, not cloned. Dynamo's graph metadata comes along
+    (`carry_dynamo_metadata`).
     """
     graph = torch.fx.Graph()
     value_map: dict = {}
@@ -45,7 +46,31 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph.output(out)
     for old, new in value_map.items():
         new.meta = dict(old.meta)
-    return torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
+    copy = torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
+    carry_dynamo_metadata(gm, copy)
+    return copy
+
+
+def carry_dynamo_metadata(source: torch.fx.GraphModule, target: torch.fx.GraphModule) -> None:
+    """Mark `target` (a copy or split piece of Dynamo's graph) as Dynamo's, as Dynamo's DDP optimizer marks its pieces.
+
+    AOTAutograd reads the graph's `dynamo_compile_id` meta, `_param_name_to_source` and each placeholder's
+    `_dynamo_source` to tell parameters from data; without them no input is static, so CUDA graphs copy every
+    parameter on every replay. Placeholders with no source of their own (values a split passes between pieces) get
+    None; constants our passes registered get a source named after them.
+    """
+    if "dynamo_compile_id" not in source.meta:
+        return
+    target.meta.update(source.meta)
+    sources = dict(getattr(source, "_param_name_to_source", {}))
+    from torch._dynamo.source import ConstantSource
+
+    for name, _ in itertools.chain(target.named_parameters(), target.named_buffers()):
+        sources.setdefault(name, ConstantSource(f"vsparse_{name}"))
+    target._param_name_to_source = sources
+    by_name = {n.name: getattr(n, "_dynamo_source", None) for n in source.graph.find_nodes(op="placeholder")}
+    for node in target.graph.find_nodes(op="placeholder"):
+        node._dynamo_source = by_name.get(node.name)
 
 
 def _inductor_config(opts: Options, dynamic: bool) -> dict:
@@ -121,6 +146,7 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     outputs = add_call_record(gm, t_max, dense, site_names, densities, masks)
     if dump:
         dump.write_text("rewritten.py", gm.print_readable(print_output=False))
+    carry_dynamo_metadata(gm, gm)  # sources for the constants the rewrite registered
 
     runner = DiTRunner(None, outputs, timestep_index=analysis.timestep_index,
                        model_key_index=_model_key_index(example_inputs),
@@ -146,6 +172,7 @@ def _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes)
     notes.extend(interface.notes)
     policy = make_policy(opts.cache, opts.cache_threshold)
     for name, piece in split.pieces.items():
+        carry_dynamo_metadata(gm, piece)
         fn = compile_piece(piece, piece_inputs[name], config)
         module = (CachedStack(fn, runner, policy, interface.entry_index, interface.like_entry,
                               interface.single_output) if name == "stack" else _Compiled(fn))

@@ -231,3 +231,32 @@ def test_explicit_softmax_attention_is_rewritten_too(tmp_path):
     sites = json.loads((graph_dir / "analysis.json").read_text())["sites"]
     assert [(s["kind"], s["self_attention"], s["rewritten"]) for s in sites] == [
         ("explicit", True, True), ("explicit", False, False)] * 2
+
+
+@pytest.mark.parametrize("cache", ["none", "easycache"])
+def test_graphs_handed_to_inductor_keep_dynamo_metadata(cache, monkeypatch):
+    """AOTAutograd tells parameters (static inputs) from data by Dynamo's metadata on the graph; our copy and the
+    split pieces used to drop it, so under CUDA graphs every parameter was copied on every replay."""
+    import dit_compiler.backend as backend
+
+    handed = []
+    real = backend.compile_piece
+
+    def recording(gm, example_inputs, config):
+        handed.append((gm, list(example_inputs)))
+        return real(gm, example_inputs, config)
+
+    monkeypatch.setattr(backend, "compile_piece", recording)
+    model, inputs = wan(head_dim=64)
+    ours = compiled(model, sparsity="draft", density=1.0, block_size=64, dense_layers=0, cache=cache)
+    assert_fp32_close(run(ours, inputs), run(model, inputs))
+    assert len(handed) == (3 if cache == "easycache" else 1)
+    with_source = set()
+    for gm, _ in handed:
+        assert "dynamo_compile_id" in gm.meta
+        placeholders = list(gm.graph.find_nodes(op="placeholder"))
+        assert all(hasattr(node, "_dynamo_source") for node in placeholders)
+        with_source |= {node.name for node in placeholders if node._dynamo_source is not None}
+        assert set(dict(gm.named_buffers())) <= set(gm._param_name_to_source)
+    # Every parameter placeholder of Dynamo's graph reaches Inductor with its source.
+    assert len(with_source) >= sum(1 for _ in model.parameters())
