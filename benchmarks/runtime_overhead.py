@@ -1,10 +1,11 @@
 """The runtime's own overhead on a small Wan model: time per forward and host syncs per forward, against Inductor.
 
-Wan architecture, 6 layers, 4 heads x 64, latent 1x16x9x64x64 (9,216 tokens), text 1x64x256, bf16, on CUDA. Each
-variant is compiled in this process (`torch._dynamo.reset()` between variants) and runs a sampling-like loop: 10
-steps of falling timesteps, two calls per step (CFG: the second with other text states). Per forward: median of the
-loop's wall time / calls over `--repeats` loops (CUDA-synchronized at loop ends only), and host syncs counted with
-the torch profiler over one loop (`aten::_local_scalar_dense`, `cudaStreamSynchronize`, `cudaDeviceSynchronize`).
+Wan architecture, 6 layers, 4 heads x 64, latent 1x16x9x64x64 (9,216 tokens), text 1x64x256, bf16, on CUDA. Every
+variant is compiled in this process on its own copy of the model and runs a sampling-like loop: 10 steps of falling
+timesteps, two calls per step (CFG: the second with other text states). The loops are timed round-robin over the
+variants, `--repeats` rounds (these forwards are launch-bound, and the lent machine's host speed drifts between
+runs). Per forward: median of the loop's wall time / calls (CUDA-synchronized at loop ends only); host syncs, CPU
+launches and GPU busy time counted with the torch profiler over one more loop.
 
     python benchmarks/runtime_overhead.py --out results.json
     python benchmarks/runtime_overhead.py --variants inductor,vsparse-none
@@ -57,11 +58,11 @@ def sampling_loop(fn, latents, texts, steps=10):
     return out, steps * len(texts)
 
 
-def measure(name: str, repeats: int) -> dict:
+def prepare(name: str) -> dict:
+    """Compile a variant on its own model copy and run its first loops (compile, CUDA-graph recording)."""
     import torch
 
     options, mode = VARIANTS[name]
-    torch._dynamo.reset()
     model, latents, texts = build()
     if options == "inductor":
         fn = torch.compile(model, fullgraph=True, mode=mode)
@@ -76,16 +77,27 @@ def measure(name: str, repeats: int) -> dict:
         compile_s = time.perf_counter() - start
         sampling_loop(fn, latents, texts)  # CUDA graphs record on a later call
         torch.cuda.synchronize()
-        per_forward = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            _, calls = sampling_loop(fn, latents, texts)
-            torch.cuda.synchronize()
-            per_forward.append((time.perf_counter() - start) * 1e3 / calls)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
-            _, calls = sampling_loop(fn, latents, texts)
-            torch.cuda.synchronize()
+    return {"name": name, "fn": fn, "latents": latents, "texts": texts, "compile_s": compile_s, "times": []}
+
+
+def time_loop(variant: dict) -> float:
+    """ms per forward of one sampling loop."""
+    import torch
+
+    with torch.no_grad():
+        start = time.perf_counter()
+        _, calls = sampling_loop(variant["fn"], variant["latents"], variant["texts"])
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / calls
+
+
+def profile(variant: dict) -> dict:
+    import torch
+
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
+        _, calls = sampling_loop(variant["fn"], variant["latents"], variant["texts"])
+        torch.cuda.synchronize()
     counts = {e: 0 for e in SYNC_EVENTS}
     cpu_ops = {e: 0 for e in COUNTED_CPU_OPS}
     kernels: dict = {}
@@ -98,19 +110,20 @@ def measure(name: str, repeats: int) -> dict:
             total, n = kernels.get(event.name, (0.0, 0))
             kernels[event.name] = (total + event.device_time, n + 1)
     counts["cudaDeviceSynchronize"] -= 1  # the loop's own final torch.cuda.synchronize()
-    result = {"variant": name, "compile_and_first_loop_s": round(compile_s, 1),
-              "forward_ms": round(statistics.median(per_forward), 3), "forward_ms_min": round(min(per_forward), 3),
-              "forward_ms_all": [round(x, 3) for x in per_forward],
+    times = variant["times"]
+    result = {"variant": variant["name"], "compile_and_first_loop_s": round(variant["compile_s"], 1),
+              "forward_ms": round(statistics.median(times), 3), "forward_ms_min": round(min(times), 3),
+              "forward_ms_all": [round(x, 3) for x in times],
               "syncs_per_forward": {k: round(v / calls, 2) for k, v in counts.items()},
               "cpu_ops_per_forward": {k: round(v / calls, 1) for k, v in cpu_ops.items()},
               "gpu_busy_ms_per_forward": round(sum(t for t, _ in kernels.values()) / 1e3 / calls, 3),
               "gpu_ops_per_forward": round(sum(n for _, n in kernels.values()) / calls, 1),
               "top_gpu_ops_us_per_forward": {name[:80]: round(t / calls, 1) for name, (t, _) in sorted(
                   kernels.items(), key=lambda kv: -kv[1][0])[:6]}}
-    if options != "inductor":
+    if VARIANTS[variant["name"]][0] != "inductor":
         import dit_compiler
 
-        rows = dit_compiler.stats(fn)
+        rows = dit_compiler.stats(variant["fn"])
         result["stack_runs_reused"] = sum(r["reused"] for r in rows)
         result["stack_runs"] = sum(r["calls"] for r in rows)
     return result
@@ -124,12 +137,22 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    results = []
+    # Every variant stays compiled (each on its own model copy), then the loops are timed round-robin, so a drift
+    # of the host's speed (these small forwards are launch-bound) hits all variants alike.
+    torch._dynamo.config.recompile_limit = 64
+    prepared, results = [], []
     for name in args.variants.split(","):
         try:
-            results.append(measure(name, args.repeats))
+            prepared.append(prepare(name))
+            print(f"{name}: compiled in {prepared[-1]['compile_s']:.1f} s", flush=True)
         except Exception as failure:  # one failing variant must not hide the others' figures
             results.append({"variant": name, "error": f"{type(failure).__name__}: {failure}"[:2000]})
+            print(json.dumps(results[-1]), flush=True)
+    for _ in range(args.repeats):
+        for variant in prepared:
+            variant["times"].append(time_loop(variant))
+    for variant in prepared:
+        results.append(profile(variant))
         print(json.dumps(results[-1]), flush=True)
     base = next((r["forward_ms"] for r in results if r["variant"] == "inductor" and "forward_ms" in r), None)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
