@@ -177,3 +177,29 @@ def masked_attention(mask_kind, frames=2, height=4, width=6, lengths=(5, 9), see
     inputs = dict(hidden_states=torch.randn(len(lengths), 4, frames, height, width),
                   lengths=torch.tensor(lengths))
     return MaskedSelfAttention(mask_kind).eval(), inputs
+
+
+class PositionalQKAttention(torch.nn.Module):
+    """Attention over a patch grid whose queries and keys are projected from a sinusoidal position table (no input
+    reaches it) while the values are the tokens: not self-attention over the token stream, and not text either."""
+
+    def __init__(self, channels=4, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.patches = _Patches(channels, dim)
+        self.qk, self.v = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, hidden_states):
+        x = self.patches(hidden_states)
+        b, s, d = x.shape
+        angles = torch.arange(s, dtype=torch.float32)[:, None] * torch.exp(-torch.arange(d // 2) / (d // 2))[None]
+        positions = torch.cat([angles.sin(), angles.cos()], dim=-1).expand(b, s, d)
+        q, k = self.qk(positions).view(b, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        v = self.v(x).view(b, s, self.heads, -1).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return (out.transpose(1, 2).reshape(b, s, d),)
+
+
+def positional_qk(frames=2, height=4, width=6, seed=0):
+    torch.manual_seed(seed)
+    return PositionalQKAttention().eval(), dict(hidden_states=torch.randn(1, 4, frames, height, width))
