@@ -1,0 +1,399 @@
+"""Tiny random-weight builders for every video (and a few image) transformer class of diffusers, for the coverage
+test. Each builder takes `head_dim` and returns (model, inputs, truth): `truth` is what the recognizers should
+find, written from the config (never read from the graph): the token grid (frames, height, width) of its video
+self-attention, and its attention kind:
+  "full3d"      one self-attention over text + the whole F x H x W grid (may go sparse)
+  "factorized"  spatial attention per frame (frames folded into the batch) and temporal attention per position
+  "image"       a frames = 1 grid (image DiTs)
+  "segments"    tokens that are not one text + grid + text sequence (several grids, audio, reference frames)
+Sizes are odd on purpose: token counts not divisible by the 64-token block, frames = 1 where a model allows it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+TEXT = 5
+
+
+@dataclass
+class Truth:
+    kind: str
+    grid: Optional[tuple[int, int, int]]  # frames, height, width in tokens
+
+
+def _d(head_dim):
+    return 2 * head_dim  # two heads
+
+
+def wan(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import WanTransformer3DModel
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                  in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2,
+                                  rope_max_seq_len=32)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def wan_vace(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import WanVACETransformer3DModel
+    model = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                      in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32,
+                                      num_layers=2, rope_max_seq_len=32, vace_layers=[0], vace_in_channels=8)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32),
+                  control_hidden_states=torch.randn(1, 8, frames, height, width),
+                  control_hidden_states_scale=torch.ones(1))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def skyreels_v2(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import SkyReelsV2Transformer3DModel
+    model = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                         in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32,
+                                         num_layers=2, rope_max_seq_len=32)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def hunyuan_video(head_dim=64, frames=1, height=10, width=14):
+    from diffusers import HunyuanVideoTransformer3DModel
+    model = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=head_dim, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=1.0, patch_size=2, patch_size_t=1,
+        text_embed_dim=32, pooled_projection_dim=16,
+        rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
+    mask = torch.ones(1, TEXT, dtype=torch.long)
+    mask[:, 3:] = 0
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), encoder_attention_mask=mask,
+                  pooled_projections=torch.randn(1, 16), guidance=torch.tensor([3500.0]))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def cogvideox(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import CogVideoXTransformer3DModel
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=32, num_layers=2, sample_width=width, sample_height=height, sample_frames=4 * (frames - 1) + 1,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT)
+    inputs = dict(hidden_states=torch.randn(1, frames, 4, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def cogvideox15(head_dim=64, frames=4, height=10, width=14):
+    """CogVideoX 1.5: temporal patching (patch_size_t=2) through a linear patch embedding, rotary embeddings."""
+    from diffusers import CogVideoXTransformer3DModel
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=32, num_layers=2, sample_width=width, sample_height=height, sample_frames=4 * (frames - 1) + 1,
+        patch_size=2, patch_size_t=2, temporal_compression_ratio=4, max_text_seq_length=TEXT,
+        use_rotary_positional_embeddings=True)
+    grid = (frames // 2, height // 2, width // 2)
+    rope = get_3d_rotary_pos_embed(head_dim, (0, 0), (grid[1], grid[2]), grid[0], grid_type="slice",
+                                   max_size=(grid[1], grid[2]))
+    inputs = dict(hidden_states=torch.randn(1, frames, 4, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), image_rotary_emb=rope)
+    return model, inputs, Truth("full3d", grid)
+
+
+def ltx_video(head_dim=64, frames=2, height=5, width=7):
+    """Tokens arrive packed, [B, F*H*W, C], with the grid as integer arguments."""
+    from diffusers import LTXVideoTransformer3DModel
+    model = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, num_attention_heads=2,
+                                       attention_head_dim=head_dim, cross_attention_dim=_d(head_dim), num_layers=2,
+                                       caption_channels=32)
+    inputs = dict(hidden_states=torch.randn(1, frames * height * width, 8), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), encoder_attention_mask=torch.ones(1, TEXT),
+                  num_frames=frames, height=height, width=width)
+    return model, inputs, Truth("full3d", (frames, height, width))
+
+
+def ltx2_video(head_dim=64, frames=2, height=5, width=7):
+    from diffusers import LTX2VideoTransformer3DModel
+    model = LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=head_dim,
+        cross_attention_dim=_d(head_dim), audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+        audio_attention_head_dim=head_dim, audio_cross_attention_dim=_d(head_dim), num_layers=1,
+        caption_channels=32)
+    audio_frames = 3
+    inputs = dict(hidden_states=torch.randn(1, frames * height * width, 8),
+                  audio_hidden_states=torch.randn(1, audio_frames, 8),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), audio_encoder_hidden_states=torch.randn(1, TEXT, 32),
+                  timestep=torch.tensor([500]), encoder_attention_mask=torch.ones(1, TEXT),
+                  audio_encoder_attention_mask=torch.ones(1, TEXT), num_frames=frames, height=height, width=width,
+                  audio_num_frames=audio_frames)
+    return model, inputs, Truth("segments", (frames, height, width))
+
+
+def latte(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import LatteTransformer3DModel
+    model = LatteTransformer3DModel(num_attention_heads=2, attention_head_dim=head_dim, in_channels=4,
+                                    out_channels=8, num_layers=2, cross_attention_dim=_d(head_dim),
+                                    sample_size=height, patch_size=2, num_embeds_ada_norm=1000,
+                                    norm_type="ada_norm_single", caption_channels=32, video_length=frames)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("factorized", (frames, height // 2, width // 2))
+
+
+def mochi(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import MochiTransformer3DModel
+    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=head_dim, num_layers=2,
+                                    pooled_projection_dim=16, in_channels=4, text_embed_dim=32, time_embed_dim=4,
+                                    max_sequence_length=TEXT)
+    mask = torch.ones(1, TEXT, dtype=torch.bool)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), encoder_attention_mask=mask)
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def allegro(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import AllegroTransformer3DModel
+    model = AllegroTransformer3DModel(patch_size=2, patch_size_t=1, num_attention_heads=2, attention_head_dim=head_dim,
+                                      in_channels=4, out_channels=4, num_layers=2, cross_attention_dim=_d(head_dim),
+                                      sample_height=height, sample_width=width, sample_frames=frames,
+                                      caption_channels=32)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def cosmos(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import CosmosTransformer3DModel
+    model = CosmosTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=head_dim,
+                                     num_layers=2, mlp_ratio=1.0, text_embed_dim=32, adaln_lora_dim=4,
+                                     max_size=(8, 16, 16), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
+                                     concat_padding_mask=False, extra_pos_embed_type="learnable")
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def easyanimate(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import EasyAnimateTransformer3DModel
+    model = EasyAnimateTransformer3DModel(num_attention_heads=2, attention_head_dim=head_dim, in_channels=4,
+                                          out_channels=4, patch_size=2, sample_width=width, sample_height=height,
+                                          num_layers=2, mmdit_layers=2, time_embed_dim=8, text_embed_dim=32)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def sana_video(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import SanaVideoTransformer3DModel
+    model = SanaVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                        attention_head_dim=head_dim, num_layers=2, num_cross_attention_heads=2,
+                                        cross_attention_head_dim=head_dim, cross_attention_dim=_d(head_dim),
+                                        caption_channels=32, sample_size=height, rope_max_seq_len=32)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def kandinsky5(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import Kandinsky5Transformer3DModel
+    model = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=16,
+                                         out_visual_dim=4, patch_size=(1, 2, 2), model_dim=_d(head_dim),
+                                         ff_dim=64, num_text_blocks=1, num_visual_blocks=2,
+                                         axes_dims=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
+    grid = (frames, height // 2, width // 2)
+    inputs = dict(hidden_states=torch.randn(1, frames, height, width, 4),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), timestep=torch.tensor([500.0]),
+                  pooled_projections=torch.randn(1, 16), visual_rope_pos=[torch.arange(n) for n in grid],
+                  text_rope_pos=torch.arange(TEXT))
+    return model, inputs, Truth("full3d", grid)
+
+
+def hunyuan_video15(head_dim=64, frames=2, height=5, width=7):
+    from diffusers import HunyuanVideo15Transformer3DModel
+    model = HunyuanVideo15Transformer3DModel(
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=head_dim, num_layers=2,
+        num_refiner_layers=1, mlp_ratio=1.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
+        image_embed_dim=16, rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8), target_size=64,
+        task_type="t2v")
+    inputs = dict(hidden_states=torch.randn(1, 9, frames, height, width), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), encoder_attention_mask=torch.ones(1, TEXT),
+                  encoder_hidden_states_2=torch.randn(1, 3, 16), encoder_attention_mask_2=torch.ones(1, 3),
+                  image_embeds=torch.zeros(1, 4, 16))
+    return model, inputs, Truth("full3d", (frames, height, width))
+
+
+def hunyuan_framepack(head_dim=64, frames=2, height=10, width=14):
+    """FramePack: the current latents plus clean history latents at 1x / 2x / 4x compression in one sequence."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+    model = HunyuanVideoFramepackTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=head_dim, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, mlp_ratio=1.0, patch_size=2, patch_size_t=1, text_embed_dim=32,
+        pooled_projection_dim=16, rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8),
+        image_condition_type=None, has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), encoder_attention_mask=torch.ones(1, TEXT),
+                  pooled_projections=torch.randn(1, 16), image_embeds=torch.randn(1, 3, 16),
+                  indices_latents=torch.arange(frames), guidance=torch.tensor([3500.0]),
+                  latents_clean=torch.randn(1, 4, 1, height, width), indices_latents_clean=torch.tensor([0]),
+                  latents_history_2x=torch.randn(1, 4, 2, height, width),
+                  indices_latents_history_2x=torch.tensor([1, 2]),
+                  latents_history_4x=torch.randn(1, 4, 4, height, width),
+                  indices_latents_history_4x=torch.tensor([3, 4, 5, 6]))
+    return model, inputs, Truth("segments", (frames, height // 2, width // 2))
+
+
+def wan_animate(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import WanAnimateTransformer3DModel
+    model = WanAnimateTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=12, latent_channels=4,
+        out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, image_dim=16, rope_max_seq_len=32,
+        motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16, "32": 16, "64": 16, "128": 16, "256": 16,
+                                      "512": 16, "1024": 16},
+        motion_encoder_size=16, motion_style_dim=16, motion_dim=4, motion_encoder_dim=16,
+        face_encoder_hidden_dim=16, face_encoder_num_heads=2, inject_face_latents_blocks=2,
+        motion_encoder_batch_size=2)
+    inputs = dict(hidden_states=torch.randn(1, 12, frames + 1, height, width), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), encoder_hidden_states_image=torch.randn(1, 3, 16),
+                  pose_hidden_states=torch.randn(1, 4, frames, height, width),
+                  face_pixel_values=torch.randn(1, 3, 4 * (frames - 1) + 1, 16, 16))
+    return model, inputs, Truth("segments", (frames + 1, height // 2, width // 2))
+
+
+def flux(head_dim=64, frames=1, height=5, width=7):
+    from diffusers import FluxTransformer2DModel
+    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=32,
+                                   pooled_projection_dim=16,
+                                   axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
+    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(height).float(), torch.arange(width).float(), indexing="ij"),
+                      -1).reshape(-1, 3)
+    inputs = dict(hidden_states=torch.randn(1, height * width, 8), encoder_hidden_states=torch.randn(1, TEXT, 32),
+                  pooled_projections=torch.randn(1, 16), timestep=torch.tensor([0.5]), img_ids=ids,
+                  txt_ids=torch.zeros(TEXT, 3))
+    return model, inputs, Truth("image", (1, height, width))
+
+
+def sd3(head_dim=64, frames=1, height=10, width=14):
+    from diffusers import SD3Transformer2DModel
+    model = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+                                  attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=32,
+                                  caption_projection_dim=_d(head_dim), pooled_projection_dim=16, out_channels=4,
+                                  pos_embed_max_size=16)
+    inputs = dict(hidden_states=torch.randn(1, 4, height, width), encoder_hidden_states=torch.randn(1, TEXT, 32),
+                  pooled_projections=torch.randn(1, 16), timestep=torch.tensor([500]))
+    return model, inputs, Truth("image", (1, height // 2, width // 2))
+
+
+def qwen_image(head_dim=64, frames=1, height=5, width=7):
+    from diffusers import QwenImageTransformer2DModel
+    model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                        attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=32,
+                                        axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
+    inputs = dict(hidden_states=torch.randn(1, height * width, 16), encoder_hidden_states=torch.randn(1, TEXT, 32),
+                  encoder_hidden_states_mask=torch.ones(1, TEXT), timestep=torch.tensor([0.5]),
+                  img_shapes=[(1, height, width)])
+    return model, inputs, Truth("image", (1, height, width))
+
+
+BUILDERS: dict[str, Callable] = {f.__name__: f for f in (
+    wan, wan_vace, wan_animate, skyreels_v2, hunyuan_video, hunyuan_video15, hunyuan_framepack, cogvideox, cogvideox15,
+    ltx_video, ltx2_video, mochi, allegro, cosmos, easyanimate, sana_video, kandinsky5, latte, flux, sd3, qwen_image)}
+
+
+# --- measuring a model ------------------------------------------------------------------------------------------
+@dataclass
+class Measured:
+    name: str
+    model: str  # class name
+    truth: Truth
+    compiled: bool  # fullgraph=True compile went through
+    error: str  # why not, when not
+    dense_error: Optional[float] = None  # max |vsparse(sparsity="none") - eager|
+    sparse_error: Optional[float] = None  # max |vsparse(draft, density=1) - eager|
+    sites: list = None  # analysis.json sites of the sparse run
+    stacks: list = None
+    cache_notes: list = None  # notes of a cache="easycache" analysis (stack split), empty when it applies
+
+
+def _aot_eager(gm, example_inputs, config):
+    """Stands in for Inductor in dit_compiler.backend._compile: AOTAutograd traces the pieces (our rewrites must
+    survive it), then they run eagerly. Cheap enough to cover every model in CI."""
+    from torch._dynamo.backends.debugging import aot_eager
+    from torch._inductor.compile_fx import graph_returns_tuple, make_graph_return_tuple
+    if not graph_returns_tuple(gm):  # a split piece with one output: Inductor's own wrapping, as compile_fx does
+        return make_graph_return_tuple(gm, list(example_inputs), aot_eager)
+    return aot_eager(gm, list(example_inputs))
+
+
+def _run(compiled, inputs):
+    with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
+        return compiled(**inputs, return_dict=False)[0]
+
+
+def _analysis(dump_dir):
+    import json
+    from pathlib import Path
+    graphs = sorted(Path(dump_dir).iterdir())
+    if len(graphs) != 1:
+        raise AssertionError(f"expected one compiled graph in {dump_dir}, found {[g.name for g in graphs]}")
+    return json.loads((graphs[0] / "analysis.json").read_text())
+
+
+def measure(name: str, workdir, head_dim: int = 64) -> Measured:
+    """Build `name`, compile it with backend="vsparse" (fullgraph) dense, sparse at density 1 and with the cache
+    split, each piece through `_compile` as the backend does (callers patch it to `_aot_eager` or keep Inductor)."""
+    from pathlib import Path
+    torch.manual_seed(0)
+    model, inputs, truth = BUILDERS[name](head_dim=head_dim)
+    model.eval()
+    result = Measured(name, type(model).__name__, truth, compiled=False, error="")
+    expected = _run(model, inputs)
+    runs = {"dense": dict(sparsity="none"),
+            "sparse": dict(sparsity="draft", density=1.0, block_size=64, dense_layers=0, dense_steps=0.0),
+            "cache": dict(sparsity="none", cache="easycache")}
+    for run, options in runs.items():
+        dump = Path(workdir) / name / run
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="vsparse", fullgraph=True, options=dict(options, dump_dir=str(dump)))
+        try:
+            out = _run(compiled, inputs)
+        except Exception as failure:  # noqa: BLE001  (the row records why the compile did not go through)
+            result.error = f"{run}: {type(failure).__name__}: {str(failure).splitlines()[0][:300]}"
+            return result
+        error = (out - expected).abs().max().item()
+        analysis = _analysis(dump)
+        if run == "dense":
+            result.dense_error = error
+        elif run == "sparse":
+            result.sparse_error, result.sites, result.stacks = error, analysis["sites"], analysis["stacks"]
+        else:
+            result.cache_notes = [n for n in analysis["notes"] if n.startswith("cache")]
+    result.compiled = True
+    return result
+
+
+def grid_of(site: dict) -> Optional[tuple]:
+    layout = site.get("layout")
+    return None if layout is None else tuple(layout[k] for k in ("frames", "height", "width"))
+
+
+def table(rows: list[Measured]) -> str:
+    """The README's coverage table: one row per measured model."""
+    lines = ["| model | sites | grid | stacks | sparse | cache |", "|---|---|---|---|---|---|"]
+    for m in rows:
+        if not m.compiled:
+            lines.append(f"| {m.model} | — | — | — | dense: {m.error} | — |")
+            continue
+        grids = sorted({grid_of(s) for s in m.sites if grid_of(s)})
+        grid = ", ".join("x".join(map(str, g)) for g in grids) or "none"
+        stacks = ", ".join(f"{s['name']} ({len(s['blocks'])})" for s in m.stacks) or "none"
+        sparse = sum(s["rewritten"] for s in m.sites)
+        dense_reasons = sorted({s["decision_reason"] for s in m.sites if not s["rewritten"]})
+        why = "; ".join(f"dense: {r}" for r in dense_reasons if "self-attention" in r or "layout" in r)
+        cache = "no: " + "; ".join(m.cache_notes) if m.cache_notes else "yes"
+        lines.append(f"| {m.model} | {len(m.sites)} | {grid} | {stacks} | {sparse}/{len(m.sites)}"
+                     f"{' — ' + why if why and not sparse else ''} | {cache} |")
+    return "\n".join(lines) + "\n"
