@@ -6,10 +6,13 @@ the walk could not see through (a graph input, a patch-embedding convolution, a 
 op it does not know), or with `stop_at_projections` the input of the first linear projection met.
 
 The walk passes through ops that keep each token in its own row: layout ops (view, reshape, permute, transpose,
-getitem, cat/split along the tokens), elementwise ops, reductions and norms over other dims, linear layers, and
+getitem, cat/split along the tokens), elementwise ops, reductions and norms over other dims, repeats along other dims, linear layers, and
 attention (whose rows are the query's). Where several operands carry tokens (a residual add), every operand that
 depends on a graph input must give the same tokens; operands computed from constants alone (RoPE tables, position
-embeddings) are positional and do not count.
+embeddings) are positional and do not count. A value no input reaches is walked through its positional operands
+(they must agree), so a RoPE table leads back to the coordinates it was computed from; `aligned` records, for the
+input-derived tokens, which positional tokens were combined elementwise with exactly the same positions (packed
+video tokens times a RoPE table built from an F x H x W coordinate grid).
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ NORM_OPS = {"layer_norm", "rms_norm"}
 REDUCE_OPS = {"mean", "sum", "amax", "softmax", "log_softmax", "var"}
 PROJECTION_OPS = {"linear"}
 MATMUL_OPS = {"matmul", "bmm"}
+# Values equal at every position (padding of RoPE tables): they carry no tokens.
+CONSTANT_LIKE_OPS = {"ones_like", "zeros_like", "full_like", "new_ones", "new_zeros", "new_full"}
 
 
 class TraceFailure(Exception):
@@ -61,6 +66,8 @@ class TokenTracer:
         self.data_dependent = data_dependent
         self.stop_at_projections = stop_at_projections
         self.memo: dict[tuple[fx.Node, tuple[int, ...]], Segments] = {}
+        # (origin, dims) of input-derived tokens -> positional segments met at exactly the same positions.
+        self.aligned: dict[tuple[fx.Node, tuple[int, ...]], list[tuple[Segment, Segment]]] = {}
 
     # --- public -----------------------------------------------------------------------------------------------
     def trace(self, node: fx.Node, dims: tuple[int, ...]) -> Segments:
@@ -103,6 +110,13 @@ class TokenTracer:
             return self.trace(node.args[0], tuple(_permutation(node, ndim)[d] for d in dims))
         if name == "expand":
             return self._elementwise(node, [node.args[0]], dims)
+        if name == "repeat":
+            return self._repeat(node, dims, ndim)
+        if name == "repeat_interleave":
+            along = arg(node, 2, "dim")
+            if along is None or along % ndim in dims:
+                return self._origin(node, dims)
+            return self.trace(node.args[0], dims)
         if name == "getitem":
             return self._getitem(node, dims)
         if name == "cat":
@@ -160,11 +174,43 @@ class TokenTracer:
         return self._agree(node, dims, carriers)
 
     def _agree(self, node: fx.Node, dims: tuple[int, ...], carriers: list[tuple[Any, tuple[int, ...]]]) -> Segments:
-        """The tokens every input-dependent carrier gives; positional carriers (constant tables) do not count."""
-        traced = [self.trace(operand, mapped) for operand, mapped in carriers if operand in self.data_dependent]
+        """The tokens every input-dependent carrier gives; positional carriers (constant tables) do not count, unless
+        no carrier depends on an input (then they must agree among themselves)."""
+        carriers = [(x, mapped) for x, mapped in carriers if op_name(x) not in CONSTANT_LIKE_OPS]
+        data = [(x, mapped) for x, mapped in carriers if x in self.data_dependent]
+        positional = [(x, mapped) for x, mapped in carriers if x not in self.data_dependent]
+        traced = [self.trace(operand, mapped) for operand, mapped in (data or positional)]
         if not traced or any(not self.same(traced[0], t) for t in traced[1:]):
             return self._origin(node, dims)
+        if data:
+            for operand, mapped in positional:
+                self._align(traced[0], self.trace(operand, mapped))
         return traced[0]
+
+    def _align(self, tokens: Segments, positions: Segments) -> None:
+        """Record each positional segment that covers exactly the positions of one input-derived segment."""
+        starts, offset = {}, sympy.Integer(0)
+        for segment in tokens:
+            starts[offset] = segment
+            offset = offset + segment.length
+        offset = sympy.Integer(0)
+        for position in positions:
+            match = next((t for start, t in starts.items() if Sizes.equal(start, offset) and
+                          Sizes.equal(t.length, position.length)), None)
+            if match is not None:
+                pairs = self.aligned.setdefault((match.origin, match.dims), [])
+                if not any(t == match and p == position for t, p in pairs):
+                    pairs.append((match, position))
+            offset = offset + position.length
+
+    def _repeat(self, node: fx.Node, dims: tuple[int, ...], ndim: int) -> Segments:
+        """x.repeat(...): tokens survive when the token dims are repeated once (copies along other dims)."""
+        counts = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        source_ndim = tensor_of(node.args[0]).dim()
+        offset = ndim - source_ndim  # repeat may add leading dims
+        if len(counts) != ndim or any(d < offset or counts[d] != 1 for d in dims):
+            return self._origin(node, dims)
+        return self.trace(node.args[0], tuple(d - offset for d in dims))
 
     def _over_other_dims(self, node: fx.Node, dims: tuple[int, ...], reduced: Any) -> Segments:
         if set(dims) & set(reduced):

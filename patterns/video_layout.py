@@ -3,8 +3,12 @@
 The query's token provenance (tokens.TokenTracer, walking through projections, residual adds and earlier attention)
 ends in origins. An origin is the video grid when it is the output of the patch-embedding convolution, or a reshape
 of it that splits frames out of the batch (CogVideoX runs a Conv2d over batch*frames): its token dims must be the
-convolution's spatial dims in order, after at most one leading frames dim. Every other origin is text. The layout is
-accepted only when the grid appears once, whole, and sympy proves `S == text_before + F*H*W + text_after`.
+convolution's spatial dims in order, after at most one leading frames dim. Packed tokens (an input already shaped
+[B, F*H*W, C]) are a grid when a positional table combined elementwise with exactly those positions (RoPE) was
+computed from a coordinate grid: `stack(meshgrid(a_1, ..., a_n, indexing="ij"))` flattened in row-major order, so
+token i carries the coordinates of the i-th point of the a_1 x ... x a_n grid (n = 3: frames first, as every
+diffusers video RoPE orders its axes; n = 2: one frame). Every other origin is text. The layout is accepted only
+when the grid appears once, whole, and sympy proves `S == text_before + F*H*W + text_after`.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Optional
 import sympy
 import torch.fx as fx
 
-from .graph import CONV_OPS, RESHAPE_OPS, Sizes, op_name
+from .graph import CONV_OPS, RESHAPE_OPS, Sizes, arg, op_name
 from .tokens import Segment, Segments, TokenTracer, reshape_groups
 from .types import DimRef, VideoLayout
 
@@ -74,12 +78,44 @@ def video_grid(sizes: Sizes, segment: Segment) -> Optional[Grid]:
     return Grid(exprs, refs)
 
 
+def coordinate_grid(sizes: Sizes, tracer: TokenTracer, segment: Segment) -> Optional[Grid]:
+    """The grid of packed tokens, from the coordinate grid of a positional table met at exactly their positions."""
+    for tokens, position in tracer.aligned.get((segment.origin, segment.dims), []):
+        if Sizes.equal(tokens.start, segment.start) and Sizes.equal(tokens.stop, segment.stop):
+            grid = _meshgrid_axes(sizes, position)
+            if grid is not None:
+                return grid
+    return None
+
+
+def _meshgrid_axes(sizes: Sizes, position: Segment) -> Optional[Grid]:
+    """F x H x W when `position` is the whole of stack(meshgrid(f, h, w, indexing="ij")) over its grid dims."""
+    origin = position.origin
+    if op_name(origin) != "stack":
+        return None
+    stacked = arg(origin, 0, "tensors")
+    meshgrid = stacked[0].args[0] if op_name(stacked[0]) == "getitem" else None
+    if meshgrid is None or op_name(meshgrid) != "meshgrid" or meshgrid.kwargs.get("indexing", "ij") != "ij":
+        return None
+    if [(op_name(t), t.args[0], t.args[1]) for t in stacked] != [("getitem", meshgrid, i) for i in range(len(stacked))]:
+        return None  # the axes, each once, in the meshgrid's order
+    shape = sizes.shape(origin)
+    new_dim = arg(origin, 1, "dim", 0) % len(shape)
+    axes = tuple(d for d in range(len(shape)) if d != new_dim)
+    if position.dims != axes or len(axes) not in (2, 3) or not Sizes.equal(position.start, 0) or \
+            not Sizes.equal(position.stop, sympy.Mul(*[shape[d] for d in axes])):
+        return None
+    dims = ([None] if len(axes) == 2 else []) + [(origin, d) for d in axes]
+    exprs = tuple(sympy.Integer(1) if d is None else shape[d[1]] for d in dims)
+    return Grid(exprs, tuple(None if d is None else Sizes.ref(e, d[0], d[1]) for d, e in zip(dims, exprs)))
+
+
 def video_layout(sizes: Sizes, tracer: TokenTracer, query: fx.Node, seq_dim: int) -> VideoLayout:
     """The layout of the query's sequence dim; raises LayoutError with the reason when it cannot be proven."""
     if tracer.stop_at_projections:
         raise ValueError("video_layout needs a tracer that walks through projections")
     segments = tracer.trace(query, (seq_dim,))
-    grids = [(i, video_grid(sizes, s)) for i, s in enumerate(segments)]
+    grids = [(i, video_grid(sizes, s) or coordinate_grid(sizes, tracer, s)) for i, s in enumerate(segments)]
     grids = [(i, g) for i, g in grids if g is not None]
     if len(grids) != 1:
         origins = ", ".join(f"{s.origin.name}[{s.start}:{s.stop}]" for s in segments)

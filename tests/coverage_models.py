@@ -111,7 +111,8 @@ def ltx_video(head_dim=64, frames=2, height=5, width=7):
                                        caption_channels=32)
     inputs = dict(hidden_states=torch.randn(1, frames * height * width, 8), timestep=torch.tensor([500]),
                   encoder_hidden_states=torch.randn(1, TEXT, 32), encoder_attention_mask=torch.ones(1, TEXT),
-                  num_frames=frames, height=height, width=width)
+                  num_frames=frames, height=height, width=width,
+                  rope_interpolation_scale=(8 / 25, 32.0, 32.0))  # as LTXPipeline passes it: scales the coordinates
     return model, inputs, Truth("full3d", (frames, height, width))
 
 
