@@ -8,7 +8,8 @@ convolution's spatial dims in order, after at most one leading frames dim. Packe
 computed from a coordinate grid: `stack(meshgrid(a_1, ..., a_n, indexing="ij"))` flattened in row-major order, so
 token i carries the coordinates of the i-th point of the a_1 x ... x a_n grid (n = 3: frames first, as every
 diffusers video RoPE orders its axes; n = 2: one frame). Every other origin is text. The layout is accepted only
-when the grid appears once, whole, and sympy proves `S == text_before + F*H*W + text_after`.
+when sympy proves that the segments' lengths sum to S; the layout is then the ordered list of text and grid
+segments, and when there is exactly one grid also `S == text_before + F*H*W + text_after` (the planners' form).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.fx as fx
 
 from .graph import CONV_OPS, RESHAPE_OPS, Sizes, arg, op_name
 from .tokens import Segment, Segments, TokenTracer, reshape_groups
-from .types import DimRef, VideoLayout
+from .types import DimRef, LayoutSegment, VideoLayout
 
 
 class LayoutError(Exception):
@@ -115,28 +116,34 @@ def video_layout(sizes: Sizes, tracer: TokenTracer, query: fx.Node, seq_dim: int
     if tracer.stop_at_projections:
         raise ValueError("video_layout needs a tracer that walks through projections")
     segments = tracer.trace(query, (seq_dim,))
-    grids = [(i, video_grid(sizes, s) or coordinate_grid(sizes, tracer, s)) for i, s in enumerate(segments)]
-    grids = [(i, g) for i, g in grids if g is not None]
-    if len(grids) != 1:
+    grids = [video_grid(sizes, s) or coordinate_grid(sizes, tracer, s) for s in segments]
+    found = [i for i, g in enumerate(grids) if g is not None]
+    if not found:
         origins = ", ".join(f"{s.origin.name}[{s.start}:{s.stop}]" for s in segments)
-        raise LayoutError(f"expected one whole patch-embedding grid among the query's tokens, found {len(grids)} "
-                          f"(token origins: {origins})")
-    at, grid = grids[0]
+        raise LayoutError(f"no patch-embedding grid among the query's tokens (token origins: {origins})")
+    report = Sizes.report
+    seq = sizes.shape(query)[seq_dim]
+    runs = [LayoutSegment("text", report(s.length), s.origin.name) if g is None else
+            LayoutSegment("grid", report(s.length), s.origin.name, *(report(e) for e in g.sizes))
+            for s, g in zip(segments, grids)]
+    terms = [s.length if g is None else sympy.Mul(*g.sizes) for s, g in zip(segments, grids)]
+    if not Sizes.equal(seq, sympy.Add(*terms)):
+        raise LayoutError(f"cannot prove {seq} == {' + '.join(map(str, terms))}")
+    if len(found) > 1:
+        return VideoLayout(None, None, None, None, None, f"{report(seq)} == " + " + ".join(
+            str(report(t)) for t in terms), {}, runs)
+    at, grid = found[0], grids[found[0]]
     before, after = segments[:at], segments[at + 1:]
     text_before = sympy.Add(*[s.length for s in before])
     text_after = sympy.Add(*[s.length for s in after])
-    seq = sizes.shape(query)[seq_dim]
     frames, height, width = grid.sizes
-    if not Sizes.equal(seq, text_before + frames * height * width + text_after):
-        raise LayoutError(f"cannot prove {seq} == {text_before} + {frames}*{height}*{width} + {text_after}")
-    report = Sizes.report
     proof = f"{report(seq)} == {report(text_before)} + {report(frames)}*{report(height)}*{report(width)} + " \
             f"{report(text_after)}"
     refs = dict(zip(("frames", "height", "width"), grid.refs))
     refs.update(text_before=_text_ref(before, text_before), text_after=_text_ref(after, text_after),
                 seq=Sizes.ref(seq, query, seq_dim))
     return VideoLayout(report(frames), report(height), report(width), report(text_before), report(text_after),
-                       proof, refs)
+                       proof, refs, runs)
 
 
 def _text_ref(segments: Segments, length: sympy.Expr) -> Optional[DimRef]:
