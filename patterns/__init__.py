@@ -39,7 +39,9 @@ def analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]] = None) 
 def _analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> GraphAnalysis:
     sizes = Sizes(gm)
     data = data_inputs(gm, example_inputs)
-    input_dependent = depends_on(gm, data)
+    # Token streams are floating point; integer inputs are positions, indices, timesteps or masks, and what is
+    # computed from them alone (Kandinsky's RoPE from position ids) is positional, like a constant table.
+    input_dependent = depends_on(gm, [d for d in data if d.meta["example_value"].dtype.is_floating_point])
     projections = TokenTracer(sizes, input_dependent, stop_at_projections=True)
     tokens = TokenTracer(sizes, input_dependent, stop_at_projections=False)
     labels = axis_labels(gm, sizes, data)
@@ -62,7 +64,7 @@ def _analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> Gra
                 blockers.append(_factorized_reason(site.layout))
             else:
                 try:
-                    site.layout = video_layout(sizes, tokens, nodes[site.query], seq_dim)
+                    site.layout = video_layout(sizes, tokens, nodes[site.query], seq_dim, labels)
                 except LayoutError as failure:
                     blockers.append(f"layout: {failure}")
                 if site.layout is not None and not site.layout.single_grid:

@@ -306,7 +306,7 @@ def _broadcast_over_keys(node: Any) -> bool:
     if not isinstance(node, fx.Node):
         return _number(node) is not None
     value = tensor_of(node)
-    return value is not None and (value.dim() == 0 or value.shape[-1] == 1)
+    return value is not None and (value.dim() == 0 or Sizes.expr(value.shape[-1]) == 1)
 
 
 def key_padding_lengths(mask: torch.Tensor, batch: Optional[int] = None) -> torch.Tensor:
@@ -373,7 +373,7 @@ def _describe_segment(segment, tracer: TokenTracer) -> str:
     if origin.op == "placeholder":
         what = f"input {origin.name}"
     elif origin not in tracer.data_dependent:
-        what = f"positions ({origin.name}, computed from no input)"
+        what = f"positions ({origin.name}, computed from no floating-point input)"
     else:
         what = origin.name
     return f"{what}[{Sizes.report(segment.start)}:{Sizes.report(segment.stop)}]"

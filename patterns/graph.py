@@ -23,6 +23,8 @@ PASSTHROUGH_OPS = {
     "alias",
 }
 # Ops that only re-view the same elements in row-major order (the shapes tell where dims go).
+# Inductor's size hint for data-dependent sizes (torch._inductor.config.unbacked_symint_fallback).
+_UNBACKED_HINT = 8192
 RESHAPE_OPS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze"}
 
 
@@ -91,7 +93,12 @@ class Sizes:
         return [Sizes.expr(s) for s in tensor_of(node).shape]
 
     def hint(self, expr: sympy.Expr) -> int:
-        return int(sympy.sympify(expr).xreplace(self.var_to_val))
+        """The example value of a size. Data-dependent (unbacked) sizes have none: they take Inductor's own
+        fallback for them, which only orders sizes, as every hint does (it never proves anything)."""
+        value = sympy.sympify(expr).xreplace(self.var_to_val)
+        if value.free_symbols:
+            value = value.xreplace({s: _UNBACKED_HINT for s in value.free_symbols})
+        return int(value)
 
     @staticmethod
     def equal(a: Any, b: Any) -> bool:

@@ -6,13 +6,13 @@ the walk could not see through (a graph input, a patch-embedding convolution, a 
 op it does not know), or with `stop_at_projections` the input of the first linear projection met.
 
 The walk passes through ops that keep each token in its own row: layout ops (view, reshape, permute, transpose,
-getitem, cat/split along the tokens), elementwise ops, reductions and norms over other dims, repeats along other dims, linear layers, and
-attention (whose rows are the query's). Where several operands carry tokens (a residual add), every operand that
-depends on a graph input must give the same tokens; operands computed from constants alone (RoPE tables, position
-embeddings) are positional and do not count. A value no input reaches is walked through its positional operands
-(they must agree), so a RoPE table leads back to the coordinates it was computed from; `aligned` records, for the
-input-derived tokens, which positional tokens were combined elementwise with exactly the same positions (packed
-video tokens times a RoPE table built from an F x H x W coordinate grid).
+getitem, cat/split along the tokens), elementwise ops, reductions and norms over other dims, repeats along other
+dims, linear layers, and attention (whose rows are the query's). Where several operands carry tokens (a residual
+add), every operand that depends on a graph input must give the same tokens; operands computed from constants alone
+(RoPE tables, position embeddings) are positional and do not count. A value no input reaches is walked through its
+positional operands (they must agree), so a RoPE table leads back to the coordinates it was computed from; `aligned`
+records, for the input-derived tokens, which positional tokens were combined elementwise with exactly the same
+positions (packed video tokens times a RoPE table built from an F x H x W coordinate grid).
 """
 from __future__ import annotations
 
@@ -180,12 +180,19 @@ class TokenTracer:
         data = [(x, mapped) for x, mapped in carriers if x in self.data_dependent]
         positional = [(x, mapped) for x, mapped in carriers if x not in self.data_dependent]
         traced = [self.trace(operand, mapped) for operand, mapped in (data or positional)]
-        if not traced or any(not self.same(traced[0], t) for t in traced[1:]):
+        if not traced or any(not self._parallel(traced[0], t) for t in traced[1:]):
             return self._origin(node, dims)
         if data:
             for operand, mapped in positional:
                 self._align(traced[0], self.trace(operand, mapped))
         return traced[0]
+
+    def _parallel(self, a: Segments, b: Segments) -> bool:
+        """Same tokens, or runs of equal lengths from different origins: a residual add of a hint computed from
+        another input of the same layout (Wan VACE's control video, Wan Animate's face features) keeps each
+        position where it is, and the first operand (the stream the hint is added to) names the tokens."""
+        return self.same(a, b) or (len(a) == len(b) and all(Sizes.equal(x.length, y.length) for x, y in zip(a, b))
+                                   and all(Sizes.equal(x.start, 0) for x in a + b))
 
     def _align(self, tokens: Segments, positions: Segments) -> None:
         """Record each positional segment that covers exactly the positions of one input-derived segment."""
@@ -219,10 +226,14 @@ class TokenTracer:
 
     def _reduce(self, node: fx.Node, dims: tuple[int, ...], ndim: int) -> Segments:
         reduced = arg(node, 1, "dim")
-        if reduced is None or arg(node, 2, "keepdim", op_name(node) in ("softmax", "log_softmax")) is not True:
+        if reduced is None:
             return self._origin(node, dims)
-        reduced = [r % ndim for r in (reduced if isinstance(reduced, (list, tuple)) else [reduced])]
-        return self._over_other_dims(node, dims, reduced)
+        in_ndim = tensor_of(node.args[0]).dim()
+        reduced = {r % in_ndim for r in (reduced if isinstance(reduced, (list, tuple)) else [reduced])}
+        if arg(node, 2, "keepdim", op_name(node) in ("softmax", "log_softmax")) is True:
+            return self._over_other_dims(node, dims, reduced)
+        kept = [d for d in range(in_ndim) if d not in reduced]  # output dim -> input dim
+        return self.trace(node.args[0], tuple(kept[d] for d in dims))
 
     def _matmul(self, node: fx.Node, dims: tuple[int, ...], ndim: int) -> Segments:
         left, right = node.args[0], node.args[1]

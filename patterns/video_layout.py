@@ -7,7 +7,8 @@ convolution's spatial dims in order, after at most one leading frames dim. Packe
 [B, F*H*W, C]) are a grid when a positional table combined elementwise with exactly those positions (RoPE) was
 computed from a coordinate grid: `stack(meshgrid(a_1, ..., a_n, indexing="ij"))` flattened in row-major order, so
 token i carries the coordinates of the i-th point of the a_1 x ... x a_n grid (n = 3: frames first, as every
-diffusers video RoPE orders its axes; n = 2: one frame). Every other origin is text. The layout is accepted only
+diffusers video RoPE orders its axes; n = 2: one frame). Tokens patchified by reshapes and a linear are a grid when
+their dims index three non-batch axes of one input, in order (axes.py). Every other origin is text. The layout is accepted only
 when sympy proves that the segments' lengths sum to S; the layout is then the ordered list of text and grid
 segments, and when there is exactly one grid also `S == text_before + F*H*W + text_after` (the planners' form).
 """
@@ -111,12 +112,29 @@ def _meshgrid_axes(sizes: Sizes, position: Segment) -> Optional[Grid]:
     return Grid(exprs, tuple(None if d is None else Sizes.ref(e, d[0], d[1]) for d, e in zip(dims, exprs)))
 
 
-def video_layout(sizes: Sizes, tracer: TokenTracer, query: fx.Node, seq_dim: int) -> VideoLayout:
+def label_grid(labels: dict, segment: Segment) -> Optional[Grid]:
+    """Patch tokens made by reshapes (patchify with view / permute / flatten, then a linear: CogVideoX 1.5, Cosmos):
+    the segment's dims index, row-major, three non-batch axes of one data input in their order (axes.py)."""
+    if segment.origin not in labels:
+        return None
+    factors = [f for d in segment.dims for f in (labels[segment.origin][d] or (None,))]
+    if len(factors) != 3 or None in factors or len({f.axis[0] for f in factors}) != 1:
+        return None
+    dims = [f.axis[1] for f in factors]
+    if not 0 < dims[0] < dims[1] < dims[2] or not Sizes.equal(segment.start, 0) or \
+            not Sizes.equal(segment.length, sympy.Mul(*[f.size for f in factors])):
+        return None
+    return Grid(tuple(f.size for f in factors), (None, None, None))
+
+
+def video_layout(sizes: Sizes, tracer: TokenTracer, query: fx.Node, seq_dim: int,
+                 labels: Optional[dict] = None) -> VideoLayout:
     """The layout of the query's sequence dim; raises LayoutError with the reason when it cannot be proven."""
     if tracer.stop_at_projections:
         raise ValueError("video_layout needs a tracer that walks through projections")
     segments = tracer.trace(query, (seq_dim,))
-    grids = [video_grid(sizes, s) or coordinate_grid(sizes, tracer, s) for s in segments]
+    grids = [video_grid(sizes, s) or coordinate_grid(sizes, tracer, s) or label_grid(labels or {}, s)
+             for s in segments]
     found = [i for i, g in enumerate(grids) if g is not None]
     if not found:
         origins = ", ".join(f"{s.origin.name}[{s.start}:{s.stop}]" for s in segments)

@@ -269,8 +269,8 @@ def flux(head_dim=64, frames=1, height=5, width=7):
                                    attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=32,
                                    pooled_projection_dim=16,
                                    axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
-    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(height).float(), torch.arange(width).float(), indexing="ij"),
-                      -1).reshape(-1, 3)
+    axes = (torch.zeros(1), torch.arange(height).float(), torch.arange(width).float())
+    ids = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
     inputs = dict(hidden_states=torch.randn(1, height * width, 8), encoder_hidden_states=torch.randn(1, TEXT, 32),
                   pooled_projections=torch.randn(1, 16), timestep=torch.tensor([0.5]), img_ids=ids,
                   txt_ids=torch.zeros(TEXT, 3))
@@ -310,13 +310,16 @@ class Measured:
     name: str
     model: str  # class name
     truth: Truth
-    compiled: bool  # fullgraph=True compile went through
-    error: str  # why not, when not
+    errors: dict  # run ("dense", "sparse", "cache") -> why its fullgraph compile or call failed
     dense_error: Optional[float] = None  # max |vsparse(sparsity="none") - eager|
     sparse_error: Optional[float] = None  # max |vsparse(draft, density=1) - eager|
-    sites: list = None  # analysis.json sites of the sparse run
-    stacks: list = None
-    cache_notes: list = None  # notes of a cache="easycache" analysis (stack split), empty when it applies
+    sites: Optional[list] = None  # analysis.json sites of the sparse run
+    stacks: Optional[list] = None
+    cache_notes: Optional[list] = None  # cache notes of the cache="easycache" run (empty: the stack is cached)
+
+    @property
+    def compiled(self) -> bool:
+        return "dense" not in self.errors and "sparse" not in self.errors
 
 
 def _aot_eager(gm, example_inputs, config):
@@ -350,7 +353,7 @@ def measure(name: str, workdir, head_dim: int = 64) -> Measured:
     torch.manual_seed(0)
     model, inputs, truth = BUILDERS[name](head_dim=head_dim)
     model.eval()
-    result = Measured(name, type(model).__name__, truth, compiled=False, error="")
+    result = Measured(name, type(model).__name__, truth, errors={})
     expected = _run(model, inputs)
     runs = {"dense": dict(sparsity="none"),
             "sparse": dict(sparsity="draft", density=1.0, block_size=64, dense_layers=0, dense_steps=0.0),
@@ -362,8 +365,8 @@ def measure(name: str, workdir, head_dim: int = 64) -> Measured:
         try:
             out = _run(compiled, inputs)
         except Exception as failure:  # noqa: BLE001  (the row records why the compile did not go through)
-            result.error = f"{run}: {type(failure).__name__}: {str(failure).splitlines()[0][:300]}"
-            return result
+            result.errors[run] = f"{type(failure).__name__}: {_first_line(failure)}"
+            continue
         error = (out - expected).abs().max().item()
         analysis = _analysis(dump)
         if run == "dense":
@@ -372,8 +375,15 @@ def measure(name: str, workdir, head_dim: int = 64) -> Measured:
             result.sparse_error, result.sites, result.stacks = error, analysis["sites"], analysis["stacks"]
         else:
             result.cache_notes = [n for n in analysis["notes"] if n.startswith("cache")]
-    result.compiled = True
     return result
+
+
+def _first_line(failure: Exception) -> str:
+    """The message that says what failed (Dynamo wraps backend errors: the cause is the line after 'raised:')."""
+    lines = [line for line in str(failure).splitlines() if line.strip()]
+    if lines and lines[0].rstrip().endswith("raised:") and len(lines) > 1:
+        return lines[1][:300]
+    return lines[0][:300] if lines else ""
 
 
 def grid_of(site: dict) -> Optional[tuple]:
@@ -386,7 +396,7 @@ def table(rows: list[Measured]) -> str:
     lines = ["| model | sites | grid | stacks | sparse | cache |", "|---|---|---|---|---|---|"]
     for m in rows:
         if not m.compiled:
-            lines.append(f"| {m.model} | — | — | — | dense: {m.error} | — |")
+            lines.append(f"| {m.model} | — | — | — | dense: {'; '.join(m.errors.values())} | — |")
             continue
         grids = sorted({grid_of(s) for s in m.sites if grid_of(s)})
         grid = ", ".join("x".join(map(str, g)) for g in grids) or "none"
@@ -394,7 +404,8 @@ def table(rows: list[Measured]) -> str:
         sparse = sum(s["rewritten"] for s in m.sites)
         dense_reasons = sorted({s["decision_reason"] for s in m.sites if not s["rewritten"]})
         why = "; ".join(f"dense: {r}" for r in dense_reasons if "self-attention" in r or "layout" in r)
-        cache = "no: " + "; ".join(m.cache_notes) if m.cache_notes else "yes"
+        cache = f"fails: {m.errors['cache']}" if "cache" in m.errors else (
+            "yes" if not m.cache_notes else "yes (" + "; ".join(m.cache_notes) + ")")
         lines.append(f"| {m.model} | {len(m.sites)} | {grid} | {stacks} | {sparse}/{len(m.sites)}"
                      f"{' — ' + why if why and not sparse else ''} | {cache} |")
     return "\n".join(lines) + "\n"
