@@ -110,6 +110,10 @@ class TokenTracer:
             return self.trace(node.args[0], tuple(_permutation(node, ndim)[d] for d in dims))
         if name == "expand":
             return self._elementwise(node, [node.args[0]], dims)
+        if name in ("view_as_complex", "view_as_real"):  # RoPE as complex products: only the last dims change
+            if max(dims) >= min(ndim, tensor_of(node.args[0]).dim()) - 1:
+                return self._origin(node, dims)
+            return self.trace(node.args[0], dims)
         if name == "repeat":
             return self._repeat(node, dims, ndim)
         if name == "repeat_interleave":
@@ -180,7 +184,8 @@ class TokenTracer:
         data = [(x, mapped) for x, mapped in carriers if x in self.data_dependent]
         positional = [(x, mapped) for x, mapped in carriers if x not in self.data_dependent]
         traced = [self.trace(operand, mapped) for operand, mapped in (data or positional)]
-        if not traced or any(not self._parallel(traced[0], t) for t in traced[1:]):
+        agree = self._parallel if data else self.same
+        if not traced or any(not agree(traced[0], t) for t in traced[1:]):
             return self._origin(node, dims)
         if data:
             for operand, mapped in positional:

@@ -4,10 +4,10 @@ The query's token provenance (tokens.TokenTracer, walking through projections, r
 ends in origins. An origin is the video grid when it is the output of the patch-embedding convolution, or a reshape
 of it that splits frames out of the batch (CogVideoX runs a Conv2d over batch*frames): its token dims must be the
 convolution's spatial dims in order, after at most one leading frames dim. Packed tokens (an input already shaped
-[B, F*H*W, C]) are a grid when a positional table combined elementwise with exactly those positions (RoPE) was
-computed from a coordinate grid: `stack(meshgrid(a_1, ..., a_n, indexing="ij"))` flattened in row-major order, so
-token i carries the coordinates of the i-th point of the a_1 x ... x a_n grid (n = 3: frames first, as every
-diffusers video RoPE orders its axes; n = 2: one frame). Tokens patchified by reshapes and a linear are a grid when
+[B, F*H*W, C]) are a grid when a positional table combined elementwise with exactly those positions (RoPE) is,
+before its flattening, a value no input reaches whose three dims index those positions row-major (LTX's
+`stack(meshgrid(f, h, w))`, Qwen-Image's per-axis tables expanded to [F, H, W, D]): token i then carries the
+position of the i-th point of that grid (frames first, as every diffusers video RoPE orders its axes). Tokens patchified by reshapes and a linear are a grid when
 their dims index three non-batch axes of one input, in order (axes.py). Every other origin is text. The layout is accepted only
 when sympy proves that the segments' lengths sum to S; the layout is then the ordered list of text and grid
 segments, and when there is exactly one grid also `S == text_before + F*H*W + text_after` (the planners' form).
@@ -81,35 +81,33 @@ def video_grid(sizes: Sizes, segment: Segment) -> Optional[Grid]:
 
 
 def coordinate_grid(sizes: Sizes, tracer: TokenTracer, segment: Segment) -> Optional[Grid]:
-    """The grid of packed tokens, from the coordinate grid of a positional table met at exactly their positions."""
+    """The grid of packed tokens, from a positional table met at exactly their positions (tokens.TokenTracer.aligned)
+    whose tokens are three dims of a value no input reaches, e.g. stack(meshgrid(f, h, w)) or Qwen-Image's
+    per-axis frequency tables expanded to [F, H, W, D]."""
     for tokens, position in tracer.aligned.get((segment.origin, segment.dims), []):
         if Sizes.equal(tokens.start, segment.start) and Sizes.equal(tokens.stop, segment.stop):
-            grid = _meshgrid_axes(sizes, position)
+            grid = _positional_axes(sizes, tracer, position)
             if grid is not None:
                 return grid
     return None
 
 
-def _meshgrid_axes(sizes: Sizes, position: Segment) -> Optional[Grid]:
-    """F x H x W when `position` is the whole of stack(meshgrid(f, h, w, indexing="ij")) over its grid dims."""
+def _positional_axes(sizes: Sizes, tracer: TokenTracer, position: Segment) -> Optional[Grid]:
+    """F x H x W when `position` is the whole of three dims of a positional value (row-major, frames first); two
+    dims right after a unit dim are one frame (the flatten dropped the unit frames dim)."""
     origin = position.origin
-    if op_name(origin) != "stack":
+    if origin in tracer.data_dependent or not Sizes.equal(position.start, 0):
         return None
-    stacked = arg(origin, 0, "tensors")
-    meshgrid = stacked[0].args[0] if op_name(stacked[0]) == "getitem" else None
-    if meshgrid is None or op_name(meshgrid) != "meshgrid" or meshgrid.kwargs.get("indexing", "ij") != "ij":
-        return None
-    if [(op_name(t), t.args[0], t.args[1]) for t in stacked] != [("getitem", meshgrid, i) for i in range(len(stacked))]:
-        return None  # the axes, each once, in the meshgrid's order
     shape = sizes.shape(origin)
-    new_dim = arg(origin, 1, "dim", 0) % len(shape)
-    axes = tuple(d for d in range(len(shape)) if d != new_dim)
-    if position.dims != axes or len(axes) not in (2, 3) or not Sizes.equal(position.start, 0) or \
-            not Sizes.equal(position.stop, sympy.Mul(*[shape[d] for d in axes])):
+    dims = position.dims
+    if len(dims) == 2 and dims[0] > 0 and shape[dims[0] - 1] == 1 and dims[1] == dims[0] + 1:
+        dims = (dims[0] - 1,) + dims
+    if len(dims) != 3:
         return None
-    dims = ([None] if len(axes) == 2 else []) + [(origin, d) for d in axes]
-    exprs = tuple(sympy.Integer(1) if d is None else shape[d[1]] for d in dims)
-    return Grid(exprs, tuple(None if d is None else Sizes.ref(e, d[0], d[1]) for d, e in zip(dims, exprs)))
+    exprs = tuple(shape[d] for d in dims)
+    if not Sizes.equal(position.stop, sympy.Mul(*exprs)):
+        return None
+    return Grid(exprs, tuple(Sizes.ref(e, origin, d) for d, e in zip(dims, exprs)))
 
 
 def label_grid(labels: dict, segment: Segment) -> Optional[Grid]:
