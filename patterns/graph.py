@@ -166,15 +166,17 @@ def dataflow_dag(gm: fx.GraphModule, tensors_only: bool = False) -> nx.DiGraph:
     """The graph's dataflow as a networkx DAG on node names.
 
     In-place writes count as dataflow: `setitem(t, ...)` gets an edge to every later reader of `t` (Wan's RoPE fills
-    an `empty_like` buffer that way). With `tensors_only`, edges out of symbolic sizes are left out: a block that
+    an `empty_like` buffer that way). Inputs read only for their dtype or device (`type_as`, `to(other)`) are not.
+    With `tensors_only`, edges out of symbolic sizes are left out: a block that
     reads a size of the latent does not take its values.
     """
     dag = nx.DiGraph()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         dag.add_node(node.name)
+        metadata = _metadata_only_inputs(node)
         for source in node.all_input_nodes:
-            if tensors_only and not _carries_tensor(source):
+            if (tensors_only and not _carries_tensor(source)) or source in metadata:
                 continue
             dag.add_edge(source.name, node.name)
         if op_name(node) in ("setitem", "copy_") and node.args and isinstance(node.args[0], fx.Node):
@@ -183,6 +185,15 @@ def dataflow_dag(gm: fx.GraphModule, tensors_only: bool = False) -> nx.DiGraph:
                 if order[reader] > order[node]:
                     dag.add_edge(node.name, reader.name)
     return dag
+
+
+def _metadata_only_inputs(node: fx.Node) -> set:
+    """Inputs a call reads only the dtype or device of: `x.type_as(other)`, `x.to(other)` (Cosmos casts its
+    timestep embedding to the latent's dtype; that is no dataflow from the latent)."""
+    if op_name(node) in ("type_as", "to") and len(node.args) > 1 and isinstance(node.args[1], fx.Node) and \
+            isinstance(node.args[1].meta.get("example_value"), torch.Tensor):
+        return {node.args[1]}
+    return set()
 
 
 def _carries_tensor(node: fx.Node) -> bool:

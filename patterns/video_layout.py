@@ -7,10 +7,11 @@ convolution's spatial dims in order, after at most one leading frames dim. Packe
 [B, F*H*W, C]) are a grid when a positional table combined elementwise with exactly those positions (RoPE) is,
 before its flattening, a value no input reaches whose three dims index those positions row-major (LTX's
 `stack(meshgrid(f, h, w))`, Qwen-Image's per-axis tables expanded to [F, H, W, D]): token i then carries the
-position of the i-th point of that grid (frames first, as every diffusers video RoPE orders its axes). Tokens patchified by reshapes and a linear are a grid when
-their dims index three non-batch axes of one input, in order (axes.py). Every other origin is text. The layout is accepted only
-when sympy proves that the segments' lengths sum to S; the layout is then the ordered list of text and grid
-segments, and when there is exactly one grid also `S == text_before + F*H*W + text_after` (the planners' form).
+position of the i-th point of that grid (frames first, as every diffusers video RoPE orders its axes). Tokens
+patchified by reshapes and a linear are a grid when their dims index three non-batch axes of one input, in order
+(axes.py). Every other origin is text. The layout is accepted only when sympy proves that the segments' lengths sum
+to S; the layout is then the ordered list of text and grid segments, and when there is exactly one grid also
+`S == text_before + F*H*W + text_after` (the planners' form).
 """
 from __future__ import annotations
 
