@@ -167,8 +167,8 @@ def dataflow_dag(gm: fx.GraphModule, tensors_only: bool = False) -> nx.DiGraph:
 
     In-place writes count as dataflow: `setitem(t, ...)` gets an edge to every later reader of `t` (Wan's RoPE fills
     an `empty_like` buffer that way). Inputs read only for their dtype or device (`type_as`, `to(other)`) are not.
-    With `tensors_only`, edges out of symbolic sizes are left out: a block that
-    reads a size of the latent does not take its values.
+    With `tensors_only`, edges out of symbolic sizes are left out: a block that reads a size of the latent does not
+    take its values.
     """
     dag = nx.DiGraph()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}

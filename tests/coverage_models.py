@@ -265,6 +265,38 @@ def wan_animate(head_dim=64, frames=2, height=10, width=14):
     return model, inputs, Truth("full3d", (frames + 1, height // 2, width // 2))
 
 
+def chronoedit(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import ChronoEditTransformer3DModel
+    model = ChronoEditTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                         in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32,
+                                         num_layers=2, rope_max_seq_len=32)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def consisid(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import ConsisIDTransformer3DModel
+    model = ConsisIDTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
+        text_embed_dim=32, num_layers=2, sample_width=width, sample_height=height, sample_frames=4 * (frames - 1) + 1,
+        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT)
+    inputs = dict(hidden_states=torch.randn(1, frames, 4, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def motif_video(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import MotifVideoTransformer3DModel
+    model = MotifVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=head_dim, num_layers=1,
+        num_single_layers=1, mlp_ratio=1.0, patch_size=2, patch_size_t=1, text_embed_dim=32,
+        rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), encoder_attention_mask=torch.ones(1, TEXT))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
 def flux(head_dim=64, frames=1, height=5, width=7):
     from diffusers import FluxTransformer2DModel
     model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
@@ -303,7 +335,8 @@ def qwen_image(head_dim=64, frames=1, height=5, width=7):
 
 BUILDERS: dict[str, Callable] = {f.__name__: f for f in (
     wan, wan_vace, wan_animate, skyreels_v2, hunyuan_video, hunyuan_video15, hunyuan_framepack, cogvideox, cogvideox15,
-    ltx_video, ltx2_video, mochi, allegro, cosmos, easyanimate, sana_video, kandinsky5, latte, flux, sd3, qwen_image)}
+    ltx_video, ltx2_video, mochi, allegro, cosmos, easyanimate, sana_video, kandinsky5, latte, chronoedit, consisid,
+    motif_video, flux, sd3, qwen_image)}
 
 
 # --- measuring a model ------------------------------------------------------------------------------------------
@@ -412,20 +445,31 @@ def grid_of(site: dict) -> Optional[tuple]:
 
 
 def table(rows: list[Measured]) -> str:
-    """The README's coverage table: one row per measured model."""
+    """The README's coverage table: one row per measured model (sites and decisions of the sparse run)."""
     lines = ["| model | sites | grid | stacks | sparse | cache |", "|---|---|---|---|---|---|"]
     for m in rows:
         if not m.compiled:
-            lines.append(f"| {m.model} | — | — | — | dense: {'; '.join(m.errors.values())} | — |")
+            why = next(iter(m.errors.values()))
+            lines.append(f"| {m.model} ({m.name}) | — | — | — | no graph: {_cell(why)} | — |")
             continue
-        grids = sorted({grid_of(s) for s in m.sites if grid_of(s)})
-        grid = ", ".join("x".join(map(str, g)) for g in grids) or "none"
+        self_sites = sum(s["self_attention"] for s in m.sites)
+        grids = {}
+        for s in m.sites:
+            if grid_of(s):
+                grids.setdefault("x".join(map(str, grid_of(s))), set()).add(s["layout"]["attention"])
+        grid = ", ".join(f"{g}" + ("" if kinds == {"full"} else f" ({'/'.join(sorted(kinds))})")
+                         for g, kinds in grids.items()) or "none"
         stacks = ", ".join(f"{s['name']} ({len(s['blocks'])})" for s in m.stacks) or "none"
         sparse = sum(s["rewritten"] for s in m.sites)
-        dense_reasons = sorted({s["decision_reason"] for s in m.sites if not s["rewritten"]})
-        why = "; ".join(f"dense: {r}" for r in dense_reasons if "self-attention" in r or "layout" in r)
-        cache = f"fails: {m.errors['cache']}" if "cache" in m.errors else (
-            "yes" if not m.cache_notes else "yes (" + "; ".join(m.cache_notes) + ")")
-        lines.append(f"| {m.model} | {len(m.sites)} | {grid} | {stacks} | {sparse}/{len(m.sites)}"
-                     f"{' — ' + why if why and not sparse else ''} | {cache} |")
+        main_dense = sorted({s["decision_reason"] for s in m.sites if s["layer"] is not None and not s["rewritten"]
+                             and not s["decision_reason"].startswith("cross-attention")})
+        why = f": {_cell(main_dense[0])}" if not sparse and main_dense else ""
+        cache = f"no: {_cell(m.errors['cache'])}" if "cache" in m.errors else "yes"
+        lines.append(f"| {m.model} ({m.name}) | {len(m.sites)} ({self_sites} self) | {grid} | {stacks} | "
+                     f"{sparse}/{len(m.sites)}{why} | {cache} |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str, limit: int = 160) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 1] + "…"

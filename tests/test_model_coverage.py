@@ -38,6 +38,8 @@ NO_SPARSE = {  # full-3D or image models whose self-attention stays dense -> the
     # several patch grids (the latents and the clean history latents at other scales) in one sequence whose
     # prompt part has a data-dependent length: the lengths cannot be proven
     "hunyuan_framepack": ("cannot prove",),
+    # the key mask is the prompt mask input padded with the video tokens: an input is not provably a prefix
+    "motif_video": ("cannot show that the valid keys of attn_mask form a prefix",),
 }
 TOLERANCE = 1e-4  # fp32, block-sparse at density 1 vs dense SDPA
 
