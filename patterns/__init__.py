@@ -1,8 +1,9 @@
 """Recognizers over the Dynamo FX graph of a video DiT: `analyze(gm, example_inputs) -> GraphAnalysis`.
 
-One file per recognizer (see README.md): attention.py (sites, self/cross, masks), video_layout.py (token grid),
-block_stack.py (stacks, residual entry/exit, head/stack/tail partition), timestep.py; tokens.py is the token
-provenance walk that attention and layout share, graph.py the helpers all share. None of them mutates the graph.
+One file per recognizer (see README.md): attention.py (sites, self/cross, masks), video_layout.py (token layout),
+axes.py (axis labels, factorized attention), block_stack.py (stacks, residual entry/exit, head/stack/tail
+partition), timestep.py; tokens.py is the token provenance walk that attention and layout share, graph.py the
+helpers all share. None of them mutates the graph.
 """
 from __future__ import annotations
 

@@ -286,14 +286,15 @@ def consisid(head_dim=64, frames=2, height=10, width=14):
     return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
 
 
-def motif_video(head_dim=64, frames=2, height=10, width=14):
+def motif_video(head_dim=64, frames=2, height=10, width=14, prompt_mask=True):
     from diffusers import MotifVideoTransformer3DModel
     model = MotifVideoTransformer3DModel(
         in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=head_dim, num_layers=1,
         num_single_layers=1, mlp_ratio=1.0, patch_size=2, patch_size_t=1, text_embed_dim=32,
         rope_axes_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
     inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500]),
-                  encoder_hidden_states=torch.randn(1, TEXT, 32), encoder_attention_mask=torch.ones(1, TEXT))
+                  encoder_hidden_states=torch.randn(1, TEXT, 32),
+                  encoder_attention_mask=torch.ones(1, TEXT) if prompt_mask else None)
     return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
 
 
@@ -322,13 +323,13 @@ def sd3(head_dim=64, frames=1, height=10, width=14):
     return model, inputs, Truth("image", (1, height // 2, width // 2))
 
 
-def qwen_image(head_dim=64, frames=1, height=5, width=7):
+def qwen_image(head_dim=64, frames=1, height=5, width=7, prompt_mask=True):
     from diffusers import QwenImageTransformer2DModel
     model = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                         attention_head_dim=head_dim, num_attention_heads=2, joint_attention_dim=32,
                                         axes_dims_rope=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
     inputs = dict(hidden_states=torch.randn(1, height * width, 16), encoder_hidden_states=torch.randn(1, TEXT, 32),
-                  encoder_hidden_states_mask=torch.ones(1, TEXT), timestep=torch.tensor([0.5]),
+                  encoder_hidden_states_mask=torch.ones(1, TEXT) if prompt_mask else None, timestep=torch.tensor([0.5]),
                   img_shapes=[(1, height, width)])
     return model, inputs, Truth("image", (1, height, width))
 
@@ -390,7 +391,7 @@ def _analysis(dump_dir):
     return json.loads((graphs[0] / "analysis.json").read_text())
 
 
-def measure(name: str, workdir, head_dim: int = 64, cheap: bool = True) -> Measured:
+def measure(name: str, workdir, head_dim: int = 64, cheap: bool = True, **build_args) -> Measured:
     """Build `name`, compile it with backend="vsparse" (fullgraph) sparse at density 1 and dense with the cache
     split; `cheap` hands the pieces to CHEAP_COMPILERS instead of Inductor (dit_compiler.backend._compile)."""
     from pathlib import Path
@@ -398,7 +399,7 @@ def measure(name: str, workdir, head_dim: int = 64, cheap: bool = True) -> Measu
 
     from dit_compiler import backend
     torch.manual_seed(0)
-    model, inputs, truth = BUILDERS[name](head_dim=head_dim)
+    model, inputs, truth = BUILDERS[name](head_dim=head_dim, **build_args)
     model.eval()
     result = Measured(name, type(model).__name__, truth, errors={})
     expected = _run(model, inputs)

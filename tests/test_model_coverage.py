@@ -116,6 +116,13 @@ def assert_true_reason(site, truth):
         assert layout is None, reason
 
 
+@pytest.mark.parametrize("name", ["motif_video", "qwen_image"])
+def test_without_a_prompt_mask_the_masked_models_go_sparse(name, tmp_path):
+    m = measure(name, tmp_path, prompt_mask=False)
+    assert m.compiled and m.sparse_error <= TOLERANCE
+    assert all(s["rewritten"] for s in m.sites if s["layer"] is not None), [s["decision_reason"] for s in m.sites]
+
+
 def test_packed_tokens_through_inductor(tmp_path):
     """LTX-Video's packed tokens through the real compile path: Inductor, block-sparse rewrite at density 1."""
     torch.manual_seed(0)
