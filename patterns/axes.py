@@ -155,7 +155,13 @@ def _patch_conv(node: fx.Node, sizes: Sizes, source: Optional[Labels]) -> Option
         return None
     out = [source[0], None]
     for d, (size, step) in enumerate(zip(sizes.shape(node)[2:], stride)):
-        out.append(_split(list(source[2 + d]) if source[2 + d] is not None else None, [size, step])[0])
+        factors = source[2 + d]
+        # Output index o covers input pixels o*step ... o*step + step - 1: the outer factor of the axis (also when
+        # a symbolic size is not provably a multiple of the stride: the remainder is dropped).
+        if factors is not None and len(factors) == 1:
+            out.append((Factor(factors[0].axis, size, factors[0].inner * step),))
+        else:
+            out.append(_split(list(factors) if factors is not None else None, [size, step])[0])
     return tuple(out)
 
 

@@ -383,12 +383,16 @@ def _run(compiled, inputs):
 
 
 def _analysis(dump_dir):
-    import json
     from pathlib import Path
     graphs = sorted(Path(dump_dir).iterdir())
     if len(graphs) != 1:
         raise AssertionError(f"expected one compiled graph in {dump_dir}, found {[g.name for g in graphs]}")
-    return json.loads((graphs[0] / "analysis.json").read_text())
+    return _analysis_of(graphs[0])
+
+
+def _analysis_of(graph_dir):
+    import json
+    return json.loads((graph_dir / "analysis.json").read_text())
 
 
 def measure(name: str, workdir, head_dim: int = 64, cheap: bool = True, **build_args) -> Measured:

@@ -5,12 +5,14 @@ says why, truthfully. Instead of Inductor, the sparse run's pieces go through AO
 dense / cache runs' pieces run as captured (coverage_models.CHEAP_COMPILERS); one model goes through Inductor.
 `VSPARSE_COVERAGE_TABLE=path` writes the README's coverage table from this run (scripts/coverage_table.py)."""
 import os
+from unittest import mock
 
 import pytest
 import torch
 
 import coverage_models
 from coverage_models import BUILDERS, grid_of, measure, table
+from dit_compiler import backend
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +123,27 @@ def test_without_a_prompt_mask_the_masked_models_go_sparse(name, tmp_path):
     m = measure(name, tmp_path, prompt_mask=False)
     assert m.compiled and m.sparse_error <= TOLERANCE
     assert all(s["rewritten"] for s in m.sites if s["layer"] is not None), [s["decision_reason"] for s in m.sites]
+
+
+@pytest.mark.parametrize("name,attention", [("ltx_video", "full"), ("latte", "spatial")])
+def test_symbolic_sizes(name, attention, tmp_path):
+    """dynamic=True: packed tokens still get their grid (read off the RoPE coordinates) and go sparse; factorized
+    attention is still recognized. The grids are symbolic, so only the attention kind and sparsity are compared."""
+    torch.manual_seed(0)
+    model, inputs, truth = BUILDERS[name]()
+    model.eval()
+    expected = coverage_models._run(model, inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="vsparse", fullgraph=True, dynamic=True, options=dict(
+        sparsity="draft", density=1.0, block_size=64, dense_layers=0, dense_steps=0.0, dump_dir=str(tmp_path)))
+    with mock.patch.object(backend, "_compile", coverage_models._aot_eager):
+        out = coverage_models._run(compiled, inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    (graph,) = [g for g in tmp_path.iterdir() if (g / "analysis.json").exists()]
+    sites = [s for s in coverage_models._analysis_of(graph)["sites"] if s["self_attention"]]
+    assert sites and all(s["layout"]["attention"] in (attention, "temporal") for s in sites)
+    assert all(isinstance(s["layout"]["frames"], str) for s in sites)  # symbolic, not specialized
+    assert all(s["rewritten"] == (attention == "full") for s in sites), [s["decision_reason"] for s in sites]
 
 
 def test_packed_tokens_through_inductor(tmp_path):
