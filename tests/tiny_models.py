@@ -203,3 +203,32 @@ class PositionalQKAttention(torch.nn.Module):
 def positional_qk(frames=2, height=4, width=6, seed=0):
     torch.manual_seed(seed)
     return PositionalQKAttention().eval(), dict(hidden_states=torch.randn(1, 4, frames, height, width))
+
+
+class TwoGridAttention(torch.nn.Module):
+    """One self-attention over prompt tokens, the patch grid of a latent and the coarser patch grid of a history
+    latent (its own patch embedding), as FramePack joins latents of several scales in one sequence."""
+
+    def __init__(self, channels=4, dim=32, heads=2, text_dim=16):
+        super().__init__()
+        self.heads = heads
+        self.patches = _Patches(channels, dim)
+        self.history = torch.nn.Conv3d(channels, dim, (2, 4, 4), stride=(2, 4, 4))
+        self.text = torch.nn.Linear(text_dim, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, hidden_states, history, encoder_hidden_states):
+        x = torch.cat([self.text(encoder_hidden_states), self.patches(hidden_states),
+                       self.history(history).flatten(2).transpose(1, 2)], dim=1)
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return (out.transpose(1, 2).reshape(b, s, d),)
+
+
+def two_grids(frames=2, height=6, width=10, history_frames=4, text=3, seed=0):
+    torch.manual_seed(seed)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width),
+                  history=torch.randn(1, 4, history_frames, 2 * height, 2 * width),
+                  encoder_hidden_states=torch.randn(1, text, 16))
+    return TwoGridAttention().eval(), inputs
