@@ -379,4 +379,5 @@ def _describe_segment(segment, tracer: TokenTracer) -> str:
         what = f"positions ({origin.name}, computed from no floating-point input)"
     else:
         what = origin.name
-    return f"{what}[{Sizes.report(segment.start)}:{Sizes.report(segment.stop)}]"
+    picked = f" picked by {segment.selected_by.name}" if segment.selected_by is not None else ""
+    return f"{what}[{Sizes.report(segment.start)}:{Sizes.report(segment.stop)}]{picked}"

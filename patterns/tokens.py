@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import sympy
+import torch
 import torch.fx as fx
 
 from .graph import PASSTHROUGH_OPS, RESHAPE_OPS, Sizes, arg, einsum_spec, op_name, tensor_of
@@ -51,6 +52,9 @@ class Segment:
     dims: tuple[int, ...]
     start: sympy.Expr
     stop: sympy.Expr
+    # The 1-D index tensor that picked these tokens out of the whole origin (Mochi keeps the valid prompt tokens of
+    # q, k and v with one shared index): start/stop then count picked tokens.
+    selected_by: Optional[fx.Node] = None
 
     @property
     def length(self) -> sympy.Expr:
@@ -83,7 +87,7 @@ class TokenTracer:
     def same(self, a: Segments, b: Segments) -> bool:
         return len(a) == len(b) and all(
             x.origin is y.origin and x.dims == y.dims and Sizes.equal(x.start, y.start) and Sizes.equal(x.stop, y.stop)
-            for x, y in zip(a, b)
+            and x.selected_by is y.selected_by for x, y in zip(a, b)
         )
 
     # --- the walk -------------------------------------------------------------------------------------------------
@@ -274,7 +278,7 @@ class TokenTracer:
             return self._origin(node, dims)
         mapping = _index_mapping(index, tensor_of(source).dim())
         if mapping is None:
-            return self._origin(node, dims)
+            return self._selection(node, source, index, dims)
         out_to_in, slices = mapping
         in_dims = tuple(out_to_in[d] for d in dims)
         if any(d is None for d in in_dims):
@@ -287,6 +291,25 @@ class TokenTracer:
         size = self.sizes.shape(source)[in_dims[0]]
         lo, hi = self._slice_bounds(sliced[in_dims[0]], size)
         return self._slice(self.trace(source, in_dims), lo, hi)
+
+    def _selection(self, node: fx.Node, source: fx.Node, index: Any, dims: tuple[int, ...]) -> Segments:
+        """x[..., idx, ...] with one 1-D integer index tensor on the token dim (slices elsewhere): the picked tokens
+        of the source, when the source's tokens there are one whole run."""
+        items = list(index) if isinstance(index, tuple) else [index]
+        tensors = [i for i, item in enumerate(items) if isinstance(item, fx.Node)]
+        if len(tensors) != 1 or any(not isinstance(item, slice) for i, item in enumerate(items) if i != tensors[0]):
+            return self._origin(node, dims)
+        picker = items[tensors[0]]
+        value = tensor_of(picker)
+        if value is None or value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool or \
+                dims != (tensors[0],):
+            return self._origin(node, dims)
+        traced = self.trace(source, dims)
+        whole = self.sizes.shape(source)[dims[0]]
+        if len(traced) != 1 or traced[0].selected_by is not None or not Sizes.equal(traced[0].start, 0) or \
+                not Sizes.equal(traced[0].stop, whole):
+            return self._origin(node, dims)
+        return (Segment(traced[0].origin, traced[0].dims, sympy.Integer(0), self.sizes.shape(picker)[0], picker),)
 
     def _piece(self, node: fx.Node, source: fx.Node, index: int, dims: tuple[int, ...]) -> Segments:
         tensor = source.args[0]
@@ -347,7 +370,7 @@ class TokenTracer:
             stop = hi if self.sizes.hint(hi) < self.sizes.hint(end) else end
             if self.sizes.hint(stop) > self.sizes.hint(start):
                 out.append(Segment(s.origin, s.dims, sympy.simplify(s.start + start - offset),
-                                   sympy.simplify(s.start + stop - offset)))
+                                   sympy.simplify(s.start + stop - offset), s.selected_by))
             offset = end
         return tuple(out)
 
@@ -355,7 +378,8 @@ class TokenTracer:
         merged: list[Segment] = []
         for s in segments:
             last = merged[-1] if merged else None
-            if last is not None and last.origin is s.origin and last.dims == s.dims and Sizes.equal(last.stop, s.start):
+            if last is not None and last.origin is s.origin and last.dims == s.dims and Sizes.equal(last.stop, s.start) \
+                    and last.selected_by is None and s.selected_by is None:
                 merged[-1] = Segment(s.origin, s.dims, last.start, s.stop)
             else:
                 merged.append(s)

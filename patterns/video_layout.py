@@ -168,6 +168,8 @@ def _text_ref(segments: Segments, length: sympy.Expr) -> Optional[DimRef]:
     if len(segments) != 1 or len(segments[0].dims) != 1:
         return None
     segment = segments[0]
+    if segment.selected_by is not None:  # as many tokens as the index tensor picks
+        return Sizes.ref(length, segment.selected_by, 0)
     whole = Sizes.expr(segment.origin.meta["example_value"].shape[segment.dims[0]])
     if not Sizes.equal(segment.start, 0) or not Sizes.equal(segment.stop, whole):
         return None

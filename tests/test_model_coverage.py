@@ -27,9 +27,6 @@ COMPILE_FAILS = {  # the run it fails in -> the message it fails with
     "hunyuan_framepack": {"cache": "cycle exists between partitions"},
 }
 NO_SPARSE = {  # full-3D or image models whose self-attention stays dense -> the reasons their main-stack sites give
-    # the prompt tokens are selected per projection with a data-dependent index (valid tokens only), so q, k and v
-    # do not provably hold the same tokens
-    "mochi": ("not self-attention over one token stream",),
     # linear attention (no softmax) for self-attention: only the text cross-attention is an attention site
     "sana_video": ("cross-attention",),
     # the RoPE table comes from the img_ids / txt_ids inputs (float coordinates), so it counts as a token stream:
