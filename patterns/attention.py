@@ -361,9 +361,11 @@ def _self_attention(raw: RawSite, sizes: Sizes, tracer: TokenTracer, seq: int) -
     describe = lambda segments: " + ".join(_describe_segment(s, tracer) for s in segments)  # noqa: E731
     q_len, kv_len = sizes.shape(raw.query)[seq], sizes.shape(raw.key)[seq]
     if not Sizes.equal(q_len, kv_len):
-        if tracer.same(q, k):  # data-dependent lengths sympy cannot relate (FramePack's selected prompt tokens)
-            return False, f"cannot prove the query and key lengths equal ({q_len} vs {kv_len}) for tokens {describe(q)}"
-        return False, f"cross-attention: queries from {describe(q)}, keys/values from {describe(k)}"
+        if sizes.hinted(q_len) and sizes.hinted(kv_len) and sizes.hint(q_len) != sizes.hint(kv_len):
+            return False, f"cross-attention: queries from {describe(q)}, keys/values from {describe(k)}"
+        # data-dependent lengths sympy cannot relate (FramePack's prompt, cut to a length computed from its mask)
+        return False, f"cannot prove the query and key lengths equal ({q_len} vs {kv_len}): queries from " \
+                      f"{describe(q)}, keys/values from {describe(k)}"
     if not (tracer.same(q, k) and tracer.same(q, v)):
         return False, f"not self-attention over one token stream: q from {describe(q)}, k from {describe(k)}, " \
                       f"v from {describe(v)}"

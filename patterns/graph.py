@@ -96,9 +96,13 @@ class Sizes:
         """The example value of a size. Data-dependent (unbacked) sizes have none: they take Inductor's own
         fallback for them, which only orders sizes, as every hint does (it never proves anything)."""
         value = sympy.sympify(expr).xreplace(self.var_to_val)
-        if value.free_symbols:
+        if not self.hinted(expr):
             value = value.xreplace({s: _UNBACKED_HINT for s in value.free_symbols})
         return int(value)
+
+    def hinted(self, expr: sympy.Expr) -> bool:
+        """Whether the size has an example value (data-dependent sizes have none)."""
+        return not sympy.sympify(expr).xreplace(self.var_to_val).free_symbols
 
     @staticmethod
     def equal(a: Any, b: Any) -> bool:

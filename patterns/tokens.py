@@ -352,7 +352,7 @@ class TokenTracer:
         def bound(value: Any, default: sympy.Expr) -> sympy.Expr:
             if value is None:
                 return default
-            expr = self.sizes.expr(value)
+            expr = self._ordered(self.sizes.expr(value))
             if self.sizes.hint(expr) < 0:
                 expr = size + expr
             if self.sizes.hint(expr) < 0:
@@ -365,7 +365,7 @@ class TokenTracer:
         """Tokens lo:hi of a sequence made of `segments` (ordered by the example sizes, kept symbolic)."""
         out, offset = [], sympy.Integer(0)
         for s in segments:
-            end = offset + s.length
+            end = self._ordered(offset + s.length)
             start = lo if self.sizes.hint(lo) > self.sizes.hint(offset) else offset
             stop = hi if self.sizes.hint(hi) < self.sizes.hint(end) else end
             if self.sizes.hint(stop) > self.sizes.hint(start):
@@ -373,6 +373,13 @@ class TokenTracer:
                                    sympy.simplify(s.start + stop - offset), s.selected_by))
             offset = end
         return tuple(out)
+
+    def _ordered(self, expr: sympy.Expr) -> sympy.Expr:
+        """`expr`, when its example value can order it against others; a data-dependent size cannot (a slice up to
+        a length computed from a mask, FramePack's prompt): the value sliced is then where its tokens start."""
+        if not self.sizes.hinted(expr):
+            raise TraceFailure(f"data-dependent size {expr} along the tokens")
+        return expr
 
     def _merge(self, segments: Segments) -> Segments:
         merged: list[Segment] = []

@@ -445,8 +445,17 @@ def _first_line(failure: Exception) -> str:
 
 
 def grid_of(site: dict) -> Optional[tuple]:
+    """The site's single grid (planners' form), None without one."""
     layout = site.get("layout")
-    return None if layout is None else tuple(layout[k] for k in ("frames", "height", "width"))
+    if layout is None or layout["frames"] is None:
+        return None
+    return tuple(layout[k] for k in ("frames", "height", "width"))
+
+
+def segment_grids(site: dict) -> list[tuple]:
+    """Every grid segment of the site's layout, in sequence order."""
+    layout = site.get("layout") or {"segments": []}
+    return [(s["frames"], s["height"], s["width"]) for s in layout["segments"] if s["kind"] == "grid"]
 
 
 def table(rows: list[Measured]) -> str:
@@ -462,6 +471,8 @@ def table(rows: list[Measured]) -> str:
         for s in m.sites:
             if grid_of(s):
                 grids.setdefault("x".join(map(str, grid_of(s))), set()).add(s["layout"]["attention"])
+            elif len(segment_grids(s)) > 1:
+                grids.setdefault(" + ".join("x".join(map(str, g)) for g in segment_grids(s)), set()).add("segments")
         grid = ", ".join(f"{g}" + ("" if kinds == {"full"} else f" ({'/'.join(sorted(kinds))})")
                          for g, kinds in grids.items()) or "none"
         stacks = ", ".join(f"{s['name']} ({len(s['blocks'])})" for s in m.stacks) or "none"
