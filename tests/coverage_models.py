@@ -298,6 +298,30 @@ def motif_video(head_dim=64, frames=2, height=10, width=14, prompt_mask=True):
     return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
 
 
+def joyimage_edit(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import JoyImageEditTransformer3DModel
+    model = JoyImageEditTransformer3DModel(patch_size=[1, 2, 2], in_channels=4, out_channels=4,
+                                           hidden_size=_d(head_dim), num_attention_heads=2, text_dim=32,
+                                           mlp_width_ratio=1.0, num_layers=2,
+                                           rope_dim_list=[head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8])
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def kandinsky6(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import Kandinsky6Transformer3DModel
+    model = Kandinsky6Transformer3DModel(in_visual_dim=4, out_visual_dim=4, in_text_dim=32, in_text_dim2=16,
+                                         time_dim=16, patch_size=(1, 2, 2), model_dim=_d(head_dim), ff_dim=64,
+                                         num_text_blocks=1, num_visual_blocks=2, visual_cond=False,
+                                         axes_dims=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
+    grid = (frames, height // 2, width // 2)
+    inputs = dict(hidden_states=torch.randn(1, frames, height, width, 4),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), pooled_projections=torch.randn(1, 16),
+                  timestep=torch.tensor([500.0]), visual_rope_pos=tuple(torch.arange(n) for n in grid))
+    return model, inputs, Truth("full3d", grid)
+
+
 def flux(head_dim=64, frames=1, height=5, width=7):
     from diffusers import FluxTransformer2DModel
     model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
@@ -336,8 +360,8 @@ def qwen_image(head_dim=64, frames=1, height=5, width=7, prompt_mask=True):
 
 BUILDERS: dict[str, Callable] = {f.__name__: f for f in (
     wan, wan_vace, wan_animate, skyreels_v2, hunyuan_video, hunyuan_video15, hunyuan_framepack, cogvideox, cogvideox15,
-    ltx_video, ltx2_video, mochi, allegro, cosmos, easyanimate, sana_video, kandinsky5, latte, chronoedit, consisid,
-    motif_video, flux, sd3, qwen_image)}
+    ltx_video, ltx2_video, mochi, allegro, cosmos, easyanimate, sana_video, kandinsky5, kandinsky6, latte, chronoedit,
+    consisid, motif_video, joyimage_edit, flux, sd3, qwen_image)}
 
 
 # --- measuring a model ------------------------------------------------------------------------------------------
