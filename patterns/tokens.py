@@ -384,6 +384,8 @@ class TokenTracer:
     def _merge(self, segments: Segments) -> Segments:
         merged: list[Segment] = []
         for s in segments:
+            if Sizes.equal(s.length, 0):
+                continue  # an empty run (Helios cats an empty history part) holds no tokens
             last = merged[-1] if merged else None
             if last is not None and last.origin is s.origin and last.dims == s.dims and Sizes.equal(last.stop, s.start) \
                     and last.selected_by is None and s.selected_by is None:

@@ -298,6 +298,16 @@ def motif_video(head_dim=64, frames=2, height=10, width=14, prompt_mask=True):
     return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
 
 
+def helios(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import HeliosTransformer3DModel
+    model = HeliosTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                     in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2,
+                                     rope_dim=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
 def joyimage_edit(head_dim=64, frames=2, height=10, width=14):
     from diffusers import JoyImageEditTransformer3DModel
     model = JoyImageEditTransformer3DModel(patch_size=[1, 2, 2], in_channels=4, out_channels=4,
@@ -361,7 +371,7 @@ def qwen_image(head_dim=64, frames=1, height=5, width=7, prompt_mask=True):
 BUILDERS: dict[str, Callable] = {f.__name__: f for f in (
     wan, wan_vace, wan_animate, skyreels_v2, hunyuan_video, hunyuan_video15, hunyuan_framepack, cogvideox, cogvideox15,
     ltx_video, ltx2_video, mochi, allegro, cosmos, easyanimate, sana_video, kandinsky5, kandinsky6, latte, chronoedit,
-    consisid, motif_video, joyimage_edit, flux, sd3, qwen_image)}
+    consisid, motif_video, helios, joyimage_edit, flux, sd3, qwen_image)}
 
 
 # --- measuring a model ------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ COMPILE_FAILS = {  # the run it fails in -> the message it fails with
                         "dense": "Data-dependent branching"},
     # split_module refuses the head / stack / tail split: an autocast region spans the pieces
     "mochi": {"cache": "autocast or set_grad_enabled require monotonically increasing partitions"},
+    "helios": {"cache": "autocast or set_grad_enabled require monotonically increasing partitions"},
     # the data-dependent token counts (the history latents' sizes) make the split pieces cyclic
     "hunyuan_framepack": {"cache": "cycle exists between partitions"},
 }
