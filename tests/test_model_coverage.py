@@ -14,8 +14,6 @@ import coverage_models
 from coverage_models import BUILDERS, grid_of, measure, segment_grids, table
 from dit_compiler import backend
 
-pytestmark = pytest.mark.slow
-
 # What does not work, per model, and why (each is asserted, so a fix or a new failure shows up here).
 COMPILE_FAILS = {  # the run it fails in -> the message it fails with
     # diffusers branches on a tensor value (the image-embedding mask) inside forward: Dynamo cannot capture one graph
@@ -147,6 +145,7 @@ def test_symbolic_sizes(name, attention, tmp_path):
     assert all(s["rewritten"] == (attention == "full") for s in sites), [s["decision_reason"] for s in sites]
 
 
+@pytest.mark.slow
 def test_packed_tokens_through_inductor(tmp_path):
     """LTX-Video's packed tokens through the real compile path: Inductor, block-sparse rewrite at density 1."""
     torch.manual_seed(0)
