@@ -61,7 +61,7 @@ def _analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> Gra
             seq_dim = len(site.q_shape) - 2
             split = factorized(labels, nodes[site.query], 0, seq_dim)
             if split is not None:
-                site.layout = _factorized_layout(split, site.q_shape[0], site.q_shape[seq_dim])
+                site.layout = _factorized_layout(split, site.query, site.q_shape[0], site.q_shape[seq_dim])
                 blockers.append(_factorized_reason(site.layout))
             else:
                 try:
@@ -85,12 +85,13 @@ def _analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> Gra
                          timestep_index=timestep_index, notes=notes + timestep_notes)
 
 
-def _factorized_layout(split, batch, seq) -> VideoLayout:
+def _factorized_layout(split, query: str, batch, seq) -> VideoLayout:
+    """The whole grid of a factorized site; its sequence is one axis set of it (axis labels, not a sum)."""
     frames, height, width = (Sizes.report(e) for e in split.grid)
     per_row = "frames" if split.attention == "temporal" else "height*width"
     proof = f"{Sizes.report(seq)} == {per_row} of the {frames}x{height}x{width} grid, the rest in batch " \
             f"{Sizes.report(batch)}"
-    grid = LayoutSegment("grid", Sizes.report(seq), "", frames, height, width)
+    grid = LayoutSegment("grid", Sizes.report(seq), query, frames, height, width)
     return VideoLayout(frames, height, width, 0, 0, proof, {}, [grid], split.attention)
 
 
