@@ -70,9 +70,7 @@ class SiteDecision:
 
 
 def _why_dense(site: AttentionSite, opts: Options) -> Optional[str]:
-    if not site.self_attention:
-        return "cross-attention (keys are text tokens): stays dense"
-    if not site.eligible:
+    if not site.eligible:  # the reason names what q, k and v come from when it is not self-attention
         return site.reason or "not eligible"
     if site.layer is not None and site.layer < opts.dense_layers:
         return f"layer {site.layer} < dense_layers={opts.dense_layers}"

@@ -306,7 +306,7 @@ def _broadcast_over_keys(node: Any) -> bool:
     if not isinstance(node, fx.Node):
         return _number(node) is not None
     value = tensor_of(node)
-    return value is not None and (value.dim() == 0 or value.shape[-1] == 1)
+    return value is not None and (value.dim() == 0 or Sizes.expr(value.shape[-1]) == 1)
 
 
 def key_padding_lengths(mask: torch.Tensor, batch: Optional[int] = None) -> torch.Tensor:
@@ -358,9 +358,28 @@ def _self_attention(raw: RawSite, sizes: Sizes, tracer: TokenTracer, seq: int) -
         q, k, v = (tracer.trace(x, (seq,)) for x in (raw.query, raw.key, raw.value))
     except TraceFailure as failure:
         return False, f"cannot trace the tokens of q/k/v: {failure}"
-    describe = lambda segments: " + ".join(f"{s.origin.name}[{s.start}:{s.stop}]" for s in segments)  # noqa: E731
-    if not Sizes.equal(sizes.shape(raw.query)[seq], sizes.shape(raw.key)[seq]):
-        return False, f"cross-attention: queries from {describe(q)}, keys/values from {describe(k)}"
+    describe = lambda segments: " + ".join(_describe_segment(s, tracer) for s in segments)  # noqa: E731
+    q_len, kv_len = sizes.shape(raw.query)[seq], sizes.shape(raw.key)[seq]
+    if not Sizes.equal(q_len, kv_len):
+        if sizes.hinted(q_len) and sizes.hinted(kv_len) and sizes.hint(q_len) != sizes.hint(kv_len):
+            return False, f"cross-attention: queries from {describe(q)}, keys/values from {describe(k)}"
+        # data-dependent lengths sympy cannot relate (FramePack's prompt, cut to a length computed from its mask)
+        return False, f"cannot prove the query and key lengths equal ({q_len} vs {kv_len}): queries from " \
+                      f"{describe(q)}, keys/values from {describe(k)}"
     if not (tracer.same(q, k) and tracer.same(q, v)):
-        return False, f"cross-attention: q, k, v tokens differ: q {describe(q)}, k {describe(k)}, v {describe(v)}"
+        return False, f"not self-attention over one token stream: q from {describe(q)}, k from {describe(k)}, " \
+                      f"v from {describe(v)}"
     return True, f"self-attention over {describe(q)}"
+
+
+def _describe_segment(segment, tracer: TokenTracer) -> str:
+    """What a run of tokens comes from: a graph input, positions (a value no input reaches), or an op's output."""
+    origin = segment.origin
+    if origin.op == "placeholder":
+        what = f"input {origin.name}"
+    elif origin not in tracer.data_dependent:
+        what = f"positions ({origin.name}, computed from no floating-point input)"
+    else:
+        what = origin.name
+    picked = f" picked by {segment.selected_by.name}" if segment.selected_by is not None else ""
+    return f"{what}[{Sizes.report(segment.start)}:{Sizes.report(segment.stop)}]{picked}"

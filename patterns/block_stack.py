@@ -129,9 +129,11 @@ def _identity_sources(node: fx.Node) -> list[fx.Node]:
     """Inputs whose value flows unchanged (up to dtype and layout) into `node`."""
     name = op_name(node)
     if name in ("add", "sub"):
-        shape = tensor_of(node).shape if tensor_of(node) is not None else None
+        if tensor_of(node) is None:
+            return []
+        shape = Sizes.shape(node)  # sympy: comparing torch sizes would guard on data-dependent ones (FramePack)
         return [a for a in node.args[:2] if isinstance(a, fx.Node) and tensor_of(a) is not None
-                and tensor_of(a).shape == shape]
+                and len(Sizes.shape(a)) == len(shape) and all(map(Sizes.equal, Sizes.shape(a), shape))]
     if name == "cat":
         return [t for t in node.args[0] if isinstance(t, fx.Node)]
     first = node.args[0] if node.args else None

@@ -23,6 +23,8 @@ PASSTHROUGH_OPS = {
     "alias",
 }
 # Ops that only re-view the same elements in row-major order (the shapes tell where dims go).
+# Inductor's size hint for data-dependent sizes (torch._inductor.config.unbacked_symint_fallback).
+_UNBACKED_HINT = 8192
 RESHAPE_OPS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze"}
 
 
@@ -91,7 +93,16 @@ class Sizes:
         return [Sizes.expr(s) for s in tensor_of(node).shape]
 
     def hint(self, expr: sympy.Expr) -> int:
-        return int(sympy.sympify(expr).xreplace(self.var_to_val))
+        """The example value of a size. Data-dependent (unbacked) sizes have none: they take Inductor's own
+        fallback for them, which only orders sizes, as every hint does (it never proves anything)."""
+        value = sympy.sympify(expr).xreplace(self.var_to_val)
+        if not self.hinted(expr):
+            value = value.xreplace({s: _UNBACKED_HINT for s in value.free_symbols})
+        return int(value)
+
+    def hinted(self, expr: sympy.Expr) -> bool:
+        """Whether the size has an example value (data-dependent sizes have none)."""
+        return not sympy.sympify(expr).xreplace(self.var_to_val).free_symbols
 
     @staticmethod
     def equal(a: Any, b: Any) -> bool:
@@ -146,20 +157,15 @@ def data_inputs(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> 
     return [p for p, e in zip(placeholders, examples) if placeholder_kind(p, e) == "data"]
 
 
-def value_inputs(node: fx.Node) -> list[fx.Node]:
-    """The inputs whose values flow into `node`: `x.type_as(y)` and `x.to(y)` take only y's dtype and device
-    (Wan casts its timestep embedding `type_as` the text states, which carries no text)."""
-    if op_name(node) in ("type_as", "to") and len(node.args) > 1 and isinstance(node.args[0], fx.Node):
-        return [node.args[0]]
-    return node.all_input_nodes
-
-
 def depends_on(gm: fx.GraphModule, sources: Iterable[fx.Node]) -> set[fx.Node]:
-    """Nodes whose value depends on any of `sources` (the sources included), in one pass in graph order."""
+    """Nodes whose value depends on any of `sources` (the sources included), in one pass in graph order. Inputs
+    read only for their dtype or device carry no value (Wan casts its timestep embedding `type_as` the text states)."""
     reached = set(sources)
     for node in gm.graph.nodes:
-        if node not in reached and any(i in reached for i in value_inputs(node)):
-            reached.add(node)
+        if node not in reached:
+            metadata = _metadata_only_inputs(node)
+            if any(i in reached and i not in metadata for i in node.all_input_nodes):
+                reached.add(node)
     return reached
 
 
@@ -167,15 +173,17 @@ def dataflow_dag(gm: fx.GraphModule, tensors_only: bool = False) -> nx.DiGraph:
     """The graph's dataflow as a networkx DAG on node names.
 
     In-place writes count as dataflow: `setitem(t, ...)` gets an edge to every later reader of `t` (Wan's RoPE fills
-    an `empty_like` buffer that way). With `tensors_only`, edges out of symbolic sizes are left out: a block that
-    reads a size of the latent does not take its values.
+    an `empty_like` buffer that way). Inputs read only for their dtype or device (`type_as`, `to(other)`) are not.
+    With `tensors_only`, edges out of symbolic sizes are left out: a block that reads a size of the latent does not
+    take its values.
     """
     dag = nx.DiGraph()
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         dag.add_node(node.name)
+        metadata = _metadata_only_inputs(node)
         for source in node.all_input_nodes:
-            if tensors_only and not _carries_tensor(source):
+            if (tensors_only and not _carries_tensor(source)) or source in metadata:
                 continue
             dag.add_edge(source.name, node.name)
         if op_name(node) in ("setitem", "copy_") and node.args and isinstance(node.args[0], fx.Node):
@@ -184,6 +192,15 @@ def dataflow_dag(gm: fx.GraphModule, tensors_only: bool = False) -> nx.DiGraph:
                 if order[reader] > order[node]:
                     dag.add_edge(node.name, reader.name)
     return dag
+
+
+def _metadata_only_inputs(node: fx.Node) -> set:
+    """Inputs a call reads only the dtype or device of: `x.type_as(other)`, `x.to(other)` (Cosmos casts its
+    timestep embedding to the latent's dtype; that is no dataflow from the latent)."""
+    if op_name(node) in ("type_as", "to") and len(node.args) > 1 and isinstance(node.args[1], fx.Node) and \
+            isinstance(node.args[1].meta.get("example_value"), torch.Tensor):
+        return {node.args[1]}
+    return set()
 
 
 def _carries_tensor(node: fx.Node) -> bool:

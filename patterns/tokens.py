@@ -6,10 +6,13 @@ the walk could not see through (a graph input, a patch-embedding convolution, a 
 op it does not know), or with `stop_at_projections` the input of the first linear projection met.
 
 The walk passes through ops that keep each token in its own row: layout ops (view, reshape, permute, transpose,
-getitem, cat/split along the tokens), elementwise ops, reductions and norms over other dims, linear layers, and
-attention (whose rows are the query's). Where several operands carry tokens (a residual add), every operand that
-depends on a graph input must give the same tokens; operands computed from constants alone (RoPE tables, position
-embeddings) are positional and do not count.
+getitem, cat/split along the tokens), elementwise ops, reductions and norms over other dims, repeats along other
+dims, linear layers, and attention (whose rows are the query's). Where several operands carry tokens (a residual
+add), every operand that depends on a graph input must give the same tokens; operands computed from constants alone
+(RoPE tables, position embeddings) are positional and do not count. A value no input reaches is walked through its
+positional operands (they must agree), so a RoPE table leads back to the coordinates it was computed from; `aligned`
+records, for the input-derived tokens, which positional tokens were combined elementwise with exactly the same
+positions (packed video tokens times a RoPE table built from an F x H x W coordinate grid).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import sympy
+import torch
 import torch.fx as fx
 
 from .graph import PASSTHROUGH_OPS, RESHAPE_OPS, Sizes, arg, einsum_spec, op_name, tensor_of
@@ -32,6 +36,8 @@ NORM_OPS = {"layer_norm", "rms_norm"}
 REDUCE_OPS = {"mean", "sum", "amax", "softmax", "log_softmax", "var"}
 PROJECTION_OPS = {"linear"}
 MATMUL_OPS = {"matmul", "bmm"}
+# Values equal at every position (padding of RoPE tables): they carry no tokens.
+CONSTANT_LIKE_OPS = {"ones_like", "zeros_like", "full_like", "new_ones", "new_zeros", "new_full"}
 
 
 class TraceFailure(Exception):
@@ -46,6 +52,9 @@ class Segment:
     dims: tuple[int, ...]
     start: sympy.Expr
     stop: sympy.Expr
+    # The 1-D index tensor that picked these tokens out of the whole origin (Mochi keeps the valid prompt tokens of
+    # q, k and v with one shared index): start/stop then count picked tokens.
+    selected_by: Optional[fx.Node] = None
 
     @property
     def length(self) -> sympy.Expr:
@@ -61,6 +70,8 @@ class TokenTracer:
         self.data_dependent = data_dependent
         self.stop_at_projections = stop_at_projections
         self.memo: dict[tuple[fx.Node, tuple[int, ...]], Segments] = {}
+        # (origin, dims) of input-derived tokens -> positional segments met at exactly the same positions.
+        self.aligned: dict[tuple[fx.Node, tuple[int, ...]], list[tuple[Segment, Segment]]] = {}
 
     # --- public -----------------------------------------------------------------------------------------------
     def trace(self, node: fx.Node, dims: tuple[int, ...]) -> Segments:
@@ -76,7 +87,7 @@ class TokenTracer:
     def same(self, a: Segments, b: Segments) -> bool:
         return len(a) == len(b) and all(
             x.origin is y.origin and x.dims == y.dims and Sizes.equal(x.start, y.start) and Sizes.equal(x.stop, y.stop)
-            for x, y in zip(a, b)
+            and x.selected_by is y.selected_by for x, y in zip(a, b)
         )
 
     # --- the walk -------------------------------------------------------------------------------------------------
@@ -103,6 +114,17 @@ class TokenTracer:
             return self.trace(node.args[0], tuple(_permutation(node, ndim)[d] for d in dims))
         if name == "expand":
             return self._elementwise(node, [node.args[0]], dims)
+        if name in ("view_as_complex", "view_as_real"):  # RoPE as complex products: only the last dims change
+            if max(dims) >= min(ndim, tensor_of(node.args[0]).dim()) - 1:
+                return self._origin(node, dims)
+            return self.trace(node.args[0], dims)
+        if name == "repeat":
+            return self._repeat(node, dims, ndim)
+        if name == "repeat_interleave":
+            along = arg(node, 2, "dim")
+            if along is None or along % ndim in dims:
+                return self._origin(node, dims)
+            return self.trace(node.args[0], dims)
         if name == "getitem":
             return self._getitem(node, dims)
         if name == "cat":
@@ -160,11 +182,51 @@ class TokenTracer:
         return self._agree(node, dims, carriers)
 
     def _agree(self, node: fx.Node, dims: tuple[int, ...], carriers: list[tuple[Any, tuple[int, ...]]]) -> Segments:
-        """The tokens every input-dependent carrier gives; positional carriers (constant tables) do not count."""
-        traced = [self.trace(operand, mapped) for operand, mapped in carriers if operand in self.data_dependent]
-        if not traced or any(not self.same(traced[0], t) for t in traced[1:]):
+        """The tokens every input-dependent carrier gives; positional carriers (constant tables) do not count, unless
+        no carrier depends on an input (then they must agree among themselves)."""
+        carriers = [(x, mapped) for x, mapped in carriers if op_name(x) not in CONSTANT_LIKE_OPS]
+        data = [(x, mapped) for x, mapped in carriers if x in self.data_dependent]
+        positional = [(x, mapped) for x, mapped in carriers if x not in self.data_dependent]
+        traced = [self.trace(operand, mapped) for operand, mapped in (data or positional)]
+        agree = self._parallel if data else self.same
+        if not traced or any(not agree(traced[0], t) for t in traced[1:]):
             return self._origin(node, dims)
+        if data:
+            for operand, mapped in positional:
+                self._align(traced[0], self.trace(operand, mapped))
         return traced[0]
+
+    def _parallel(self, a: Segments, b: Segments) -> bool:
+        """Same tokens, or runs of equal lengths from different origins: a residual add of a hint computed from
+        another input of the same layout (Wan VACE's control video, Wan Animate's face features) keeps each
+        position where it is, and the first operand (the stream the hint is added to) names the tokens."""
+        return self.same(a, b) or (len(a) == len(b) and all(Sizes.equal(x.length, y.length) for x, y in zip(a, b))
+                                   and all(Sizes.equal(x.start, 0) for x in a + b))
+
+    def _align(self, tokens: Segments, positions: Segments) -> None:
+        """Record each positional segment that covers exactly the positions of one input-derived segment."""
+        starts, offset = {}, sympy.Integer(0)
+        for segment in tokens:
+            starts[offset] = segment
+            offset = offset + segment.length
+        offset = sympy.Integer(0)
+        for position in positions:
+            match = next((t for start, t in starts.items() if Sizes.equal(start, offset) and
+                          Sizes.equal(t.length, position.length)), None)
+            if match is not None:
+                pairs = self.aligned.setdefault((match.origin, match.dims), [])
+                if not any(t == match and p == position for t, p in pairs):
+                    pairs.append((match, position))
+            offset = offset + position.length
+
+    def _repeat(self, node: fx.Node, dims: tuple[int, ...], ndim: int) -> Segments:
+        """x.repeat(...): tokens survive when the token dims are repeated once (copies along other dims)."""
+        counts = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        source_ndim = tensor_of(node.args[0]).dim()
+        offset = ndim - source_ndim  # repeat may add leading dims
+        if len(counts) != ndim or any(d < offset or counts[d] != 1 for d in dims):
+            return self._origin(node, dims)
+        return self.trace(node.args[0], tuple(d - offset for d in dims))
 
     def _over_other_dims(self, node: fx.Node, dims: tuple[int, ...], reduced: Any) -> Segments:
         if set(dims) & set(reduced):
@@ -173,10 +235,14 @@ class TokenTracer:
 
     def _reduce(self, node: fx.Node, dims: tuple[int, ...], ndim: int) -> Segments:
         reduced = arg(node, 1, "dim")
-        if reduced is None or arg(node, 2, "keepdim", op_name(node) in ("softmax", "log_softmax")) is not True:
+        if reduced is None:
             return self._origin(node, dims)
-        reduced = [r % ndim for r in (reduced if isinstance(reduced, (list, tuple)) else [reduced])]
-        return self._over_other_dims(node, dims, reduced)
+        in_ndim = tensor_of(node.args[0]).dim()
+        reduced = {r % in_ndim for r in (reduced if isinstance(reduced, (list, tuple)) else [reduced])}
+        if arg(node, 2, "keepdim", op_name(node) in ("softmax", "log_softmax")) is True:
+            return self._over_other_dims(node, dims, reduced)
+        kept = [d for d in range(in_ndim) if d not in reduced]  # output dim -> input dim
+        return self.trace(node.args[0], tuple(kept[d] for d in dims))
 
     def _matmul(self, node: fx.Node, dims: tuple[int, ...], ndim: int) -> Segments:
         left, right = node.args[0], node.args[1]
@@ -212,7 +278,7 @@ class TokenTracer:
             return self._origin(node, dims)
         mapping = _index_mapping(index, tensor_of(source).dim())
         if mapping is None:
-            return self._origin(node, dims)
+            return self._selection(node, source, index, dims)
         out_to_in, slices = mapping
         in_dims = tuple(out_to_in[d] for d in dims)
         if any(d is None for d in in_dims):
@@ -225,6 +291,25 @@ class TokenTracer:
         size = self.sizes.shape(source)[in_dims[0]]
         lo, hi = self._slice_bounds(sliced[in_dims[0]], size)
         return self._slice(self.trace(source, in_dims), lo, hi)
+
+    def _selection(self, node: fx.Node, source: fx.Node, index: Any, dims: tuple[int, ...]) -> Segments:
+        """x[..., idx, ...] with one 1-D integer index tensor on the token dim (slices elsewhere): the picked tokens
+        of the source, when the source's tokens there are one whole run."""
+        items = list(index) if isinstance(index, tuple) else [index]
+        tensors = [i for i, item in enumerate(items) if isinstance(item, fx.Node)]
+        if len(tensors) != 1 or any(not isinstance(item, slice) for i, item in enumerate(items) if i != tensors[0]):
+            return self._origin(node, dims)
+        picker = items[tensors[0]]
+        value = tensor_of(picker)
+        if value is None or value.dim() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool or \
+                dims != (tensors[0],):
+            return self._origin(node, dims)
+        traced = self.trace(source, dims)
+        whole = self.sizes.shape(source)[dims[0]]
+        if len(traced) != 1 or traced[0].selected_by is not None or not Sizes.equal(traced[0].start, 0) or \
+                not Sizes.equal(traced[0].stop, whole):
+            return self._origin(node, dims)
+        return (Segment(traced[0].origin, traced[0].dims, sympy.Integer(0), self.sizes.shape(picker)[0], picker),)
 
     def _piece(self, node: fx.Node, source: fx.Node, index: int, dims: tuple[int, ...]) -> Segments:
         tensor = source.args[0]
@@ -267,7 +352,7 @@ class TokenTracer:
         def bound(value: Any, default: sympy.Expr) -> sympy.Expr:
             if value is None:
                 return default
-            expr = self.sizes.expr(value)
+            expr = self._ordered(self.sizes.expr(value))
             if self.sizes.hint(expr) < 0:
                 expr = size + expr
             if self.sizes.hint(expr) < 0:
@@ -280,20 +365,30 @@ class TokenTracer:
         """Tokens lo:hi of a sequence made of `segments` (ordered by the example sizes, kept symbolic)."""
         out, offset = [], sympy.Integer(0)
         for s in segments:
-            end = offset + s.length
+            end = self._ordered(offset + s.length)
             start = lo if self.sizes.hint(lo) > self.sizes.hint(offset) else offset
             stop = hi if self.sizes.hint(hi) < self.sizes.hint(end) else end
             if self.sizes.hint(stop) > self.sizes.hint(start):
                 out.append(Segment(s.origin, s.dims, sympy.simplify(s.start + start - offset),
-                                   sympy.simplify(s.start + stop - offset)))
+                                   sympy.simplify(s.start + stop - offset), s.selected_by))
             offset = end
         return tuple(out)
+
+    def _ordered(self, expr: sympy.Expr) -> sympy.Expr:
+        """`expr`, when its example value can order it against others; a data-dependent size cannot (a slice up to
+        a length computed from a mask, FramePack's prompt): the value sliced is then where its tokens start."""
+        if not self.sizes.hinted(expr):
+            raise TraceFailure(f"data-dependent size {expr} along the tokens")
+        return expr
 
     def _merge(self, segments: Segments) -> Segments:
         merged: list[Segment] = []
         for s in segments:
+            if Sizes.equal(s.length, 0):
+                continue  # an empty run (Helios cats an empty history part) holds no tokens
             last = merged[-1] if merged else None
-            if last is not None and last.origin is s.origin and last.dims == s.dims and Sizes.equal(last.stop, s.start):
+            if last is not None and last.origin is s.origin and last.dims == s.dims and Sizes.equal(last.stop, s.start) \
+                    and last.selected_by is None and s.selected_by is None:
                 merged[-1] = Segment(s.origin, s.dims, last.start, s.stop)
             else:
                 merged.append(s)

@@ -20,19 +20,50 @@ class DimRef:
 
 
 @dataclass
-class VideoLayout:
-    """The token grid of one self-attention site: `seq == text_before + frames*height*width + text_after`."""
+class LayoutSegment:
+    """One run of a site's token sequence, in sequence order: text (every token that is not a video grid: prompt,
+    audio, image embeddings) or a whole F x H x W video grid (patch tokens in row-major frame, row, column order)."""
 
-    frames: Size
-    height: Size
-    width: Size
-    text_before: Size
-    text_after: Size
+    kind: str  # "text" | "grid"
+    length: Size
+    source: str  # the node the tokens come from (origin of the token walk)
+    frames: Optional[Size] = None  # grid segments only
+    height: Optional[Size] = None
+    width: Optional[Size] = None
+
+
+@dataclass
+class VideoLayout:
+    """The token layout of one self-attention site.
+
+    `segments` is the layout: ordered text and grid runs whose lengths sum to the sequence (`proof`). The single-grid
+    fields below are what the planners (dit_compiler/masks) consume, `seq == text_before + frames*height*width +
+    text_after`; they are set only when the segments are text, one grid, text (`single_grid`). Several grids in one
+    sequence (FramePack's history latents at other scales, reference frames with their own patch embedding) keep them
+    None and the site dense until a planner serves such layouts.
+
+    `attention` says what attends to what: "full" (the sequence above), or factorized attention, where the site's
+    sequence is one axis set of the F x H x W grid and the rest is folded into the batch: "spatial" (each frame
+    attends within its H*W tokens) or "temporal" (each position attends over its F frames). The grid fields then
+    give the whole grid and the site stays dense (the planners take one F x H x W sequence per batch row).
+    """
+
+    frames: Optional[Size]
+    height: Optional[Size]
+    width: Optional[Size]
+    text_before: Optional[Size]
+    text_after: Optional[Size]
     # The identity sympy proved, e.g. "s0 == 5 + 3*4*5" (kept for the report).
     proof: str
     # Where each size can be read in the graph, for passes that must work with symbolic shapes; None where the
     # size is a constant or cannot be read off one dimension.
     refs: dict[str, Optional[DimRef]] = field(default_factory=dict)
+    segments: list[LayoutSegment] = field(default_factory=list)
+    attention: str = "full"  # "full" | "spatial" | "temporal"
+
+    @property
+    def single_grid(self) -> bool:
+        return self.attention == "full" and self.frames is not None
 
 
 @dataclass

@@ -69,6 +69,7 @@ def test_sites_kept_dense_say_why():
     opts = parse_options({"dense_layers": 1})
     assert "dense_layers=1" in _why_dense(site(layer=0), opts)
     assert _why_dense(site(layer=1), opts) is None
-    assert "cross-attention" in _why_dense(site(layer=1, self_attention=False), opts)
+    cross = "cross-attention: queries from input x[0:90], keys/values from input text[0:7]"
+    assert _why_dense(site(layer=1, self_attention=False, eligible=False, reason=cross), opts) == cross
     assert "head dim 80" in _why_dense(site(layer=1, head_dim=80), opts)
     assert _why_dense(site(layer=1, eligible=False, reason="per-row mask"), opts) == "per-row mask"

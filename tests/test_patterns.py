@@ -88,6 +88,9 @@ class Captured:
 
 
 def capture(model, inputs, dynamic=False):
+    # A fresh Dynamo: after an earlier compile of the same code (test_backend runs first), a recompile would turn on
+    # automatic dynamic shapes and lift float attributes (an explicit attention's scale) into graph inputs.
+    torch._dynamo.reset()
     graphs = []
     compiled = torch.compile(model, backend=lambda gm, ex: (graphs.append((gm, ex)), gm.forward)[1],
                              fullgraph=True, dynamic=dynamic or None)

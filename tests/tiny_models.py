@@ -177,3 +177,58 @@ def masked_attention(mask_kind, frames=2, height=4, width=6, lengths=(5, 9), see
     inputs = dict(hidden_states=torch.randn(len(lengths), 4, frames, height, width),
                   lengths=torch.tensor(lengths))
     return MaskedSelfAttention(mask_kind).eval(), inputs
+
+
+class PositionalQKAttention(torch.nn.Module):
+    """Attention over a patch grid whose queries and keys are projected from a sinusoidal position table (no input
+    reaches it) while the values are the tokens: not self-attention over the token stream, and not text either."""
+
+    def __init__(self, channels=4, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.patches = _Patches(channels, dim)
+        self.qk, self.v = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, hidden_states):
+        x = self.patches(hidden_states)
+        b, s, d = x.shape
+        angles = torch.arange(s, dtype=torch.float32)[:, None] * torch.exp(-torch.arange(d // 2) / (d // 2))[None]
+        positions = torch.cat([angles.sin(), angles.cos()], dim=-1).expand(b, s, d)
+        q, k = self.qk(positions).view(b, s, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        v = self.v(x).view(b, s, self.heads, -1).transpose(1, 2)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return (out.transpose(1, 2).reshape(b, s, d),)
+
+
+def positional_qk(frames=2, height=4, width=6, seed=0):
+    torch.manual_seed(seed)
+    return PositionalQKAttention().eval(), dict(hidden_states=torch.randn(1, 4, frames, height, width))
+
+
+class TwoGridAttention(torch.nn.Module):
+    """One self-attention over prompt tokens, the patch grid of a latent and the coarser patch grid of a history
+    latent (its own patch embedding), as FramePack joins latents of several scales in one sequence."""
+
+    def __init__(self, channels=4, dim=32, heads=2, text_dim=16):
+        super().__init__()
+        self.heads = heads
+        self.patches = _Patches(channels, dim)
+        self.history = torch.nn.Conv3d(channels, dim, (2, 4, 4), stride=(2, 4, 4))
+        self.text = torch.nn.Linear(text_dim, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, hidden_states, history, encoder_hidden_states):
+        x = torch.cat([self.text(encoder_hidden_states), self.patches(hidden_states),
+                       self.history(history).flatten(2).transpose(1, 2)], dim=1)
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return (out.transpose(1, 2).reshape(b, s, d),)
+
+
+def two_grids(frames=2, height=6, width=10, history_frames=4, text=3, seed=0):
+    torch.manual_seed(seed)
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width),
+                  history=torch.randn(1, 4, history_frames, 2 * height, 2 * width),
+                  encoder_hidden_states=torch.randn(1, text, 16))
+    return TwoGridAttention().eval(), inputs
