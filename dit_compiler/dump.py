@@ -122,22 +122,27 @@ class DumpObserver:
         self.dump.append_runtime(line)
 
 
+def _layout_text(layout: dict | None) -> str:
+    """A site's token layout for the report: its segments in order (text runs and F×H×W grids), and the attention
+    pattern when it is factorized."""
+    if not layout:
+        return "-"
+    parts = [f"{seg['frames']}×{seg['height']}×{seg['width']}" if seg["kind"] == "grid" else f"{seg['length']} text"
+             for seg in layout.get("segments") or []]
+    text = " + ".join(parts) if parts else f"{layout['frames']}×{layout['height']}×{layout['width']}"
+    attention = layout.get("attention", "full")
+    return text if attention == "full" else f"{text} ({attention} attention)"
+
+
 def render_report(model: str, graph_name: str, options: dict, sites: list[dict], stacks: list[dict],
                   notes: list[str]) -> str:
     """report.md: the options, one row per attention site with its decision, the block stacks, notes."""
     lines = [f"# vsparse report: {graph_name} ({model})", "",
              "options: " + ", ".join(f"{k}={v}" for k, v in options.items()), "",
-             "| site | module | kind | B×H×S×D (q) | keys | grid F×H×W (+text) | decision | reason |",
+             "| site | module | kind | B×H×S×D (q) | keys | token layout (text, F×H×W grids) | decision | reason |",
              "|---|---|---|---|---|---|---|---|"]
     for s in sites:
-        layout = s.get("layout")
-        grid = "-"
-        if layout:
-            grid = f"{layout['frames']}×{layout['height']}×{layout['width']}"
-            text = [f"{layout['text_before']} before" if layout["text_before"] else "",
-                    f"{layout['text_after']} after" if layout["text_after"] else ""]
-            text = ", ".join(t for t in text if t)
-            grid += f" (+{text} text)" if text else ""
+        grid = _layout_text(s.get("layout"))
         shape = "×".join(str(d) for d in s["q_shape"])
         kind = "self" if s["self_attention"] else "cross"
         keys = str(s["kv_shape"][2])

@@ -46,3 +46,23 @@ def test_show_prints_reports(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "dit_compiler", "show", str(tmp_path / "nope")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "no dump" in missing.stderr
+
+
+def test_report_shows_every_segment_of_a_layout():
+    """A layout of several grids used to render as None×None×None (its single-grid fields are unset)."""
+    from dit_compiler.dump import render_report
+
+    def site(layout):
+        return {"node": "sdpa", "module_path": "blocks.0.attn1", "self_attention": True, "q_shape": [1, 2, 30, 64],
+                "kv_shape": [1, 2, 30, 64], "rewritten": False, "decision_reason": "why", "layout": layout}
+
+    several = {"frames": None, "height": None, "width": None, "text_before": None, "text_after": None,
+               "attention": "full", "segments": [
+                   {"kind": "text", "length": 4, "source": "a"},
+                   {"kind": "grid", "length": 4, "source": "b", "frames": 1, "height": 2, "width": 2},
+                   {"kind": "grid", "length": 22, "source": "c", "frames": 2, "height": 1, "width": 11}]}
+    temporal = dict(several, attention="temporal", segments=several["segments"][1:2])
+    report = render_report("M", "M_0", {}, [site(several), site(temporal)], [], [])
+    assert "| 4 text + 1×2×2 + 2×1×11 |" in report
+    assert "| 1×2×2 (temporal attention) |" in report
+    assert "None" not in report
