@@ -141,7 +141,7 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     if opts.rewrites_attention:
         decisions, densities, masks = rewrite_sparse_attention(
             gm, analysis, opts, dense if 0 < opts.dense_steps < 1 else None, _device_of(inputs),
-            collect_masks=dump is not None)
+            collect_masks=dump is not None, cuda_graphs=bool(config.get("triton.cudagraphs")))
     site_names = [d.node for d in decisions if d.rewritten]
     outputs = add_call_record(gm, t_max, dense, site_names, densities, masks)
     if dump:

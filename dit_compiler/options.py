@@ -24,6 +24,7 @@ class Options:
     dense_layers: int = 1
     cache: str = "none"
     cache_threshold: float = 0.05
+    force_sparse: bool = False  # rewrite every eligible site whatever the cost model estimates
     dump_dir: Optional[str] = None
     mode: Optional[str] = None  # Inductor's mode; torch.compile refuses mode= together with options=
 
@@ -65,6 +66,8 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
         options["mode"] = mode
     if "dump_dir" not in options and os.environ.get("VSPARSE_DUMP_DIR"):
         options["dump_dir"] = os.environ["VSPARSE_DUMP_DIR"]
+    if "force_sparse" not in options and os.environ.get("VSPARSE_FORCE_SPARSE"):
+        options["force_sparse"] = os.environ["VSPARSE_FORCE_SPARSE"] == "1"
     parsed = {}
     for key, value in options.items():
         if key == "sparsity":
@@ -85,6 +88,10 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"vsparse option 'cache_threshold' must be a float > 0, got {value!r}")
             parsed[key] = float(value)
+        elif key == "force_sparse":
+            if not isinstance(value, bool):
+                raise ValueError(f"vsparse option 'force_sparse' must be True or False, got {value!r}")
+            parsed[key] = value
         elif key == "dump_dir":
             if value is not None and not isinstance(value, (str, os.PathLike)):
                 raise ValueError(f"vsparse option 'dump_dir' must be a path, got {value!r}")

@@ -21,6 +21,7 @@ import torch
 import dit_compiler.kernels  # noqa: F401  (registers torch.ops.vsparse)
 from dit_compiler.masks import block_mask, draft, svg
 from dit_compiler.options import Options
+from dit_compiler.passes.cost_model import why_sparse_does_not_pay
 from dit_compiler.patterns import key_padding_lengths
 from dit_compiler.patterns.types import AttentionSite, GraphAnalysis
 
@@ -81,6 +82,12 @@ def _why_dense(site: AttentionSite, opts: Options) -> Optional[str]:
     return None
 
 
+def _cost_verdict(q_value, opts: Options, cuda_graphs: bool) -> tuple[Optional[str], str]:
+    """(reason to stay dense, estimate in words): the cost model's, unless `force_sparse`."""
+    reason, words = why_sparse_does_not_pay(q_value.shape, opts.density, opts.sparsity, q_value.device, cuda_graphs)
+    return (None, words or "forced") if opts.force_sparse else (reason, words)
+
+
 def _draft_permutation(gm: torch.fx.GraphModule, sizes: list, block_size: int, device, constants: dict):
     """Nodes of DraftAttention's (perm, inverse). With a static layout they are computed once here and live in the
     module as buffers shared by every site of that layout; with symbolic sizes the graph computes them."""
@@ -98,8 +105,10 @@ def _draft_permutation(gm: torch.fx.GraphModule, sizes: list, block_size: int, d
 
 
 def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, opts: Options,
-                             dense_flag: Optional[torch.fx.Node], device: torch.device, collect_masks: bool = False):
-    """Rewrite every eligible site in place; `dense_flag` None when no call is ever dense (dense_steps=0).
+                             dense_flag: Optional[torch.fx.Node], device: torch.device, collect_masks: bool = False,
+                             cuda_graphs: bool = False):
+    """Rewrite every eligible site where the cost model says sparse pays (every eligible site with `force_sparse`)
+    in place; `dense_flag` None when no call is ever dense (dense_steps=0).
 
     Returns the decision per site and, per rewritten site, the node of its visited block fraction (for the call
     record) and, with `collect_masks` (dumping), of its block-bool mask.
@@ -109,6 +118,9 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
     decisions, densities, masks, constants = [], [], [], {}
     for site in analysis.sites:
         reason = _why_dense(site, opts)
+        estimate = ""
+        if reason is None:
+            reason, estimate = _cost_verdict(nodes[site.query].meta["example_value"], opts, cuda_graphs)
         if reason is not None:
             decisions.append(SiteDecision(site.node, site.module_path, False, reason))
             continue
@@ -140,7 +152,8 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         decisions.append(SiteDecision(site.node, site.module_path, True,
-                                      f"{opts.sparsity} block-sparse, density {opts.density}, block {opts.block_size}"))
+                                      f"{opts.sparsity} block-sparse, density {opts.density}, block {opts.block_size}"
+                                      f" ({estimate})"))
     gm.graph.lint()
     gm.recompile()
     return decisions, densities, masks

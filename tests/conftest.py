@@ -2,6 +2,9 @@ import os
 
 # Triton's interpreter must be chosen before any @triton.jit runs. GPU runs pass TRITON_INTERPRET=0 explicitly.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The tests' models are tiny and run on the CPU, where the cost model keeps every site dense: they rewrite through
+# the force option (tests/test_cost_model.py checks the model itself, with the option off).
+os.environ.setdefault("VSPARSE_FORCE_SPARSE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -3,8 +3,11 @@ import pytest
 from dit_compiler.options import Options, parse_options
 
 
-def test_defaults_and_values():
+def test_defaults_and_values(monkeypatch):
+    monkeypatch.delenv("VSPARSE_FORCE_SPARSE", raising=False)
     assert parse_options() == Options()
+    monkeypatch.setenv("VSPARSE_FORCE_SPARSE", "1")
+    assert parse_options().force_sparse and not parse_options({"force_sparse": False}).force_sparse
     opts = parse_options({"sparsity": "svg", "density": 0.1, "block_size": 64, "dense_steps": 0,
                           "dense_layers": 2, "cache": "easycache", "cache_threshold": 0.1})
     assert (opts.sparsity, opts.density, opts.block_size, opts.dense_steps, opts.dense_layers, opts.cache,
@@ -23,6 +26,7 @@ def test_defaults_and_values():
     ("cache", "teacache", "'easycache', 'none'"),
     ("cache_threshold", 0, "float > 0"),
     ("mode", "fast", "'default'"),
+    ("force_sparse", 1, "True or False"),
 ])
 def test_bad_value_names_key_and_allowed(key, value, allowed):
     with pytest.raises(ValueError) as err:

@@ -1,0 +1,84 @@
+"""Whether block-sparse attention pays at a site: one attention call, dense against sparse, estimated.
+
+    dense  = attention FLOPs / dense rate
+    sparse = attention FLOPs * density / sparse rate + planning + host
+
+Attention FLOPs are 4·B·H·S²·D. Planning (block means, pooled map, top-k, mask, the q/k/v and output gathers) is a
+fixed cost per site plus a cost per token and head; `host` is the CPU time of launching the planner and the op,
+which a launch-bound forward pays in full and CUDA graphs (`mode="reduce-overhead"`) do not. A site is rewritten
+when sparse is estimated at most `PAYS_BELOW` of dense; the report gives both estimates either way.
+
+The rates are H100 measurements (benchmarks/README.md, BASELINES at commit 98deb0b): cuDNN dense 580 TF/s and our
+kernel ~500 TF/s per visited block at head dim 128 (Wan-1.3B, 32,760 tokens); both lower at head dim 64 and short
+sequences; draft planning ~0.78 ms and svg ~4.6 ms per site at 12 heads × 32,760 tokens; the op's host cost
+~0.38 ms a call; on the small model (4 heads × 64, 9,216 tokens) draft at 0.25 did not pay even under CUDA graphs.
+They are coarse on purpose and erring dense: a wrong "dense" costs the speedup the user asked for, a wrong "sparse"
+makes the model slower than without us. `force_sparse=True` rewrites every eligible site whatever the estimate
+(tests, CPU runs, the quality harness, whose model is small). On a CPU the op runs its pure-torch reference, so
+sparse never pays there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+PAYS_BELOW = 0.8  # sparse must be estimated at most this share of dense
+
+
+@dataclass(frozen=True)
+class CudaCosts:
+    dense_tflops: dict  # head dim -> cuDNN rate at long sequences
+    sparse_tflops: dict  # head dim -> our kernel's rate per visited block
+    short_sequence: int  # below this many tokens our kernel's rate falls in proportion (few CTAs to fill the GPU)
+    site_fixed_us: float  # planning kernels' latency per site, whatever the size
+    planning_ns_per_token_head: dict  # planner -> GPU time per token and head
+    host_us: float  # CPU time of one site's planning and op launches, outside CUDA graphs
+
+
+H100 = CudaCosts(dense_tflops={64: 350.0, 128: 580.0}, sparse_tflops={64: 300.0, 128: 500.0}, short_sequence=16384,
+                 site_fixed_us=80.0, planning_ns_per_token_head={"draft": 2.0, "svg": 11.7}, host_us=380.0)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    dense_us: float
+    sparse_us: float
+
+    @property
+    def pays(self) -> bool:
+        return self.sparse_us <= PAYS_BELOW * self.dense_us
+
+
+def _traced_size(size) -> int:
+    """A size as traced: a symbolic size's hint (the size Dynamo saw), 0 without one (then nothing pays)."""
+    if isinstance(size, torch.SymInt):
+        hint = size.node.hint
+        return 0 if hint is None else int(hint)
+    return int(size)
+
+
+def estimate(shape, density: float, planner: str, cuda_graphs: bool, costs: CudaCosts = H100) -> Estimate:
+    """Dense and sparse time of one attention call with q [B, H, S, D] on a CUDA device."""
+    batch, heads, seq, head_dim = (_traced_size(s) for s in shape)
+    flops = 4.0 * batch * heads * seq * seq * head_dim
+    if flops == 0:
+        return Estimate(0.0, 1.0)
+    dense = flops / (costs.dense_tflops[head_dim] * 1e12) * 1e6
+    kernel = flops * density / (costs.sparse_tflops[head_dim] * 1e12 * min(1.0, seq / costs.short_sequence)) * 1e6
+    planning = costs.site_fixed_us + batch * heads * seq * costs.planning_ns_per_token_head[planner] * 1e-3
+    return Estimate(dense, kernel + planning + (0.0 if cuda_graphs else costs.host_us))
+
+
+def why_sparse_does_not_pay(shape, density: float, planner: str, device: torch.device, cuda_graphs: bool
+                            ) -> tuple[Optional[str], str]:
+    """(reason to stay dense or None, the estimate in words for the report)."""
+    if device.type != "cuda":
+        return (f"on {device.type} the block-sparse op runs its pure-torch reference, slower than dense SDPA "
+                "(force_sparse=True rewrites anyway)"), ""
+    guess = estimate(shape, density, planner, cuda_graphs)
+    words = f"estimated {guess.sparse_us:.0f} µs sparse vs {guess.dense_us:.0f} µs dense a call"
+    if guess.pays:
+        return None, words
+    return f"sparse does not pay at this size: {words} (force_sparse=True rewrites anyway)", words
