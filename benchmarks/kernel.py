@@ -25,11 +25,11 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
 from dit_compiler.kernels import triton_block_sparse
-from dit_compiler.masks.svg import position_major_permutation
+from dit_compiler.passes.planners.svg import position_major_permutation
 from dit_compiler.kernels.triton_permute import triton_permute_tokens
-from dit_compiler.masks import block_mask
-from dit_compiler.masks.banded import banded_block_mask
-from dit_compiler.masks.random import random_block_mask
+from dit_compiler.kernels import block_mask
+from dit_compiler.kernels.masks.banded import banded_block_mask
+from dit_compiler.kernels.masks.random import random_block_mask
 
 SHAPES = {"wan1.3b": (1, 12, 32760, 128), "wan14b": (1, 40, 75600, 128)}
 # Wan's token grids (frames, height, width) behind those lengths, for the permutation benchmark.

@@ -9,7 +9,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-SPARSITY = ("svg", "draft", "none")
+from dit_compiler.passes.planners import PLANNERS
+
+SPARSITY = (*PLANNERS, "none")  # the registered planners, or dense
 CACHE = ("easycache", "none")
 BLOCK_SIZES = (64, 128)
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")

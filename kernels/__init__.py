@@ -5,7 +5,7 @@ from dit_compiler.kernels.attention_op import (
     set_mask_value_checks,
 )
 from dit_compiler.kernels.permute import permute_tokens, reference_permute_tokens
-from dit_compiler.masks.block_mask import invert_permutation
+from dit_compiler.kernels.block_mask import invert_permutation
 
 __all__ = ["block_sparse_attention", "reference_block_sparse_attention", "set_mask_value_checks", "permute_tokens",
            "reference_permute_tokens", "invert_permutation"]

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from dit_compiler.masks import block_mask
+from dit_compiler.kernels import block_mask
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)

@@ -1,10 +1,10 @@
 """`torch.ops.vsparse.permute_tokens`: reorder [B, H, S, D] along S by an int64 index, out[..., s, :] =
 x[..., index[s], :], with the index shared by all heads ([S]) or per head ([H, S]). The inverse reordering is the
-same op with `dit_compiler.masks.block_mask.invert_permutation(index)`. CUDA runs the Triton gather in triton_permute.py (imported on first
+same op with `dit_compiler.kernels.block_mask.invert_permutation(index)`. CUDA runs the Triton gather in triton_permute.py (imported on first
 use, so CPU-only installs need no Triton); CPU runs torch.gather.
 
-The indices themselves come from the planners: `dit_compiler.masks.svg.position_major_permutation` (Sparse
-VideoGen's temporal heads) and `dit_compiler.masks.draft.window_permutation` (DraftAttention's windows).
+The indices themselves come from the planners: `dit_compiler.passes.planners.svg.position_major_permutation` (Sparse
+VideoGen's temporal heads) and `dit_compiler.passes.planners.draft.window_permutation` (DraftAttention's windows).
 """
 from __future__ import annotations
 

@@ -2,9 +2,11 @@
 
 Pattern: an attention site the recognizers marked eligible (self-attention over a proven video token grid, no
 mask or a key-padding mask), outside the leading `dense_layers` blocks.
-Replacement: one call of `draft_attention` or `svg_attention` below, traced into the graph by AOTAutograd when
-Inductor compiles it. Each plans its block mask in the graph from q and k (no host sync), permutes tokens so the
-pattern is contiguous, calls `torch.ops.vsparse.block_sparse_attention` and restores token order. The dense phase
+Replacement: one call of `sparse_attention` below with the planner the `sparsity` option names (passes/planners/),
+traced into the graph by AOTAutograd when Inductor compiles it. It plans the token order and block mask in the graph
+from q and k (no host sync), permutes tokens so the pattern is contiguous, calls
+`torch.ops.vsparse.block_sparse_attention` and restores token order. A planner's constant order (Draft's windows)
+is computed here, once per static layout, and kept as module buffers. The dense phase
 (a 0-dim bool computed in the graph from the timestep, passes/call_record.py) chooses the full mask at run time, so
 the leading dense steps need neither a host read nor a second compiled graph.
 Every site not rewritten keeps its dense SDPA call and gets a reason in the report.
@@ -19,7 +21,8 @@ from typing import Optional
 import torch
 
 import dit_compiler.kernels  # noqa: F401  (registers torch.ops.vsparse)
-from dit_compiler.masks import block_mask, draft, svg
+from dit_compiler.kernels import block_mask
+from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.options import Options
 from dit_compiler.passes.cost_model import why_sparse_does_not_pay
 from dit_compiler.patterns import key_padding_lengths
@@ -34,32 +37,24 @@ def _with_dense_fallback(dense: Optional[torch.Tensor], kv_num_blocks, kv_indice
     return torch.where(dense, full_num, kv_num_blocks), torch.where(dense, full_idx, kv_indices)
 
 
-def draft_attention(q, k, v, dense, kv_lengths, perm, inverse, text_before, text_after, *,
-                    density: float, block_size: int, scale: float):
-    """DraftAttention: window-contiguous token order (`perm`, the same every call), block mask from a pooled
-    low-resolution attention map."""
-    q, k, v = (t.index_select(2, perm) for t in (q, k, v))
-    kv_num_blocks, kv_indices = draft.draft_block_mask(
-        q, k, block_size=block_size, density=density, text_before=text_before, text_after=text_after, scale=scale)
+def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D] gathered along S by a shared [S] or per-head [B|1, H, S] index."""
+    if index.dim() == 1:
+        return x.index_select(2, index)
+    return torch.gather(x, 2, index.unsqueeze(-1).expand(x.shape))
+
+
+def sparse_attention(q, k, v, dense, kv_lengths, constant, layout, *, planner: str, density: float, block_size: int,
+                     scale: float):
+    """The one replacement of every planner: plan, permute, mask, fall back to the full mask in the dense phase,
+    block-sparse attention, restore the order. Returns (output, kv_num_blocks, kv_indices)."""
+    chosen = PLANNERS[planner]
+    plan = chosen.plan(q, k, v, constant, layout, block_size=block_size, density=density, scale=scale)
+    q, k, v = (_reorder(t, plan.perm) for t in (q, k, v))
+    kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
-    return out.index_select(2, inverse), kv_num_blocks, kv_indices
-
-
-def svg_attention(q, k, v, dense, kv_lengths, frames, height, width, text_before, text_after, *,
-                  density: float, block_size: int, scale: float):
-    """Sparse VideoGen: each head spatial (frame-major) or temporal (position-major), chosen from sampled rows."""
-    perm, inverse, kv_num_blocks, kv_indices = svg.svg_plan(
-        q, k, v, frames=frames, height=height, width=width, text_before=text_before, text_after=text_after,
-        block_size=block_size, density=density, scale=scale)
-    gather = perm.unsqueeze(-1).expand(-1, -1, -1, q.shape[-1])
-    q, k, v = (torch.gather(t, 2, gather) for t in (q, k, v))
-    kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
-    out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
-    return torch.gather(out, 2, inverse.unsqueeze(-1).expand(-1, -1, -1, out.shape[-1])), kv_num_blocks, kv_indices
-
-
-REPLACEMENTS = {"draft": draft_attention, "svg": svg_attention}
+    return _reorder(out, plan.inverse), kv_num_blocks, kv_indices
 
 
 @dataclass
@@ -88,20 +83,28 @@ def _cost_verdict(q_value, opts: Options, cuda_graphs: bool) -> tuple[Optional[s
     return (None, words or "forced") if opts.force_sparse else (reason, words)
 
 
-def _draft_permutation(gm: torch.fx.GraphModule, sizes: list, block_size: int, device, constants: dict):
-    """Nodes of DraftAttention's (perm, inverse). With a static layout they are computed once here and live in the
-    module as buffers shared by every site of that layout; with symbolic sizes the graph computes them."""
-    if all(isinstance(size, int) for size in sizes):
-        key = tuple(sizes)
+def _constant_order(planner: str, layout, block_size: int, device):
+    return PLANNERS[planner].constant_order(layout, block_size, device)
+
+
+def _constant_order_nodes(gm: torch.fx.GraphModule, planner: str, layout: list, block_size: int, device,
+                          constants: dict):
+    """The planner's constant order as graph values: with a static layout computed once here and kept in the module
+    as buffers shared by every site of that layout (None when the planner has none); with symbolic sizes computed
+    by the graph."""
+    if all(isinstance(size, int) for size in layout):
+        key = tuple(layout)
         if key not in constants:
-            perm, inverse = draft.window_permutation(*sizes, block_size, device=device)
-            name = f"vsparse_window_perm_{len(constants)}"
-            gm.register_buffer(name, perm)
-            gm.register_buffer(f"{name}_inverse", inverse)
-            constants[key] = (name, f"{name}_inverse")
-        return tuple(gm.graph.get_attr(name) for name in constants[key])
-    pair = gm.graph.call_function(draft.window_permutation, (*sizes, block_size), {"device": device})
-    return tuple(gm.graph.call_function(operator.getitem, (pair, i)) for i in range(2))
+            pair = _constant_order(planner, tuple(layout), block_size, device)
+            names = None
+            if pair is not None:
+                names = tuple(f"vsparse_{planner}_order_{len(constants)}{suffix}" for suffix in ("", "_inverse"))
+                for name, tensor in zip(names, pair):
+                    gm.register_buffer(name, tensor)
+            constants[key] = names
+        names = constants[key]
+        return None if names is None else tuple(gm.graph.get_attr(name) for name in names)
+    return gm.graph.call_function(_constant_order, (planner, tuple(layout), block_size, device))
 
 
 def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, opts: Options,
@@ -114,7 +117,6 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
     record) and, with `collect_masks` (dumping), of its block-bool mask.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
-    replacement = REPLACEMENTS[opts.sparsity]
     decisions, densities, masks, constants = [], [], [], {}
     for site in analysis.sites:
         reason = _why_dense(site, opts)
@@ -136,13 +138,11 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
             if site.mask == "key_padding":
                 kv_lengths = gm.graph.call_function(key_padding_lengths, (nodes[site.mask_node],))
             scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
-            layout_args = sizes
-            if replacement is draft_attention:
-                layout_args = [*_draft_permutation(gm, sizes, opts.block_size, device, constants), *sizes[3:]]
+            constant = _constant_order_nodes(gm, opts.sparsity, sizes, opts.block_size, device, constants)
             call = gm.graph.call_function(
-                replacement,
-                (nodes[site.query], nodes[site.key], nodes[site.value], dense_flag, kv_lengths, *layout_args),
-                {"density": opts.density, "block_size": opts.block_size, "scale": scale})
+                sparse_attention,
+                (nodes[site.query], nodes[site.key], nodes[site.value], dense_flag, kv_lengths, constant, tuple(sizes)),
+                {"planner": opts.sparsity, "density": opts.density, "block_size": opts.block_size, "scale": scale})
             out = gm.graph.call_function(operator.getitem, (call, 0))
             count, indices = (gm.graph.call_function(operator.getitem, (call, i)) for i in (1, 2))
             densities.append(gm.graph.call_function(block_mask.visited_fraction, (count, indices)))

@@ -37,7 +37,7 @@ class VideoLayout:
     """The token layout of one self-attention site.
 
     `segments` is the layout: ordered text and grid runs whose lengths sum to the sequence (`proof`). The single-grid
-    fields below are what the planners (dit_compiler/masks) consume, `seq == text_before + frames*height*width +
+    fields below are what the planners (passes/planners) consume, `seq == text_before + frames*height*width +
     text_after`; they are set only when the segments are text, one grid, text (`single_grid`). Several grids in one
     sequence (FramePack's history latents at other scales, reference frames with their own patch embedding) keep them
     None and the site dense until a planner serves such layouts.

@@ -62,9 +62,11 @@ def test_sparse_rewrite_at_full_density_is_dense_equal(name, sparsity, tmp_path)
         if not site["layout"]:
             assert not site["rewritten"] and site["decision_reason"]
     rewritten = (graph_dir / "rewritten.py").read_text()
-    assert f"{sparsity}_attention" in rewritten
-    if sparsity == "draft":  # one window permutation, computed at compile time, shared by every site
-        assert "= self.vsparse_window_perm_0\n" in rewritten and "self.vsparse_window_perm_1" not in rewritten
+    assert "sparse_attention" in rewritten and f"planner = '{sparsity}'" in rewritten
+    if sparsity == "draft":  # one window order, computed at compile time, shared by every site
+        assert "= self.vsparse_draft_order_0\n" in rewritten and "self.vsparse_draft_order_1" not in rewritten
+    else:  # svg has no constant order: its per-head orders are computed every call
+        assert "vsparse_svg_order" not in rewritten
     pictures = sorted(p.stem for p in (graph_dir / "masks").glob("*.png"))
     assert pictures == sorted(s["node"] for s in video_sites)
     op_calls = [e for e in prof.events() if e.name == "vsparse::block_sparse_attention"]

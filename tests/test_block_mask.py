@@ -1,7 +1,7 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from dit_compiler.masks import block_mask
+from dit_compiler.kernels import block_mask
 
 
 @settings(max_examples=30, deadline=None)

@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
 from dit_compiler.kernels import attention_op as bsa
 from dit_compiler.kernels import triton_block_sparse
-from dit_compiler.masks import block_mask
-from dit_compiler.masks.banded import banded_block_mask
-from dit_compiler.masks.random import random_block_mask
+from dit_compiler.kernels import block_mask
+from dit_compiler.kernels.masks.banded import banded_block_mask
+from dit_compiler.kernels.masks.random import random_block_mask
 
 # Tests that run Triton kernels on CPU tensors through the interpreter (GPU runs set TRITON_INTERPRET=0).
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")

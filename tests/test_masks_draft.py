@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from dit_compiler.masks import block_mask, draft
+from dit_compiler.kernels import block_mask
+from dit_compiler.passes.planners import common, draft
 
 
 @st.composite
@@ -137,7 +138,7 @@ def test_draft_mask_keeps_the_budget_and_forced_blocks(layout, density, batch, h
     block_mask.validate(num, idx, batch, heads, s, s, block_size)
     assert num.shape == (batch, heads, n) and idx.shape == (batch, heads, n, n)
     visit = block_mask.to_block_bool(num, idx)
-    text = block_mask.text_blocks(s, text_before, text_after, block_size)
+    text = common.text_blocks(s, text_before, text_after, block_size)
     forced = torch.eye(n, dtype=torch.bool) | text
     budget = max(1, math.ceil(density * n))
     expected = torch.where(text, n, forced.sum(-1).clamp(min=budget))
@@ -210,15 +211,15 @@ def test_draft_mask_captures_local_attention(layout):
     perm, _ = draft.window_permutation(*layout)
     q, k, v = (x[..., perm, :] for x in local_qkv(*layout[:5], heads=heads, dim=64, seed=1))
     s, n = q.shape[-2], block_mask.num_blocks(q.shape[-2], block_size)
-    text = block_mask.text_blocks(s, text_before, text_after, block_size)
+    text = common.text_blocks(s, text_before, text_after, block_size)
     draft_mask = draft.draft_block_mask(q, k, block_size=block_size, density=density, text_before=text_before,
                                         text_after=text_after)
     random_scores = torch.rand(1, heads, n, n, generator=torch.Generator().manual_seed(2))
-    random_mask = block_mask.from_block_bool(block_mask.keep_strongest(random_scores, density, text))
+    random_mask = block_mask.from_block_bool(common.keep_strongest(random_scores, density, text))
     probs = (q @ k.transpose(-1, -2) / 8).softmax(-1)
     block_mass = F.pad(probs, (0, n * block_size - s, 0, n * block_size - s)).view(
         1, heads, n, block_size, n, block_size).sum((3, 5))
-    best_mask = block_mask.from_block_bool(block_mask.keep_strongest(block_mass, density, text))
+    best_mask = block_mask.from_block_bool(common.keep_strongest(block_mass, density, text))
     errors = {name: masked_error(q, k, v, *mask, block_size)
               for name, mask in (("draft", draft_mask), ("random", random_mask), ("best", best_mask))}
     print(f"{layout}: " + ", ".join(f"{name} {e:.3f}" for name, e in errors.items())

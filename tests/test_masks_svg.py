@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from dit_compiler.masks import block_mask, svg
+from dit_compiler.kernels import block_mask
+from dit_compiler.passes.planners import common, svg
 
 
 @st.composite
@@ -59,7 +60,7 @@ def check_nearest_units_mask(num, idx, gaps, layout, density):
     n = block_mask.num_blocks(s, block_size)
     block_mask.validate(num, idx, 1, 1, s, s, block_size)
     visit = block_mask.to_block_bool(num, idx)[0, 0]
-    text = block_mask.text_blocks(s, text_before, text_after, block_size)
+    text = common.text_blocks(s, text_before, text_after, block_size)
     forced = torch.eye(n, dtype=torch.bool) | text
     expected = torch.where(text, n, forced.sum(-1).clamp(min=max(1, math.ceil(density * n))))
     assert torch.equal(num[0, 0], expected.to(torch.int32))
@@ -184,11 +185,11 @@ def test_svg_plan_per_head_layouts_and_quality():
         assert torch.equal(num[0, h], head_mask[0][0, 0]) and torch.equal(idx[0, h], head_mask[1][0, 0])
 
     dense = F.scaled_dot_product_attention(q, k, v)
-    text = block_mask.text_blocks(s, text_before, text_after, block_size)
+    text = common.text_blocks(s, text_before, text_after, block_size)
     random_scores = torch.rand(1, 4, n, n, generator=torch.Generator().manual_seed(0))
     identity = torch.arange(s).expand(1, 4, s)
     random_plan = (identity, identity) + block_mask.from_block_bool(
-        block_mask.keep_strongest(random_scores, density, text))
+        common.keep_strongest(random_scores, density, text))
     spatial_only = (identity, identity) + tuple(m.expand(1, 4, *m.shape[2:]) for m in spatial_mask)
     temporal_only = (position_major.expand(1, 4, s), position_major_inverse.expand(1, 4, s)) + tuple(m.expand(1, 4, *m.shape[2:]) for m in temporal_mask)
     errors = {name: ((plan_output(q, k, v, p, block_size) - dense).norm() / dense.norm()).item()

@@ -15,7 +15,7 @@ def test_defaults_and_values(monkeypatch):
 
 
 @pytest.mark.parametrize("key,value,allowed", [
-    ("sparsity", "topk", "'svg', 'draft', 'none'"),
+    ("sparsity", "topk", "'draft', 'svg', 'none'"),
     ("density", 0.0, "0 < x <= 1"),
     ("density", 1.5, "0 < x <= 1"),
     ("density", "half", "number"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from dit_compiler.masks.block_mask import from_block_bool, num_blocks
+from dit_compiler.kernels.block_mask import from_block_bool, num_blocks
 
 
 def banded_block_mask(batch: int, heads: int, q_len: int, kv_len: int, block_size: int, density: float, *,

@@ -31,13 +31,14 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dit_compiler.masks import block_mask
+from dit_compiler.kernels import block_mask
+from dit_compiler.passes.planners import common
 
 
 def window_shape(block_size: int) -> tuple[int, int]:
     """(rows, cols) of the frame patch one block covers: the divisor pair of block_size closest to a square,
     cols >= rows. 64 -> (8, 8), 128 -> (8, 16), 16 -> (4, 4)."""
-    block_mask.check_sizes(1, block_size=block_size)
+    common.check_sizes(1, block_size=block_size)
     block_size = int(block_size)
     rows = max(d for d in range(1, math.isqrt(block_size) + 1) if block_size % d == 0)
     return rows, block_size // rows
@@ -68,10 +69,10 @@ def window_permutation(frames, height, width, text_before, text_after, block_siz
     """(perm, inverse) int64 [S], S = text_before + frames*height*width + text_after, that put the video tokens
     in window order (each block of `block_size` tokens one compact frame patch) with text tokens in place.
     x[..., perm, :] is in window order; x_windowed[..., inverse, :] is x again."""
-    block_mask.check_sizes(1, frames=frames, height=height, width=width, block_size=block_size)
-    block_mask.check_sizes(0, text_before=text_before, text_after=text_after)
+    common.check_sizes(1, frames=frames, height=height, width=width, block_size=block_size)
+    common.check_sizes(0, text_before=text_before, text_after=text_after)
     order = window_video_order(frames, height, width, text_before, block_size, device)
-    return block_mask.sequence_permutation(order, text_before, text_after)
+    return common.sequence_permutation(order, text_before, text_after)
 
 
 def block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,10 +111,29 @@ def draft_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int, densi
         raise ValueError(f"q and k must both be [B, H, S, D] self-attention inputs, got {tuple(q.shape)} "
                          f"and {tuple(k.shape)}")
     seq_len = q.shape[-2]
-    block_mask.check_sizes(1, block_size=block_size)
-    block_mask.check_sizes(0, text_before=text_before, text_after=text_after)
+    common.check_sizes(1, block_size=block_size)
+    common.check_sizes(0, text_before=text_before, text_after=text_after)
     if text_before + text_after > seq_len:
         raise ValueError(f"text_before + text_after = {text_before + text_after} exceeds the sequence ({seq_len})")
     scores = pooled_attention_map(q, k, block_size, scale)
-    text = block_mask.text_blocks(seq_len, text_before, text_after, block_size, q.device)
-    return block_mask.from_block_bool(block_mask.keep_strongest(scores, density, text))
+    text = common.text_blocks(seq_len, text_before, text_after, block_size, q.device)
+    return block_mask.from_block_bool(common.keep_strongest(scores, density, text))
+
+
+class DraftPlanner:
+    """The planner contract (passes/planners/__init__.py) for DraftAttention: a constant window order, a block mask
+    from the pooled map of q and k in that order."""
+
+    name = "draft"
+
+    def constant_order(self, layout, block_size: int, device):
+        return window_permutation(*layout, block_size, device=device)
+
+    def plan(self, q, k, v, constant, layout, *, block_size: int, density: float, scale: float):
+        from dit_compiler.passes.planners import Plan
+
+        return Plan(*constant)
+
+    def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
+        return draft_block_mask(q, k, block_size=block_size, density=density, text_before=layout[3],
+                                text_after=layout[4], scale=scale)

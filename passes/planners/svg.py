@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from dit_compiler.masks import block_mask
+from dit_compiler.kernels import block_mask
+from dit_compiler.passes.planners import common
 
 
 def _check_layout(frames, height, width, text_before, text_after, block_size=1) -> None:
-    block_mask.check_sizes(1, frames=frames, height=height, width=width, block_size=block_size)
-    block_mask.check_sizes(0, text_before=text_before, text_after=text_after)
+    common.check_sizes(1, frames=frames, height=height, width=width, block_size=block_size)
+    common.check_sizes(0, text_before=text_before, text_after=text_after)
 
 
 def position_major_order(frames, height, width, device=None) -> torch.Tensor:
@@ -34,7 +35,7 @@ def position_major_permutation(frames, height, width, text_before, text_after, d
     """(perm, inverse) int64 [S] taking the frame-major video tokens to position-major order, text in place.
     x[..., perm, :] is position-major; x_position_major[..., inverse, :] is x again."""
     _check_layout(frames, height, width, text_before, text_after)
-    return block_mask.sequence_permutation(position_major_order(frames, height, width, device), text_before,
+    return common.sequence_permutation(position_major_order(frames, height, width, device), text_before,
                                            text_after)
 
 
@@ -54,8 +55,8 @@ def _nearest_units_visit(unit_len, layout, block_size, density, device) -> torch
     unit_gap = (first - last[:, None]).clamp(min=0) + (first[:, None] - last).clamp(min=0)
     block_gap = (ids - ids[:, None]).abs()
     nearness = -(unit_gap * n + block_gap)
-    text = block_mask.text_blocks(seq_len, text_before, text_after, block_size, device)
-    return block_mask.keep_strongest(nearness, density, text)
+    text = common.text_blocks(seq_len, text_before, text_after, block_size, device)
+    return common.keep_strongest(nearness, density, text)
 
 
 def _spatial_visit(layout, block_size, density, device) -> torch.Tensor:
@@ -128,7 +129,7 @@ def _profile(q, k, v, layout, block_size, density, num_sample_rows, scale):
     if q.shape[-2] != seq_len:
         raise ValueError(f"sequence length {q.shape[-2]} != text_before + frames*height*width + text_after "
                          f"= {seq_len}")
-    block_mask.check_sizes(1, num_sample_rows=num_sample_rows)
+    common.check_sizes(1, num_sample_rows=num_sample_rows)
     spatial_visit = _spatial_visit(layout, block_size, density, q.device)
     temporal_visit = _temporal_visit(layout, block_size, density, q.device)
     position_major, inverse = position_major_permutation(*layout, device=q.device)
@@ -169,3 +170,23 @@ def svg_plan(q, k, v, *, frames, height, width, text_before, text_after, block_s
     kv_num_blocks = torch.where(temporal[..., None], temporal_num, spatial_num)
     kv_indices = torch.where(temporal[..., None, None], temporal_indices, spatial_indices)
     return head_perm, head_inverse, kv_num_blocks, kv_indices
+
+
+class SvgPlanner:
+    """The planner contract (passes/planners/__init__.py) for Sparse VideoGen: per-head orders and masks from the
+    sampled-row head classification (`svg_plan`), every call."""
+
+    name = "svg"
+
+    def constant_order(self, layout, block_size: int, device):
+        return None
+
+    def plan(self, q, k, v, constant, layout, *, block_size: int, density: float, scale: float):
+        from dit_compiler.passes.planners import Plan
+
+        frames, height, width, text_before, text_after = layout
+        return Plan(*svg_plan(q, k, v, frames=frames, height=height, width=width, text_before=text_before,
+                              text_after=text_after, block_size=block_size, density=density, scale=scale))
+
+    def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
+        return plan.kv_num_blocks, plan.kv_indices

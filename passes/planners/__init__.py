@@ -1,0 +1,52 @@
+"""Planners: how a sparse-attention site chooses its token order and block mask. One family a file, one contract.
+
+A planner is an object with a `name` (the `sparsity` option's value) and two methods the rewrite
+(passes/sparse_attention.py) calls:
+
+  constant_order(layout, block_size, device) -> (perm, inverse) int64 [S], or None
+      Once per static layout, at compile time: an order shared by every head and call (Draft's windows). It lives
+      in the compiled module as a buffer; with symbolic sizes the graph computes it per call.
+  plan(q, k, v, constant, layout, *, block_size, density, scale) -> Plan
+      Per call, traced into the graph (pure torch, no host reads): the order of this call (`constant`, or per-head
+      [B|1, H, S] orders), and whatever the order's choice already decided about the mask.
+  mask(q, k, plan, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
+      Per call: the block mask (kernels/block_mask.py's format) for q, k already in the plan's order.
+
+`layout` is (frames, height, width, text_before, text_after), ints or SymInts. The generic replacement permutes,
+plans, falls back to the full mask in the dense phase, calls `torch.ops.vsparse.block_sparse_attention` and restores
+the order. tests/test_planners.py runs one conformance test over every registered planner.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+
+
+@dataclass
+class Plan:
+    perm: torch.Tensor  # int64 [S] (shared) or [B|1, H, S] (per head): x[..., perm, :] is in the plan's order
+    inverse: torch.Tensor  # the inverse permutation, same shape
+    kv_num_blocks: Optional[torch.Tensor] = None  # the mask, when choosing the order decided it (svg)
+    kv_indices: Optional[torch.Tensor] = None
+
+
+class Planner(Protocol):
+    name: str
+
+    def constant_order(self, layout, block_size: int, device) -> Optional[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def plan(self, q, k, v, constant, layout, *, block_size: int, density: float, scale: float) -> Plan: ...
+
+    def mask(self, q, k, plan: Plan, layout, *, block_size: int, density: float, scale: float): ...
+
+
+def _registry() -> dict:
+    from dit_compiler.passes.planners.draft import DraftPlanner
+    from dit_compiler.passes.planners.svg import SvgPlanner
+
+    return {planner.name: planner for planner in (DraftPlanner(), SvgPlanner())}
+
+
+PLANNERS: dict = _registry()
