@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compare", action="store_true",
                         help="also time the same pipeline with a plain torch.compile (Inductor) transformer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="wan_t2v.gif")
+    parser.add_argument("--out", default="dumps/wan_t2v.gif")
     parser.add_argument("--dump-dir", default="dumps/wan_t2v")
     args = parser.parse_args(argv)
     # vsparse tells a new generation by the timestep rising: after a one-step warm-up, the next generation's first
