@@ -74,9 +74,8 @@ def load_pipeline(model_dir: str, dtype: torch.dtype) -> WanPipeline:
 def generate(pipe: WanPipeline, call: dict, steps: int, seed: int, output_type: str):
     """One generation on a fixed seed; returns (frames of the first video, seconds)."""
     start = time.perf_counter()
-    with torch.no_grad():
-        frames = pipe(**call, num_inference_steps=steps, output_type=output_type,
-                      generator=torch.Generator("cpu").manual_seed(seed)).frames[0]
+    frames = pipe(**call, num_inference_steps=steps, output_type=output_type,
+                  generator=torch.Generator("cpu").manual_seed(seed)).frames[0]
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return frames, time.perf_counter() - start
