@@ -178,7 +178,7 @@ def main(argv=None) -> str:
         versus = f", dense Inductor {dense_s:.2f} s: speedup {dense_s / seconds:.2f}x"
     summary = (f"wan_t2v: {args.steps} steps, {len(frames)} frames {args.width}x{args.height} in {seconds:.2f} s "
                f"(warm-up with compile {warmup_s:.1f} s){versus}; block stack computed {computed}, skipped {skipped} "
-               f"of {computed + skipped} runs; {sparse} sparse attention sites; wrote {out}, dump {args.dump_dir}")
+               f"of {computed + skipped} runs; sparse attention sites: {sparse}; wrote {out}, dump {args.dump_dir}")
     print(summary)
     return summary
 
