@@ -32,6 +32,7 @@ from dit_compiler.runtime.runner import CachedStack, DiTRunner
 
 log = logging.getLogger("dit_compiler")
 _graph_ids = itertools.count()
+_warned_no_stack: list = []  # once per process: Dynamo calls the backend once per graph fragment
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -134,6 +135,11 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
             partition = patterns.partition(gm, analysis)
         else:
             notes.append("cache disabled: no transformer block stack recognized")
+            if not _warned_no_stack:
+                _warned_no_stack.append(True)
+                log.warning("vsparse: cache=%r asked for, but graph %s holds no transformer block stack, so nothing "
+                            "is cached (graph breaks split the stack across graphs: a diffusers cache hook from "
+                            "enable_cache does that; compile with fullgraph=True to find them)", opts.cache, graph_name)
 
     timestep = next((n for n in gm.graph.find_nodes(op="placeholder") if n.name == analysis.timestep_input), None)
     dense, t_max = insert_dense_phase(gm, timestep, opts.dense_steps)

@@ -204,9 +204,11 @@ def test_diffusers_cache_hook_refused_under_fullgraph(hook):
         cached_run(compiled, inputs, 900, now)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 7: cache='easycache' on a graph without a block stack is only a note "
-                                       "in the dump; the backend should warn (or refuse)")
-def test_easycache_without_a_block_stack_warns(caplog):
+def test_easycache_without_a_block_stack_warns(caplog, monkeypatch):
+    """A diffusers cache hook splits the stack across graphs: vsparse's cache was off with only a note in the dump."""
+    import dit_compiler.backend
+
+    monkeypatch.setattr(dit_compiler.backend, "_warned_no_stack", [])
     now = {}
     model, inputs = hooked("first_block_cache", now)
     compiled = torch.compile(model, backend="vsparse", options=dict(cache="easycache"))
