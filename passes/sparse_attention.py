@@ -20,8 +20,7 @@ from typing import Optional
 
 import torch
 
-import dit_compiler.kernels  # noqa: F401  (registers torch.ops.vsparse)
-from dit_compiler.kernels import block_mask
+from dit_compiler.kernels import block_mask  # importing the package registers torch.ops.vsparse
 from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.options import Options
 from dit_compiler.passes.cost_model import why_sparse_does_not_pay

@@ -13,7 +13,7 @@ else loses its labels (None). Nothing here looks at names: only ops, shapes and 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import sympy
 import torch.fx as fx

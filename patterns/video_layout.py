@@ -21,7 +21,7 @@ from typing import Optional
 import sympy
 import torch.fx as fx
 
-from .graph import CONV_OPS, RESHAPE_OPS, Sizes, arg, op_name
+from .graph import CONV_OPS, RESHAPE_OPS, Sizes, op_name
 from .tokens import Segment, Segments, TokenTracer, reshape_groups
 from .types import DimRef, LayoutSegment, VideoLayout
 

@@ -17,3 +17,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def eager_pieces(monkeypatch):
+    """Pieces run as captured instead of through Inductor: for tests of recognition, rewrite and run-time behaviour,
+    which do not depend on Inductor (tests/test_backend.py compiles with it)."""
+    import dit_compiler.backend as backend
+
+    monkeypatch.setattr(backend, "compile_piece", lambda gm, example_inputs, config: gm)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -51,14 +51,18 @@ def wan_vace(head_dim=64, frames=2, height=10, width=14):
     return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
 
 
-def skyreels_v2(head_dim=64, frames=2, height=10, width=14):
-    from diffusers import SkyReelsV2Transformer3DModel
-    model = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
-                                         in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32,
-                                         num_layers=2, rope_max_seq_len=32)
+def _wan_family(model_class, head_dim, frames, height, width):
+    """Wan's constructor and inputs, shared by the classes built on it (SkyReels-V2, ChronoEdit)."""
+    model = model_class(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim, in_channels=4,
+                        out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
     inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500.0]),
                   encoder_hidden_states=torch.randn(1, TEXT, 32))
     return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def skyreels_v2(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import SkyReelsV2Transformer3DModel
+    return _wan_family(SkyReelsV2Transformer3DModel, head_dim, frames, height, width)
 
 
 def hunyuan_video(head_dim=64, frames=1, height=10, width=14):
@@ -268,12 +272,7 @@ def wan_animate(head_dim=64, frames=2, height=10, width=14):
 
 def chronoedit(head_dim=64, frames=2, height=10, width=14):
     from diffusers import ChronoEditTransformer3DModel
-    model = ChronoEditTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
-                                         in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32,
-                                         num_layers=2, rope_max_seq_len=32)
-    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500.0]),
-                  encoder_hidden_states=torch.randn(1, TEXT, 32))
-    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+    return _wan_family(ChronoEditTransformer3DModel, head_dim, frames, height, width)
 
 
 def consisid(head_dim=64, frames=2, height=10, width=14):

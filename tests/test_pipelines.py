@@ -12,19 +12,13 @@ import torch
 from PIL import Image
 
 import dit_compiler
-import dit_compiler.backend as backend
 from test_backend import graph_dirs
 from tiny_models import wan
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "wan_t2v.py"
 
 
-@pytest.fixture(autouse=True)
-def eager_pieces(monkeypatch):
-    monkeypatch.setattr(backend, "compile_piece", lambda gm, example_inputs, config: gm)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("eager_pieces")
 
 
 def load_example():

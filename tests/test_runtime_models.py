@@ -11,17 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dit_compiler
-import dit_compiler.backend as backend
 from test_backend import graph_dirs
 from tiny_models import wan
 
 
-@pytest.fixture(autouse=True)
-def eager_pieces(monkeypatch):
-    monkeypatch.setattr(backend, "compile_piece", lambda gm, example_inputs, config: gm)
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("eager_pieces")
 
 
 def vsparse(model, **options):
