@@ -80,15 +80,20 @@ def hunyuan_video(head_dim=64, frames=1, height=10, width=14):
     return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
 
 
-def cogvideox(head_dim=64, frames=2, height=10, width=14):
-    from diffusers import CogVideoXTransformer3DModel
-    model = CogVideoXTransformer3DModel(
+def _cogvideox_family(model_class, head_dim, frames, height, width):
+    """CogVideoX's constructor and inputs, shared by the classes built on it (ConsisID)."""
+    model = model_class(
         num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
         text_embed_dim=32, num_layers=2, sample_width=width, sample_height=height, sample_frames=4 * (frames - 1) + 1,
         patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT)
     inputs = dict(hidden_states=torch.randn(1, frames, 4, height, width), timestep=torch.tensor([500]),
                   encoder_hidden_states=torch.randn(1, TEXT, 32))
     return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def cogvideox(head_dim=64, frames=2, height=10, width=14):
+    from diffusers import CogVideoXTransformer3DModel
+    return _cogvideox_family(CogVideoXTransformer3DModel, head_dim, frames, height, width)
 
 
 def cogvideox15(head_dim=64, frames=4, height=10, width=14):
@@ -277,13 +282,7 @@ def chronoedit(head_dim=64, frames=2, height=10, width=14):
 
 def consisid(head_dim=64, frames=2, height=10, width=14):
     from diffusers import ConsisIDTransformer3DModel
-    model = ConsisIDTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
-        text_embed_dim=32, num_layers=2, sample_width=width, sample_height=height, sample_frames=4 * (frames - 1) + 1,
-        patch_size=2, temporal_compression_ratio=4, max_text_seq_length=TEXT)
-    inputs = dict(hidden_states=torch.randn(1, frames, 4, height, width), timestep=torch.tensor([500]),
-                  encoder_hidden_states=torch.randn(1, TEXT, 32))
-    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+    return _cogvideox_family(ConsisIDTransformer3DModel, head_dim, frames, height, width)
 
 
 def motif_video(head_dim=64, frames=2, height=10, width=14, prompt_mask=True):
