@@ -72,9 +72,6 @@ class ModelStates:
                 found.append(entry[1])
         return found
 
-    def __len__(self) -> int:
-        return len(self._states)
-
 
 @dataclass
 class GraphOutputs:
@@ -110,7 +107,7 @@ class DiTRunner:
         self.timestep_index = timestep_index
         self.model_key_index = model_key_index
         self.copies_outputs = copies_outputs  # CUDA graphs overwrite their outputs on the next replay
-        self.observers = list(observers or [])
+        self.observers: list[Observer] = list(observers or [])
         self.states = ModelStates()
         self.current: Optional[_Call] = None
         _RUNNERS.add(self)
