@@ -36,7 +36,7 @@ def _rows(graph: int, runner, history) -> list[dict]:
         return []
     vectors = None
     if history[0].vector is not None:
-        vectors = torch.stack([r.vector.to("cpu", torch.float32) for r in history]).tolist()
+        vectors = torch.stack([r.vector for r in history]).float().tolist()  # one transfer, not one per call
     tracker = StepTracker()
     groups: dict = defaultdict(lambda: {"calls": 0, "computed": 0, "reused": 0, "dense_calls": 0, "sums": None})
     for i, record in enumerate(history):

@@ -80,5 +80,3 @@ def add_call_record(gm: torch.fx.GraphModule, t_max: Optional[torch.fx.Node], de
     gm.recompile()
     return GraphOutputs(num_user=len(values), record=len(values), site_names=list(site_names),
                         masks=len(values) + 1 if masks else None)
-
-
