@@ -42,7 +42,8 @@ def strongest_blocks(scores: torch.Tensor, density: float, text: torch.Tensor) -
     budget = (ids.double() < density * n).sum()
     forced_count = text.sum() + ~text
     count = torch.where(text, n, torch.maximum(forced_count, budget))
-    return count.to(torch.int32).expand(order.shape[:-1]), order.to(torch.int32)
+    # Materialized: the kernel reads kv_num_blocks with unit stride along query blocks.
+    return count.to(torch.int32).expand(order.shape[:-1]).contiguous(), order.to(torch.int32)
 
 
 def keep_strongest(scores: torch.Tensor, density: float, text: torch.Tensor) -> torch.Tensor:
