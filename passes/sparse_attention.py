@@ -53,7 +53,8 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
     q, k, v = (_reorder(t, plan.perm) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
-    out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
+    out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
+                                                   plan.q_block_order)
     return _reorder(out, plan.inverse), kv_num_blocks, kv_indices
 
 

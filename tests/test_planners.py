@@ -47,6 +47,10 @@ def test_planner_contract(name, layout, density, seed):
     block_mask.validate(num, idx, 2, 3, seq_len, seq_len, BLOCK)
     visit = block_mask.to_block_bool(num, idx)
     assert visit.diagonal(dim1=-2, dim2=-1).all()
+    # A schedule the planner fixed ahead of the data is the one the kernel would sort for this mask.
+    if plan.q_block_order is not None:
+        block_mask.validate_order(plan.q_block_order, 2, 3, seq_len, BLOCK, values=True)
+        assert torch.equal(plan.q_block_order.expand(2, 3, -1), block_mask.heaviest_first(num.expand(2, 3, -1)))
     # Through the generic replacement: at density 1 it is exact dense attention in the original order.
     if density == 1.0:
         out, _, _ = sparse_attention(q, k, v, None, None, constants, layout, planner=name, density=1.0,

@@ -31,6 +31,9 @@ class Plan:
     inverse: torch.Tensor  # the inverse permutation, same shape
     kv_num_blocks: Optional[torch.Tensor] = None  # the mask, when choosing the order decided it (svg)
     kv_indices: Optional[torch.Tensor] = None
+    # int32 [B|1, H|1, nq]: the kernel's query-block schedule (block_mask.heaviest_first of the mask's counts),
+    # when the counts are known without the data; else the op sorts them every call
+    q_block_order: Optional[torch.Tensor] = None
 
 
 class Planner(Protocol):

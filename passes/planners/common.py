@@ -37,13 +37,19 @@ def strongest_blocks(scores: torch.Tensor, density: float, text: torch.Tensor) -
     forced = (ids[:, None] == ids) | text
     top = torch.finfo(scores.dtype).max if scores.is_floating_point() else torch.iinfo(scores.dtype).max
     order = scores.masked_fill(forced, top).argsort(dim=-1, descending=True, stable=True)
+    # Materialized: the kernel reads kv_num_blocks with unit stride along query blocks.
+    return kept_counts(density, text).expand(order.shape[:-1]).contiguous(), order.to(torch.int32)
+
+
+def kept_counts(density: float, text: torch.Tensor) -> torch.Tensor:
+    """int32 [n]: how many key blocks each query block keeps under `strongest_blocks`, whatever the scores."""
+    n = text.shape[0]
+    ids = torch.arange(n, device=text.device)
     # Ranks r < density * n are in the budget (float64 matches Python's own product, so the count is
     # ceil(density * n)); a row's forced blocks (its text blocks, plus its diagonal when that is not text) lead.
     budget = (ids.double() < density * n).sum()
     forced_count = text.sum() + ~text
-    count = torch.where(text, n, torch.maximum(forced_count, budget))
-    # Materialized: the kernel reads kv_num_blocks with unit stride along query blocks.
-    return count.to(torch.int32).expand(order.shape[:-1]).contiguous(), order.to(torch.int32)
+    return torch.where(text, n, torch.maximum(forced_count, budget)).to(torch.int32)
 
 
 def keep_strongest(scores: torch.Tensor, density: float, text: torch.Tensor) -> torch.Tensor:

@@ -129,12 +129,15 @@ class DraftPlanner:
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         perm, inverse = window_permutation(*layout, block_size, device=device)
-        return {"perm": perm, "inverse": inverse}
+        text = common.text_blocks(perm.shape[0], layout[3], layout[4], block_size, device)
+        # Every row keeps a count fixed by the layout (draft_block_mask), so the kernel's schedule is a constant.
+        order = block_mask.heaviest_first(common.kept_counts(density, text)[None, None])
+        return {"perm": perm, "inverse": inverse, "q_block_order": order}
 
     def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float):
         from dit_compiler.passes.planners import Plan
 
-        return Plan(constants["perm"], constants["inverse"])
+        return Plan(constants["perm"], constants["inverse"], q_block_order=constants["q_block_order"])
 
     def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
         return draft_block_mask(q, k, block_size=block_size, density=density, text_before=layout[3],

@@ -113,7 +113,9 @@ def svg_constants(layout, block_size: int, density: float, num_sample_rows: int 
             "sample_spatial": spatial_visit[rows // block_size][:, spatial_blocks],
             "sample_temporal": temporal_visit[temporal_blocks[rows]][:, temporal_blocks],
             "spatial_num": spatial_num, "spatial_indices": spatial_indices,
-            "temporal_num": temporal_num, "temporal_indices": temporal_indices}
+            "spatial_order": block_mask.heaviest_first(spatial_num),
+            "temporal_num": temporal_num, "temporal_indices": temporal_indices,
+            "temporal_order": block_mask.heaviest_first(temporal_num)}
 
 
 def _check_qkv(q, k, v, layout) -> None:
@@ -148,14 +150,15 @@ def classify_with(q, k, v, constants: dict, scale=None) -> torch.Tensor:
 
 
 def plan_with(temporal: torch.Tensor, constants: dict, seq_len):
-    """(perm, inverse, kv_num_blocks, kv_indices) per head from the head classes: spatial heads keep the identity
-    order and the spatial mask, temporal heads take the position-major order and the temporal mask."""
+    """(perm, inverse, kv_num_blocks, kv_indices, q_block_order) per head from the head classes: spatial heads keep
+    the identity order and the spatial mask, temporal heads take the position-major order and the temporal mask."""
     identity = torch.arange(seq_len, device=temporal.device)
     head_perm = torch.where(temporal[..., None], constants["position_major"], identity)
     head_inverse = torch.where(temporal[..., None], constants["position_major_inverse"], identity)
     kv_num_blocks = torch.where(temporal[..., None], constants["temporal_num"], constants["spatial_num"])
     kv_indices = torch.where(temporal[..., None, None], constants["temporal_indices"], constants["spatial_indices"])
-    return head_perm, head_inverse, kv_num_blocks, kv_indices
+    order = torch.where(temporal[..., None], constants["temporal_order"], constants["spatial_order"])
+    return head_perm, head_inverse, kv_num_blocks, kv_indices, order
 
 
 def classify_heads(q, k, v, *, frames, height, width, text_before, text_after, block_size, density,
@@ -184,7 +187,7 @@ def svg_plan(q, k, v, *, frames, height, width, text_before, text_after, block_s
     layout = (frames, height, width, text_before, text_after)
     constants = svg_constants(layout, block_size, density, num_sample_rows, q.device)
     _check_qkv(q, k, v, layout)
-    return plan_with(classify_with(q, k, v, constants, scale), constants, q.shape[-2])
+    return plan_with(classify_with(q, k, v, constants, scale), constants, q.shape[-2])[:4]
 
 
 class SvgPlanner:
