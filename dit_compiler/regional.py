@@ -170,8 +170,8 @@ class RegionalCompilation:
         timestep = next((n for n in gm.graph.find_nodes(op="placeholder") if n.name == analysis.timestep_input), None)
         source = getattr(timestep, "_dynamo_source", None)
         if timestep is not None and not isinstance(_argument(source, args, kwargs), torch.Tensor):
-            log.warning("vsparse: the timestep input %s of %s is not an argument of its call; every call counts as "
-                        "a step and dense_steps keeps none dense", source, analysis.model)
+            log.warning("vsparse: the timestep input %s of %s is not a tensor argument of its call; every call "
+                        "counts as a step and dense_steps keeps none dense", source, analysis.model)
             source = None
         if not self.blocks:
             found = {f"{stack.name}.{i}": model.get_submodule(f"{stack.name}.{i}")
