@@ -13,7 +13,7 @@ from PIL import Image
 
 import dit_compiler
 from test_backend import graph_dirs
-from tiny_models import wan
+from tiny_models import wan, wan_pipeline
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "wan_t2v.py"
 
@@ -33,10 +33,12 @@ def sites(dump_dir):
     return [site for d in graph_dirs(dump_dir) for site in json.loads((d / "analysis.json").read_text())["sites"]]
 
 
+# density 1.0 keeps the sparse kernel's output equal to dense attention, so outputs compare to eager.
+OPTIONS = dict(sparsity="draft", density=1.0, block_size=64, dense_layers=0)
+
+
 def vsparse(model, dump_dir, **compile_kwargs):
-    # density 1.0 keeps the sparse kernel's output equal to dense attention, so outputs compare to eager.
-    options = dict(sparsity="draft", density=1.0, block_size=64, dense_layers=0, dump_dir=str(dump_dir))
-    return torch.compile(model, backend="vsparse", options=options, **compile_kwargs)
+    return torch.compile(model, backend="vsparse", options=OPTIONS | dict(dump_dir=str(dump_dir)), **compile_kwargs)
 
 
 def run(model, inputs, t, **changes):
@@ -101,22 +103,9 @@ def test_dynamic_shapes_serve_two_resolutions_with_one_sparse_graph(tmp_path):
     assert all(not str(s["layout"]["frames"]).isdigit() for s in self_attention)  # the grid stays symbolic
 
 
-class LowRankAdapter(torch.nn.Module):
-    """A linear layer plus a low-rank update, as `load_lora_weights` (unfused) wraps a layer."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int = 4):
-        super().__init__()
-        self.base = base
-        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
-        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
-
-    def forward(self, x):
-        return self.base(x) + self.up(self.down(x))
-
-
-def test_weight_changes_never_run_stale_weights(tmp_path):
-    """Parameters are graph inputs: an in-place change (what `fuse_lora` does) needs no recompile; a swapped module
-    (an unfused LoRA) fails Dynamo's guards, so the model is captured, analyzed and compiled again."""
+def test_in_place_weight_change_needs_no_recompile(tmp_path):
+    """Parameters are graph inputs: weights changed in place (a user's edit, `load_state_dict`) are seen at the next
+    call without a recompile."""
     model, inputs = wan(frames=3, height=6, width=10, head_dim=64)
     compiled = vsparse(model, tmp_path, fullgraph=True)
     before = run(compiled, inputs, 400)
@@ -128,12 +117,85 @@ def test_weight_changes_never_run_stale_weights(tmp_path):
     assert not torch.allclose(changed, before, atol=1e-3)
     assert len(graph_dirs(tmp_path)) == 1
 
-    torch.manual_seed(1)
-    model.blocks[1].attn1.to_q = LowRankAdapter(model.blocks[1].attn1.to_q)
-    torch.testing.assert_close(run(compiled, inputs, 300), run(model, inputs, 300), rtol=1e-4, atol=1e-5)
-    first, second = graph_dirs(tmp_path)
-    recompiled = json.loads((second / "analysis.json").read_text())["sites"]
-    assert [s["rewritten"] for s in recompiled if s["self_attention"]] == [True, True]
+
+def write_lora(model, folder: Path, rank=4) -> str:
+    """A LoRA of `model`'s self-attention projections in diffusers' key format, saved as safetensors; its name."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    weights = {}
+    for i, block in enumerate(model.blocks):
+        for name in ("to_q", "to_k", "to_v", "to_out.0"):
+            layer = block.attn1.get_submodule(name)
+            weights[f"transformer.blocks.{i}.attn1.{name}.lora_A.weight"] = 0.2 * torch.randn(
+                rank, layer.in_features, generator=g)
+            weights[f"transformer.blocks.{i}.attn1.{name}.lora_B.weight"] = 0.2 * torch.randn(
+                layer.out_features, rank, generator=g)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, folder / "lora.safetensors")
+    return "lora.safetensors"
+
+
+def generate(pipe, args):
+    return pipe(**args, generator=torch.Generator().manual_seed(2)).frames
+
+
+def lora_pipelines(tmp_path):
+    """Two tiny WanPipelines on equal transformers (one to compile, one eager reference) and a LoRA file for them."""
+    pipes = [wan_pipeline(wan(frames=2, height=8, width=8, head_dim=64)[0]) for _ in range(2)]
+    (pipe, args), (reference, _) = pipes
+    return pipe, reference, args, write_lora(pipe.transformer, tmp_path / "lora")
+
+
+def self_attention_rewritten(dump_dir, graph):
+    sites = json.loads((graph_dirs(dump_dir)[graph] / "analysis.json").read_text())["sites"]
+    return [s["rewritten"] for s in sites if s["self_attention"]]
+
+
+def test_lora_loaded_and_fused_before_compile(tmp_path):
+    pipe, reference, args, lora = lora_pipelines(tmp_path)
+    base = generate(reference, args)
+    for p in (pipe, reference):
+        p.load_lora_weights(tmp_path / "lora", weight_name=lora)
+        p.fuse_lora()
+    expected = generate(reference, args)
+    assert not torch.allclose(expected, base, atol=1e-3)
+    pipe.transformer = vsparse(pipe.transformer, tmp_path / "dump", fullgraph=True)
+    torch.testing.assert_close(generate(pipe, args), expected, rtol=1e-4, atol=1e-5)
+    assert len(graph_dirs(tmp_path / "dump")) == 1 and self_attention_rewritten(tmp_path / "dump", 0) == [True, True]
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "Module.compile"])
+def test_lora_loaded_fused_and_unfused_after_compile(tmp_path, how):
+    """diffusers' LoRA loader (peft) on a compiled transformer. Loading wraps layers and fusing flips peft's `merged`
+    state: Dynamo's guards fail and the model is compiled again (sparse); unfusing restores the weights in place and
+    reuses the graph compiled before fusing. `pipe.fuse_lora()` and `pipe.unfuse_lora()` skip a transformer wrapped by
+    torch.compile (diffusers fuses only components whose class is a ModelMixin): call them on `pipe.transformer`, or
+    compile in place with `Module.compile`."""
+    pipe, reference, args, lora = lora_pipelines(tmp_path)
+    dump = tmp_path / "dump"
+    model = pipe.transformer
+    if how == "torch.compile":
+        pipe.transformer = vsparse(model, dump, fullgraph=True)
+    else:
+        model.compile(backend="vsparse", options=OPTIONS | dict(dump_dir=str(dump)), fullgraph=True)
+    steps = {"compiled": lambda p: None,
+             "loaded": lambda p: p.load_lora_weights(tmp_path / "lora", weight_name=lora),
+             "fused": lambda p: p.fuse_lora(), "unfused": lambda p: p.unfuse_lora()}
+    graphs = []
+    merged = False
+    for name, change in steps.items():
+        change(reference)
+        change(pipe)
+        if name in ("fused", "unfused") and how == "torch.compile":
+            assert model.blocks[0].attn1.to_q.merged == merged  # diffusers skipped the wrapped transformer
+            change(pipe.transformer)  # the model's own fuse_lora / unfuse_lora
+        merged = name == "fused"
+        assert getattr(model.blocks[0].attn1.to_q, "merged", False) == merged
+        torch.testing.assert_close(generate(pipe, args), generate(reference, args), rtol=1e-4, atol=1e-5)
+        graphs.append(len(graph_dirs(dump)))
+    assert graphs == [1, 2, 3, 3], graphs
+    assert all(self_attention_rewritten(dump, g) == [True, True] for g in range(3))
 
 
 def cache_hook(name, now):
