@@ -198,6 +198,45 @@ def test_lora_loaded_fused_and_unfused_after_compile(tmp_path, how):
     assert all(self_attention_rewritten(dump, g) == [True, True] for g in range(3))
 
 
+@pytest.mark.parametrize("order,conversion,generations", [
+    ("torch.compile, offload", "data", 2), ("torch.compile, offload", "swap", 2),
+    ("offload, Module.compile", "data", 2), ("offload, torch.compile", "data", 1)])
+def test_model_cpu_offload_keeps_the_model_state(tmp_path, order, conversion, generations):
+    """`enable_model_cpu_offload()` needs an accelerator (diffusers raises "requires accelerator, but not found"
+    without one); with `device="cpu"` its accelerate hooks run all the same: the transformer's `.to(device)` before
+    every forward, the whole pipeline back to the CPU after each generation. Parameters keep their identity through
+    `.to()` (`param.data = ...`, or `torch.utils.swap_tensors` for tensor-subclass parameters and under
+    `set_swap_module_params_on_conversion(True)`, which weak references to parameters made raise), so the compiled
+    model keeps its step tracking across generations. Compiled after the offload, accelerate's
+    `torch.compiler.disable`d pre-forward runs before the one compiled graph. With the torch.compile wrapper compiled
+    after the offload, only the first generation runs compiled: re-arming the offload after it, accelerate sets the
+    wrapper's `forward` to the model's eager one (it reaches the model's hook attributes through the wrapper)."""
+    model, _ = wan(frames=2, height=8, width=8, head_dim=64)
+    pipe, args = wan_pipeline(model, steps=2)
+    expected = generate(pipe, args)
+    key = next(model.parameters())
+    first, then = order.split(", ")
+    for step in (first, then):
+        if step == "offload":
+            pipe.enable_model_cpu_offload(device="cpu")
+        elif step == "torch.compile":
+            pipe.transformer = vsparse(model, tmp_path)
+        else:
+            model.compile(backend="vsparse", options=OPTIONS | dict(dump_dir=str(tmp_path)))
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(conversion == "swap")
+    try:
+        for _ in range(2):
+            torch.testing.assert_close(generate(pipe, args), expected, rtol=1e-4, atol=1e-5)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert next(model.parameters()) is key
+    rows = dit_compiler.stats(model)
+    assert [(r["generation"], r["branch"], r["calls"]) for r in rows] == [
+        (g, b, 2) for g in range(generations) for b in (0, 1)]
+    assert len(graph_dirs(tmp_path)) == 1 and self_attention_rewritten(tmp_path, 0) == [True, True]
+
+
 def cache_hook(name, now):
     """A diffusers cache config that skips work as soon as it may; `now["t"]` is the current timestep."""
     from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
