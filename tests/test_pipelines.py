@@ -237,6 +237,35 @@ def test_model_cpu_offload_keeps_the_model_state(tmp_path, order, conversion, ge
     assert len(graph_dirs(tmp_path)) == 1 and self_attention_rewritten(tmp_path, 0) == [True, True]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("order", ["torch.compile, offload", "offload, Module.compile"])
+def test_model_cpu_offload_on_cuda_moves_the_compiled_transformer(tmp_path, order):
+    """The real thing (`pytest -m gpu tests/test_pipelines.py` on the lent GPU): the transformer moves to the GPU
+    at its first forward and back to the CPU after each generation; the compiled model keeps its parameters, its
+    step tracking and its sparse graph across the moves."""
+    model, _ = wan(frames=2, height=8, width=8, head_dim=64)
+    pipe, args = wan_pipeline(model, steps=3)
+    expected = generate(pipe.to("cuda"), args)
+    pipe.to("cpu")
+    key = next(model.parameters())
+    first, then = order.split(", ")
+    for step in (first, then):
+        if step == "offload":
+            pipe.enable_model_cpu_offload()
+        elif step == "torch.compile":
+            pipe.transformer = vsparse(model, tmp_path)
+        else:
+            model.compile(backend="vsparse", options=OPTIONS | dict(dump_dir=str(tmp_path)))
+    for _ in range(2):
+        out = generate(pipe, args)
+        assert out.device.type == "cuda" and key.device.type == "cpu"  # offloaded again after the generation
+        torch.testing.assert_close(out, expected, rtol=2e-3, atol=2e-3)
+    assert next(model.parameters()) is key
+    rows = dit_compiler.stats(model)
+    assert [(r["generation"], r["branch"], r["calls"]) for r in rows] == [(g, b, 3) for g in (0, 1) for b in (0, 1)]
+    assert len(graph_dirs(tmp_path)) == 1 and self_attention_rewritten(tmp_path, 0) == [True, True]
+
+
 def cache_hook(name, now):
     """A diffusers cache config that skips work as soon as it may; `now["t"]` is the current timestep."""
     from diffusers.hooks import FirstBlockCacheConfig, PyramidAttentionBroadcastConfig
