@@ -2,6 +2,8 @@
 
 vsparse's pieces run eagerly (`compile_piece` patched): what is checked is recognition, rewrite and run time. The
 one Inductor compile is the dense comparison of the example's `--compare`."""
+import contextlib
+import copy
 import importlib.util
 import json
 import re
@@ -264,6 +266,48 @@ def test_model_cpu_offload_on_cuda_moves_the_compiled_transformer(tmp_path, orde
     rows = dit_compiler.stats(model)
     assert [(r["generation"], r["branch"], r["calls"]) for r in rows] == [(g, b, 3) for g in (0, 1) for b in (0, 1)]
     assert len(graph_dirs(tmp_path)) == 1 and self_attention_rewritten(tmp_path, 0) == [True, True]
+
+
+class OneModelPerCacheContext(torch.nn.Module):
+    """Stands in for a pipeline's transformer: the calls of each `cache_context` name go to a model of their own."""
+
+    def __init__(self, models: dict):
+        super().__init__()
+        self.models = models  # a plain dict: the models stay out of this module's parameters
+        first = next(iter(models.values()))
+        self.config, self.dtype, self.device, self.current = first.config, first.dtype, first.device, None
+
+    @contextlib.contextmanager
+    def cache_context(self, name, **kwargs):
+        self.current = name
+        try:
+            yield
+        finally:
+            self.current = None
+
+    def forward(self, **kwargs):
+        return self.models[self.current](**kwargs)
+
+
+def test_cache_context_branches_cache_as_separate_models(tmp_path):
+    """WanPipeline wraps its cond and uncond calls in `transformer.cache_context(...)`, whose name vsparse does not
+    read (docs/DESIGN.md says why): the branch comes from the repeated timestep. Its cache then decides for each
+    branch exactly as a model that only ever sees that branch's calls would."""
+    model, _ = wan(frames=2, height=8, width=8, head_dim=64)
+    pipe, args = wan_pipeline(model, steps=6)
+    cache = dict(cache="easycache", cache_threshold=0.3)
+    compiled = torch.compile(model, backend="vsparse", options=OPTIONS | cache)
+    per_branch = {name: torch.compile(copy.deepcopy(model), backend="vsparse", options=OPTIONS | cache)
+                  for name in ("cond", "uncond")}
+    pipe.transformer = OneModelPerCacheContext(per_branch)
+    expected = generate(pipe, args)
+    pipe.transformer = compiled
+    torch.testing.assert_close(generate(pipe, args), expected, rtol=1e-5, atol=1e-6)
+    rows = dit_compiler.stats(compiled)
+    assert [(r["branch"], r["calls"]) for r in rows] == [(0, 6), (1, 6)]
+    assert [r["reused"] for r in rows] == [dit_compiler.stats(per_branch[name])[0]["reused"]
+                                           for name in ("cond", "uncond")]
+    assert all(r["reused"] > 0 for r in rows), rows
 
 
 def cache_hook(name, now):
