@@ -4,7 +4,6 @@ vsparse's pieces run eagerly (`compile_piece` patched): what is checked is recog
 one Inductor compile is the dense comparison of the example's `--compare`."""
 import contextlib
 import copy
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -16,18 +15,9 @@ from PIL import Image
 import dit_compiler
 from test_backend import graph_dirs
 from tiny_models import wan, wan_pipeline
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "wan_t2v.py"
-
+import wan_t2v
 
 pytestmark = pytest.mark.usefixtures("eager_pieces")
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("wan_t2v", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def sites(dump_dir):
@@ -51,7 +41,7 @@ def run(model, inputs, t, **changes):
 def test_wan_t2v_example_end_to_end(tmp_path, capsys):
     gif, dump = tmp_path / "video.gif", tmp_path / "dump"
     steps = 3
-    summary = load_example().main([
+    summary = wan_t2v.main([
         "--steps", str(steps), "--frames", "5", "--height", "64", "--width", "64", "--compare",
         "--out", str(gif), "--dump-dir", str(dump)])
     out, err = capsys.readouterr()
@@ -75,10 +65,9 @@ def test_wan_t2v_example_loads_a_pipeline_folder(tmp_path, capsys):
     """--model-dir goes through from_pretrained with local files only: a saved tiny pipeline stands in for Wan's."""
     # diffusers loads Wan's transformer (it keeps modules in float32) only with accelerate's low-memory loading
     pytest.importorskip("accelerate")
-    example = load_example()
-    example.tiny_pipeline(example.PROMPT).save_pretrained(tmp_path / "wan")
+    wan_t2v.tiny_pipeline(wan_t2v.PROMPT).save_pretrained(tmp_path / "wan")
     gif = tmp_path / "video.gif"
-    example.main(["--model-dir", str(tmp_path / "wan"), "--steps", "2", "--frames", "5", "--height", "64",
+    wan_t2v.main(["--model-dir", str(tmp_path / "wan"), "--steps", "2", "--frames", "5", "--height", "64",
                   "--width", "64", "--out", str(gif), "--dump-dir", str(tmp_path / "dump")])
     assert f"WanPipeline from {tmp_path / 'wan'} on cpu" in capsys.readouterr().out
     with Image.open(gif) as video:
