@@ -4,6 +4,7 @@ vsparse's pieces run eagerly (`compile_piece` patched): what is checked is recog
 one Inductor compile is the dense comparison of the example's `--compare`."""
 import contextlib
 import copy
+import importlib
 import json
 import re
 from pathlib import Path
@@ -72,6 +73,31 @@ def test_wan_t2v_example_loads_a_pipeline_folder(tmp_path, capsys):
     assert f"WanPipeline from {tmp_path / 'wan'} on cpu" in capsys.readouterr().out
     with Image.open(gif) as video:
         assert video.n_frames == 5
+
+@pytest.mark.parametrize("example,frames,sparse", [
+    ("hunyuan_t2v", 5, ["single_transformer_blocks.0.attn"]),  # the refiner's mask is per head; dense_layers=1
+    ("cogvideox_t2v", 9, ["transformer_blocks.1.attn1"])], ids=["hunyuan_t2v", "cogvideox_t2v"])
+def test_example_end_to_end(tmp_path, capsys, example, frames, sparse):
+    """The HunyuanVideo and CogVideoX examples, tiny pipelines built offline: the same flow as wan_t2v.py (its test
+    above also covers --compare and --model-dir, which the examples share)."""
+    module = importlib.import_module(example)
+    gif, dump = tmp_path / "video.gif", tmp_path / "dump"
+    steps = 3
+    summary = module.main(["--steps", str(steps), "--frames", str(frames), "--height", "64", "--width", "64",
+                           "--out", str(gif), "--dump-dir", str(dump)])
+    out, err = capsys.readouterr()
+    assert f"no --model-dir: a tiny random-weight {module.EXAMPLE.pipeline}" in out
+    assert summary in out
+    assert re.fullmatch(
+        rf"{example}: {steps} steps, {frames} frames 64x64 in [\d.]+ s \(warm-up with compile [\d.]+ s\); block stack "
+        rf"computed {steps}, skipped 0 of {steps} runs; sparse attention sites: 1; wrote {re.escape(str(gif))}, dump "
+        rf"{re.escape(str(dump))}", summary), summary
+    assert f"{steps}/{steps}" in err  # the pipeline's progress bar
+    with Image.open(gif) as video:
+        assert video.n_frames == frames
+        assert video.size == (64, 64)
+    assert [s["module_path"] for s in sites(dump) if s["rewritten"]] == sparse
+
 
 def test_native_attention_backend_still_goes_sparse(tmp_path):
     model, inputs = wan(frames=3, height=6, width=10, head_dim=64)
