@@ -31,12 +31,13 @@ def tiny_pipeline(prompt: str, seed: int = 0) -> HunyuanVideoPipeline:
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
     tokenizer = t2v_common.tiny_tokenizer(t2v_common.prompt_words(prompt))
-    ids = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
-               eos_token_id=tokenizer.eos_token_id, intermediate_size=37, num_attention_heads=4, hidden_act="gelu")
+    both = dict(vocab_size=tokenizer.vocab_size, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, intermediate_size=37,
+                num_attention_heads=4, hidden_act="gelu")
     torch.manual_seed(seed)
     # the pipeline reads the Llama encoder's third hidden state from the end: at least 2 layers
-    text_encoder = LlamaModel(LlamaConfig(hidden_size=16, num_hidden_layers=2, **ids)).eval()
-    text_encoder_2 = CLIPTextModel(CLIPTextConfig(hidden_size=8, num_hidden_layers=1, **ids)).eval()
+    text_encoder = LlamaModel(LlamaConfig(hidden_size=16, num_hidden_layers=2, **both)).eval()
+    text_encoder_2 = CLIPTextModel(CLIPTextConfig(hidden_size=8, num_hidden_layers=1, **both)).eval()
     vae = AutoencoderKLHunyuanVideo(
         latent_channels=4, down_block_types=("HunyuanVideoDownBlock3D",) * 4,
         up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
