@@ -52,14 +52,16 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy whose graph we may rewrite (Inductor takes ownership of what we hand it; Dynamo keeps the original).
 
     Node meta is copied shallowly: fake example values are shared, not cloned. Dynamo's graph metadata comes along
-    (`carry_dynamo_metadata`).
+    (`carry_dynamo_metadata`), but not its `grapharg` entries, which Dynamo deletes from its own graph once compiled:
+    they hold weak references to the real parameters, and `torch.utils.swap_tensors` (what `Module.to()` uses for
+    tensor-subclass parameters, and under `set_swap_module_params_on_conversion`) refuses a tensor that has one.
     """
     graph = torch.fx.Graph()
     value_map: dict = {}
     out = graph.graph_copy(gm.graph, value_map)
     graph.output(out)
     for old, new in value_map.items():
-        new.meta = dict(old.meta)
+        new.meta = {key: value for key, value in old.meta.items() if key != "grapharg"}
     copy = torch.fx.GraphModule(gm, graph, gm.__class__.__name__)
     carry_dynamo_metadata(gm, copy)
     return copy

@@ -7,6 +7,7 @@ report.md     one table to read first
 runtime.jsonl one line per call (at most RUNTIME_LINES): model, generation, step, branch, timestep, dense phase,
               cache decision, per-site density
 masks/*.png   block masks (white = visited) of the first sparse call, one picture per site, heads side by side
+timeline.png  drawn by `python -m dit_compiler show` from runtime.jsonl (dit_compiler/timeline.py)
 
 A dump directory holds one run: the first graph a process dumps into it removes the graph folders an earlier
 process left there (only folders marked as ours), so `show` never mixes runs.
@@ -157,12 +158,17 @@ def render_report(model: str, graph_name: str, options: dict, sites: list[dict],
     return "\n".join(lines) + "\n"
 
 
-def show(path: str) -> str:
-    """The report(s) under a dump directory (one graph's folder, or the root holding several)."""
+def graph_folders(path: str) -> list[Path]:
+    """The graph folders of a dump directory (one graph's folder, or the root holding several)."""
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"no dump at {root}")
-    reports = [root / "report.md"] if (root / "report.md").exists() else sorted(root.glob("*/report.md"))
-    if not reports:
+    folders = [root] if (root / "report.md").exists() else sorted(r.parent for r in root.glob("*/report.md"))
+    if not folders:
         raise FileNotFoundError(f"no report.md under {root}")
-    return "\n".join(r.read_text() for r in reports)
+    return folders
+
+
+def show(path: str) -> str:
+    """The report(s) under a dump directory."""
+    return "\n".join((folder / "report.md").read_text() for folder in graph_folders(path))

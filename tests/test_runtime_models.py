@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import dit_compiler
 from test_backend import graph_dirs
-from tiny_models import wan
+from tiny_models import wan, wan_pipeline
 
 
 pytestmark = pytest.mark.usefixtures("eager_pieces")
@@ -65,25 +65,16 @@ def test_two_models_of_one_class_keep_their_own_cache():
 
 def test_wan22_two_experts_track_their_own_steps():
     """Wan2.2 A14B: `transformer` and `transformer_2` (one class) switch at a boundary timestep in one pipeline."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler
 
     t1, _ = wan(frames=2, height=8, width=8, seed=0)
     t2, _ = wan(frames=2, height=8, width=8, seed=1)
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True]).eval()
-
-    def pipeline(a, b):
-        return WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(
-            shift=3.0), transformer=a, transformer_2=b, boundary_ratio=0.875)
-
-    prompt = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
-    args = dict(prompt_embeds=prompt, negative_prompt_embeds=torch.zeros_like(prompt), height=16, width=16,
-                num_frames=5, num_inference_steps=6, guidance_scale=4.0, guidance_scale_2=3.0, output_type="latent")
-    expected = pipeline(t1, t2)(**args, generator=torch.Generator().manual_seed(2)).frames
+    pipe, args = wan_pipeline(t1, t2, steps=6, guidance_scale_2=3.0)
+    expected = pipe(**args, generator=torch.Generator().manual_seed(2)).frames
     c1 = vsparse(t1, sparsity="none", cache="easycache", cache_threshold=1e-9)
     c2 = vsparse(t2, sparsity="none", cache="easycache", cache_threshold=1e-9)
-    got = pipeline(c1, c2)(**args, generator=torch.Generator().manual_seed(2)).frames
+    pipe.transformer, pipe.transformer_2 = c1, c2
+    got = pipe(**args, generator=torch.Generator().manual_seed(2)).frames
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     timesteps = FlowMatchEulerDiscreteScheduler(shift=3.0)
     timesteps.set_timesteps(6)
@@ -261,3 +252,19 @@ def test_call_sequences_never_share_cache_state(generations, data):
             else:
                 computed[key] = computed.get(key, 0) + 1
         assert len(state.branches) <= 3
+
+
+def test_a_reused_call_records_its_own_dense_phase(tmp_path):
+    """The call record was computed in the stack piece (beside the sparse sites' densities), so a call whose stack
+    the cache skipped recorded the last computed call's dense phase: the dump showed reused calls at t=50 as dense."""
+    model, inputs = wan(frames=2, height=8, width=8, head_dim=64)
+    compiled = vsparse(model, sparsity="draft", density=0.5, block_size=64, dense_layers=0, dense_steps=0.25,
+                       cache="easycache", cache_threshold=0.5, dump_dir=str(tmp_path))
+    for t in torch.linspace(999, 50, 8).tolist():
+        call(compiled, inputs, t)
+    (graph_dir,) = graph_dirs(tmp_path)
+    records = [json.loads(line) for line in (graph_dir / "runtime.jsonl").read_text().splitlines()]
+    assert any(r["cache"] == "reuse" for r in records if r["timestep"] < 750)
+    assert [r["dense_phase"] for r in records] == [r["timestep"] > 750 for r in records]
+    (row,) = dit_compiler.stats(compiled)
+    assert row["dense_calls"] == sum(r["timestep"] > 750 for r in records)

@@ -75,3 +75,61 @@ def test_generations_of_cfg_steps_are_told_apart(generations):
                 expected.append((g, s, b))
     seen = positions(values)
     assert [(p.generation, p.step, p.branch) for p in seen] == expected
+
+
+def test_a_model_state_follows_its_parameters_across_conversions():
+    """`Module.to()` keeps the parameter objects, by `param.data = ...` or, for tensor-subclass parameters (torchao)
+    and under `set_swap_module_params_on_conversion(True)`, by `torch.utils.swap_tensors`, which refused a tensor
+    with a weak reference: the runtime's weak key made `.to()` raise after the model's first compiled call."""
+    from dit_compiler.runtime.runner import ModelStates
+
+    model, states = torch.nn.Linear(4, 4), ModelStates()
+    key = model.weight
+    state = states.get(key)
+    model.to(torch.float64).to(torch.float32)
+    assert model.weight is key and states.get(model.weight) is state
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(torch.float64)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert model.weight is key and model.weight.dtype == torch.float64
+    assert states.get(model.weight) is state and states.find([key]) == [state]
+
+
+def test_a_gone_model_leaves_no_state():
+    """The state (with its cached tensors) goes at the next lookup after the model does."""
+    import weakref
+
+    from dit_compiler.runtime.runner import ModelStates
+
+    states, kept = ModelStates(), torch.nn.Linear(4, 4)
+    gone = torch.nn.Linear(4, 4)
+    state = weakref.ref(states.get(gone.weight))
+    states.get(kept.weight)
+    assert state() is not None
+    del gone
+    assert states.find([kept.weight]) and state() is None
+
+
+def test_parameters_replaced_on_conversion_start_a_new_state_and_say_so(caplog, monkeypatch):
+    """Under `set_overwrite_module_params_on_conversion(True)` `Module.to()` makes new parameter objects, so no
+    identity survives it: the runtime says what that costs."""
+    import dit_compiler.runtime.runner as runner
+
+    monkeypatch.setattr(runner, "_warned_overwrite", [])
+    model, states = torch.nn.Linear(4, 4), runner.ModelStates()
+    first = states.get(model.weight)
+    overwrite = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model.to("cpu")
+        second = states.get(model.weight)
+        model.to("cpu")
+        states.get(model.weight)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    assert second is not first and second.index == 1
+    warnings = [r for r in caplog.records if "overwrite_module_params_on_conversion" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"

@@ -72,6 +72,24 @@ def cogvideox(frames=3, height=6, width=10, text=5, layers=2, batch=1, seed=0, h
 BUILDERS = {"wan": wan, "hunyuan": hunyuan, "cogvideox": cogvideox}
 
 
+def wan_pipeline(transformer, transformer_2=None, steps=2, **call):
+    """A WanPipeline around tiny transformers (`wan()`'s: 4 latent channels, text dim 32) with a tiny VAE and no text
+    encoder, and the arguments of one generation from fixed prompt embeddings: `pipe(**args, generator=...)`."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(
+        shift=3.0), transformer=transformer, transformer_2=transformer_2,
+        boundary_ratio=None if transformer_2 is None else 0.875)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(1))
+    args = dict(prompt_embeds=prompt, negative_prompt_embeds=torch.zeros_like(prompt), height=16, width=16,
+                num_frames=5, num_inference_steps=steps, guidance_scale=4.0, output_type="latent")
+    return pipe, dict(args, **call)
+
+
 class _Patches(torch.nn.Module):
     """Conv3d patch embedding (1, 2, 2) flattened into tokens, as diffusers' video DiTs do."""
 

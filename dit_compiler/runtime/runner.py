@@ -2,9 +2,9 @@
 
 One `DiTRunner` per compiled graph, one `ModelState` per model instance that calls it. Dynamo shares one compiled
 graph between models of the same architecture (their parameters are graph inputs), so state is keyed by the
-identity of the model's first parameter, held weakly: two experts of one pipeline each track their own steps and
-cache, and a model's state goes when the model does. Parameter objects keep their identity when offload moves their
-data between devices.
+identity of the model's first parameter: two experts of one pipeline each track their own steps and cache, and a
+model's state goes soon after the model does (`ModelStates`). Parameter objects keep their identity when offload
+moves their data between devices.
 
 Host reads: none per call when the cache is off and nothing is dumped (the dense phase is decided in the graph from
 the timestep); one per call with the cache on (`CachedStack` reads the timestep and the policy's probes together).
@@ -13,6 +13,8 @@ device in a bounded history that `dit_compiler.stats` reads on demand. Observers
 """
 from __future__ import annotations
 
+import logging
+import sys
 import weakref
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from dit_compiler.runtime.cache import CacheDecision, CachePolicy
 from dit_compiler.runtime.state import CallPosition, StepTracker, read_timestep
 
 HISTORY = 4096  # calls kept per model for stats()
+log = logging.getLogger("dit_compiler")
 
 
 @dataclass
@@ -43,34 +46,55 @@ class ModelState:
 
 
 class ModelStates:
-    """`ModelState` per model, keyed by its first parameter's identity (weakly; never by address)."""
+    """`ModelState` per model, keyed by its first parameter's identity (never by address).
+
+    The key is held strongly: a weak reference would make `Module.to()` fail wherever it swaps parameters
+    (`torch.utils.swap_tensors` refuses a tensor with weak references; `Module.to()` swaps tensor-subclass parameters
+    such as torchao's, and every parameter under `torch.__future__.set_swap_module_params_on_conversion(True)`).
+    Swapping, like the default `param.data = ...`, keeps the object, so the state follows the model across devices.
+    A key that only this table still holds belongs to a model that is gone: its state is dropped at the next lookup.
+    """
 
     def __init__(self) -> None:
-        self._states: dict[int, tuple[Optional[weakref.ref], ModelState]] = {}
+        self._keys: dict[int, Optional[torch.Tensor]] = {}
+        self._states: dict[int, ModelState] = {}
         self._count = 0
 
     def get(self, key: Optional[torch.Tensor]) -> ModelState:
-        entry = self._states.get(id(key))
-        if entry is not None and (entry[0] is None or entry[0]() is key):
-            return entry[1]
+        self._drop_gone()
+        slot = id(key)
+        if slot in self._states:  # the key is alive (the caller holds it), so its id names no other object
+            return self._states[slot]
+        if key is not None and torch.__future__.get_overwrite_module_params_on_conversion() and not _warned_overwrite:
+            _warned_overwrite.append(True)
+            log.warning("vsparse: torch.__future__.get_overwrite_module_params_on_conversion() is on, so Module.to() "
+                        "replaces parameter objects; a model's step tracking, cache and stats are kept by its first "
+                        "parameter's identity and start afresh after every .to() (accelerate's model offload calls "
+                        "it before each forward): outputs stay correct, the cache never reuses")
         state = ModelState(self._count)
         self._count += 1
-        ref = None
-        if key is not None:
-            slot = id(key)
-            ref = weakref.ref(key, lambda r: self._states.pop(slot) if self._states.get(slot, (None,))[0] is r
-                              else None)
-        self._states[id(key)] = (ref, state)
+        self._keys[slot], self._states[slot] = key, state
         return state
 
     def find(self, keys) -> list[ModelState]:
         """States of live models whose key is among `keys` (tensors)."""
-        found = []
-        for key in keys:
-            entry = self._states.get(id(key))
-            if entry is not None and entry[0] is not None and entry[0]() is key:
-                found.append(entry[1])
-        return found
+        self._drop_gone()
+        return [self._states[id(key)] for key in keys if self._keys.get(id(key), None) is key]
+
+    def _drop_gone(self) -> None:
+        for slot, holders in _holders(self._keys).items():
+            if holders <= _HELD_BY_ONE_DICT:
+                del self._keys[slot], self._states[slot]
+
+
+def _holders(tensors: dict) -> dict:
+    """How many references each value of `tensors` has, counted the same way for every dict."""
+    return {slot: sys.getrefcount(t) for slot, t in tensors.items() if t is not None}
+
+
+# What `_holders` reads for a tensor nothing else holds (measured, since the count depends on the interpreter).
+_HELD_BY_ONE_DICT = _holders({0: torch.empty(0)})[0]
+_warned_overwrite: list = []  # once per process
 
 
 @dataclass
