@@ -20,6 +20,8 @@ from dit_compiler.runtime.state import dense_phase, read_timestep
 
 # node.meta key marking values we expose as extra graph outputs (not the model's own).
 EXTRA_OUTPUT = "vsparse_extra_output"
+# node.meta key marking the call record vector itself (the split places it where every call runs).
+CALL_RECORD = "vsparse_call_record"
 
 
 def _model_device(gm: torch.fx.GraphModule, timestep: Optional[torch.fx.Node]) -> torch.device:
@@ -75,6 +77,7 @@ def add_call_record(gm: torch.fx.GraphModule, t_max: Optional[torch.fx.Node], de
         record = gm.graph.call_function(_record, (t_max, dense, *densities))
     for node in (record, *densities, *masks):
         node.meta[EXTRA_OUTPUT] = True
+    record.meta[CALL_RECORD] = True
     output.args = (tuple(values) + (record,) + tuple(masks),)
     gm.graph.lint()
     gm.recompile()

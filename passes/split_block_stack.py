@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.fx.passes.split_module import split_module
 
-from dit_compiler.passes.call_record import EXTRA_OUTPUT
+from dit_compiler.passes.call_record import CALL_RECORD, EXTRA_OUTPUT
 
 PIECES = ("head", "stack", "tail")
 
@@ -34,11 +34,15 @@ class StackInterface:
 
 def complete_partition(gm: torch.fx.GraphModule, partition: dict[str, str]) -> dict[str, str]:
     """Place nodes added after the partition was taken: each goes to the latest piece among its inputs, which keeps
-    the split acyclic."""
+    the split acyclic; the call record goes to the tail, which runs every call (in the stack, where the sites'
+    visited fractions would put it, a skipped call would return the last computed call's record)."""
     rank = {p: i for i, p in enumerate(PIECES)}
     complete = dict(partition)
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output") or node.name in complete:
+            continue
+        if node.meta.get(CALL_RECORD):
+            complete[node.name] = "tail"
             continue
         inputs = [complete.get(a.name, "head") for a in node.all_input_nodes if a.op != "placeholder"]
         complete[node.name] = max(inputs, key=rank.__getitem__, default="head")

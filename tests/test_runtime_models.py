@@ -187,6 +187,23 @@ def test_host_reads_per_forward(options, most):
     assert max(max(c) for c in counts) <= most, counts
 
 
+def test_a_skipped_call_records_its_own_timestep_and_dense_phase():
+    """The call record was computed in the stack piece when sparse sites feed it their visited fractions, so a call
+    whose stack the cache skipped recorded the last computed call's timestep and dense phase: stats counted the
+    skipped sparse-phase calls as dense (and the dump wrote them so)."""
+    model, inputs = wan(frames=2, height=8, width=8, head_dim=64)
+    compiled = vsparse(model, sparsity="draft", density=0.5, block_size=64, dense_steps=0.2, dense_layers=0,
+                       cache="easycache", cache_threshold=100.0)
+    for t in (900, 850, 700, 650):  # dense above 800; a threshold no change reaches: the last two are skipped
+        call(compiled, inputs, t)
+    (state,) = model_states(model)
+    assert [r.cache.reused for r in state.history] == [False, False, True, True]
+    assert [v[:2] for v in torch.stack([r.vector for r in state.history]).tolist()] == [
+        [900, 1], [850, 1], [700, 0], [650, 0]]
+    (row,) = dit_compiler.stats(compiled)
+    assert (row["calls"], row["reused"], row["dense_calls"]) == (4, 2, 2)
+
+
 def test_bad_option_raises_at_the_first_call_wrapped_by_dynamo():
     model, inputs = wan()
     with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as err:
