@@ -3,7 +3,8 @@
 `--config wan-1.3b` (GPU, bf16): Wan2.1-T2V-1.3B's configuration with random weights, latent 1x16x21x60x104
 (480x832, 81 frames: 32,760 video tokens), text 1x512x4096. `--config small` (CPU, float32): the quickstart's
 2-block model, latent 1x16x5x32x32 (1,280 tokens), text 1x12x64. Each variant runs in its own process with its
-own empty Inductor cache, so every compile is cold and none profits from another's cache.
+own empty Inductor cache, so every compile is cold and none profits from another's cache; `--shared-cache` gives them
+one cache (later variants compile warm: the forward table in less GPU time, compile times then not comparable).
 
     python benchmarks/end_to_end.py --out results.json                 # all variants, Wan2.1-1.3B on the GPU
     python benchmarks/end_to_end.py --config small --variants inductor,vsparse-none,vsparse-draft-0.25
@@ -19,12 +20,13 @@ import sys
 import tempfile
 import time
 
+# Sparse variants run every layer and step sparse (dense_layers=0, dense_steps=0): the forward's own speed.
 VARIANTS = {
     "eager": None,
     "inductor": {},
     "vsparse-none": {"sparsity": "none", "cache": "none"},
-    "vsparse-draft-0.25": {"sparsity": "draft", "density": 0.25, "dense_steps": 0.0},
-    "vsparse-svg-0.25": {"sparsity": "svg", "density": 0.25, "dense_steps": 0.0},
+    **{f"vsparse-{planner}-{density}": {"sparsity": planner, "density": density, "dense_steps": 0.0, "dense_layers": 0}
+       for planner in ("draft", "svg") for density in (0.25, 0.15, 0.1)},
 }
 
 
@@ -110,31 +112,37 @@ def main() -> None:
     parser.add_argument("--variant", choices=sorted(VARIANTS))
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--config", choices=sorted(CONFIGS), default="wan-1.3b")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--shared-cache", action="store_true")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(measure(args.variant, args.config, args.repeats)))
         return
     rows = []
+    shared = tempfile.mkdtemp(prefix="inductor-shared-") if args.shared_cache else None
     for variant in args.variants.split(","):
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix=f"inductor-{variant}-"),
-                   TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"triton-{variant}-"))
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=shared or tempfile.mkdtemp(prefix=f"inductor-{variant}-"),
+                   TRITON_CACHE_DIR=os.path.join(shared, "triton") if shared else tempfile.mkdtemp(
+                       prefix=f"triton-{variant}-"))
         proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--config", args.config, "--repeats", str(args.repeats)],
                               capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             rows.append({"variant": variant, "error": proc.stderr[-2000:]})
             print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)
-            continue
-        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        print(json.dumps(rows[-1]), flush=True)
-    print("\n| variant | compile + first call (s) | forward (ms) | rel. error vs eager |\n|---|---|---|---|")
+        else:
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+        if args.out:  # after every variant: a run cut short keeps what it measured
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=2)
+    base = next((r["forward_ms"] for r in rows if r["variant"] == "inductor" and "error" not in r), None)
+    print("\n| variant | compile + first call (s) | forward (ms) | vs Inductor | rel. error vs eager |\n"
+          "|---|---|---|---|---|")
     for r in rows:
         if "error" not in r:
-            print(f"| {r['variant']} | {r['first_call_s']} | {r['forward_ms']} | {r['rel_error_vs_eager']} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=2)
+            ratio = f"{base / r['forward_ms']:.2f}x" if base else "-"
+            print(f"| {r['variant']} | {r['first_call_s']} | {r['forward_ms']} | {ratio} | {r['rel_error_vs_eager']} |")
 
 
 if __name__ == "__main__":

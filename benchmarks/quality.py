@@ -425,15 +425,15 @@ def main(argv: list[str] | None = None) -> dict:
               f"{result['ssim_mean']:.4f}, skipped {result['cache_skipped']:.2f}, sparse sites "
               f"{result['sparse_sites'][0]}/{result['sparse_sites'][1]}, work {result['work']:.3f}, "
               f"{result['first_generation_s']:.1f} s first generation", flush=True)
-
-    report = {**run, "harness_dir": args.harness, "torch": torch.__version__,
-              "cases": [[c, s] for c in captions for s in seeds], "attention_share": share,
-              "metric_note": "final latents vs dense Inductor; PSNR peak and SSIM data range = dense max - min; SSIM "
-                             "per frame over the spatial axes, averaged over channels and frames; published figures "
-                             "are on decoded pixels",
-              "wall_time_note": "harness wall time on this device; not a speed claim",
-              "dense": dense, "results": list(results.values())}
-    (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
+        report = {**run, "harness_dir": args.harness, "torch": torch.__version__,
+                  "cases": [[c, s] for c in captions for s in seeds], "attention_share": share,
+                  "metric_note": "final latents vs dense Inductor; PSNR peak and SSIM data range = dense max - min; "
+                                 "SSIM per frame over the spatial axes, averaged over channels and frames; published "
+                                 "figures are on decoded pixels",
+                  "wall_time_note": "harness wall time on this device; not a speed claim",
+                  "dense": dense, "results": list(results.values())}
+        # After every setting: a run cut short by its time limit keeps what it measured and can be continued.
+        (out / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
     write_report(out, report)
     return report
 

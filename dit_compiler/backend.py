@@ -33,6 +33,19 @@ from dit_compiler.runtime.runner import CachedStack, DiTRunner
 log = logging.getLogger("dit_compiler")
 _graph_ids = itertools.count()
 _warned_no_stack: list = []  # once per process: Dynamo calls the backend once per graph fragment
+_warned_block_graph: list = []
+BLOCK_GRAPH_NOTE = (
+    "no block stack, timestep input or video token grid in this graph: it is one transformer block (regional "
+    "compilation, diffusers' compile_repeated_blocks) or a piece between graph breaks, and nothing in it tells the "
+    "token grid, the denoising step or the layer, so its attention stays dense. For regional compilation with sparse "
+    "attention use dit_compiler.compile_repeated_blocks(transformer, **options), which recognizes the whole model "
+    "first")
+
+
+def _sees_part_of_a_model(analysis) -> bool:
+    """Attention without anything a whole DiT graph shows: a block stack, a timestep, a token grid."""
+    return bool(analysis.sites) and not analysis.stacks and analysis.timestep_input is None and not any(
+        site.layout is not None for site in analysis.sites)
 
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -118,6 +131,11 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     config = _inductor_config(opts, _is_dynamic(gm))
     notes = list(analysis.notes)
     inputs = list(example_inputs)
+    if _sees_part_of_a_model(analysis):
+        notes.append(BLOCK_GRAPH_NOTE)
+        if not _warned_block_graph:
+            _warned_block_graph.append(True)
+            log.warning("vsparse: graph %s: %s", graph_name, BLOCK_GRAPH_NOTE)
 
     if _requires_grad(example_inputs):
         reason = "grad mode: compiled dense and without the cache (no sparse backward)"
@@ -165,9 +183,11 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     if dump:
         _write_analysis(dump, graph_name, analysis, opts, {d.node: d for d in decisions}, notes,
                         time.perf_counter() - started)
-    log.info("vsparse: %s compiled in %.1f s: %d of %d attention sites sparse%s", graph_name,
+    log.info("vsparse: %s compiled in %.1f s: %d of %d attention sites sparse%s%s", graph_name,
              time.perf_counter() - started, len(site_names), len(analysis.sites),
-             ", block stack cached" if partition is not None else "")
+             ", block stack cached" if partition is not None else "",
+             " (one block or a graph-break piece: see dit_compiler.compile_repeated_blocks)"
+             if _sees_part_of_a_model(analysis) else "")
     return runner
 
 

@@ -38,7 +38,7 @@ def check_bhsd(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a contiguous last (head) dim, got strides {t.stride()}")
 
 
-def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths) -> None:
+def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order=None) -> None:
     """Raise TypeError / ValueError naming what is wrong. Reads values only on CPU or with the debug flag."""
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
         if not isinstance(t, torch.Tensor):
@@ -69,10 +69,15 @@ def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengt
             raise ValueError(f"kv_lengths must be int32 [B={batch}], got {kv_lengths.dtype} {tuple(kv_lengths.shape)}")
         if kv_lengths.device != q.device:
             raise ValueError(f"kv_lengths is on {kv_lengths.device}, q on {q.device}")
-    if q.device.type != "cuda" or _check_mask_values_on_cuda:
+    read_values = q.device.type != "cuda" or _check_mask_values_on_cuda
+    if read_values:
         block_mask.validate(kv_num_blocks, kv_indices, batch, heads, q_len, kv_len, block_size)
     else:
         block_mask.validate_shapes(kv_num_blocks, kv_indices, batch, heads, q_len, kv_len, block_size)
+    if q_block_order is not None:
+        if q_block_order.device != q.device:
+            raise ValueError(f"q_block_order is on {q_block_order.device}, q on {q.device}")
+        block_mask.validate_order(q_block_order, batch, heads, q_len, block_size, values=read_values)
 
 
 def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
@@ -132,18 +137,22 @@ def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: 
 @torch.library.custom_op("vsparse::block_sparse_attention", mutates_args=())
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
                            kv_indices: torch.Tensor, scale: float, block_size: int,
-                           kv_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax(q kᵀ·scale + block mask) v over the key blocks each query block lists; see docs/DESIGN.md."""
-    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
+                           kv_lengths: Optional[torch.Tensor] = None,
+                           q_block_order: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """softmax(q kᵀ·scale + block mask) v over the key blocks each query block lists; see docs/DESIGN.md.
+    `q_block_order` (int32 [B|1, H|1, nq], a permutation per row) only schedules the kernel's programs; without it
+    the kernel sorts the query blocks heaviest first on every call (`block_mask.heaviest_first`)."""
+    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order)
     if q.device.type == "cuda":
         from dit_compiler.kernels.triton_block_sparse import triton_block_sparse_attention
 
-        return triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
+        return triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
+                                             q_block_order=q_block_order)
     return reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
 
 
 @block_sparse_attention.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None):
+def _(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
     # Only checks that need no shape arithmetic: comparing symbolic sizes here would add guards to the graph.
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype in {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")

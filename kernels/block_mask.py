@@ -23,6 +23,13 @@ def from_block_bool(visit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return kv_num_blocks, order.to(torch.int32)
 
 
+def heaviest_first(kv_num_blocks: torch.Tensor) -> torch.Tensor:
+    """int32 [..., nq]: query-block ids by descending visited-block count (stable: ties keep ascending ids), the
+    order the kernel schedules query blocks in. A mask fixed at compile time passes it to the op (`q_block_order`)
+    so no call sorts."""
+    return torch.sort(kv_num_blocks, dim=-1, descending=True, stable=True).indices.to(torch.int32)
+
+
 def to_block_bool(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
     """Inverse of `from_block_bool`: [..., nq, nkv] bool of the visited blocks."""
     nkv = kv_indices.shape[-1]
@@ -60,6 +67,21 @@ def validate(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, batch: int, 
         raise ValueError(f"kv_num_blocks values must lie in [0, {nkv}]")
     if kv_indices.numel() and (int(kv_indices.min()) < 0 or int(kv_indices.max()) >= nkv):
         raise ValueError(f"kv_indices values must lie in [0, {nkv})")
+
+
+def validate_order(q_block_order: torch.Tensor, batch: int, heads: int, q_len: int, block_size: int,
+                   values: bool) -> None:
+    """Raise ValueError unless q_block_order is int32 [B|1, H|1, nq] and (with `values`, which reads the device)
+    a permutation of the query blocks in every row."""
+    nq = num_blocks(q_len, block_size)
+    if q_block_order.dtype != torch.int32 or q_block_order.dim() != 3 or q_block_order.shape[2] != nq or \
+            q_block_order.shape[0] not in (1, batch) or q_block_order.shape[1] not in (1, heads):
+        raise ValueError(f"q_block_order must be int32 [B|1, H|1, {nq}], got {q_block_order.dtype} "
+                         f"{tuple(q_block_order.shape)}")
+    if values and not torch.equal(q_block_order.sort(-1).values,
+                                  torch.arange(nq, dtype=torch.int32, device=q_block_order.device)
+                                  .expand_as(q_block_order)):
+        raise ValueError("q_block_order must list every query block once in each row")
 
 
 def validate_shapes(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, batch: int, heads: int, q_len: int,

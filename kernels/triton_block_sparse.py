@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from dit_compiler.kernels import block_mask
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 
@@ -145,12 +147,12 @@ def _tma_ready(t: torch.Tensor) -> torch.Tensor:
 
 def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
                                   kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None,
-                                  out: Optional[torch.Tensor] = None):
+                                  out: Optional[torch.Tensor] = None, q_block_order: Optional[torch.Tensor] = None):
     """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs).
     `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks of one
     variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list. Under
     TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (contiguous, like q), if
-    given, receives the result."""
+    given, receives the result. `q_block_order` (see the op) saves the per-call sort."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
@@ -165,7 +167,9 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         kv_indices = kv_indices.contiguous()
     num_q_blocks = triton.cdiv(q_len, block_size)
     # Per-head order of query blocks, heaviest first (stable: ties keep ascending ids, good for L2 locality).
-    order = torch.sort(kv_num_blocks, dim=-1, descending=True, stable=True).indices.to(torch.int32)
+    order = block_mask.heaviest_first(kv_num_blocks) if q_block_order is None else q_block_order
+    if order.stride(-1) != 1:
+        order = order.contiguous()
 
     def broadcast_strides(t):  # a mask dim of size 1 is shared by every batch element / head
         return [t.stride(d) if t.shape[d] > 1 else 0 for d in (0, 1)]

@@ -5,8 +5,9 @@ mask or a key-padding mask), outside the leading `dense_layers` blocks.
 Replacement: one call of `sparse_attention` below with the planner the `sparsity` option names (passes/planners/),
 traced into the graph by AOTAutograd when Inductor compiles it. It plans the token order and block mask in the graph
 from q and k (no host sync), permutes tokens so the pattern is contiguous, calls
-`torch.ops.vsparse.block_sparse_attention` and restores token order. A planner's constant order (Draft's windows)
-is computed here, once per static layout, and kept as module buffers. The dense phase
+`torch.ops.vsparse.block_sparse_attention` and restores token order. A planner's constants (what depends on the
+layout alone: Draft's window order; Sparse VideoGen's orders and head masks) are computed here, once per static
+layout, and kept as module buffers. The dense phase
 (a 0-dim bool computed in the graph from the timestep, passes/call_record.py) chooses the full mask at run time, so
 the leading dense steps need neither a host read nor a second compiled graph.
 Every site not rewritten keeps its dense SDPA call and gets a reason in the report.
@@ -43,16 +44,17 @@ def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, index.unsqueeze(-1).expand(x.shape))
 
 
-def sparse_attention(q, k, v, dense, kv_lengths, constant, layout, *, planner: str, density: float, block_size: int,
+def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: str, density: float, block_size: int,
                      scale: float):
     """The one replacement of every planner: plan, permute, mask, fall back to the full mask in the dense phase,
     block-sparse attention, restore the order. Returns (output, kv_num_blocks, kv_indices)."""
     chosen = PLANNERS[planner]
-    plan = chosen.plan(q, k, v, constant, layout, block_size=block_size, density=density, scale=scale)
+    plan = chosen.plan(q, k, v, constants, layout, block_size=block_size, density=density, scale=scale)
     q, k, v = (_reorder(t, plan.perm) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
-    out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
+    out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
+                                                   plan.q_block_order)
     return _reorder(out, plan.inverse), kv_num_blocks, kv_indices
 
 
@@ -82,28 +84,24 @@ def _cost_verdict(q_value, opts: Options, cuda_graphs: bool) -> tuple[Optional[s
     return (None, words or "forced") if opts.force_sparse else (reason, words)
 
 
-def _constant_order(planner: str, layout, block_size: int, device):
-    return PLANNERS[planner].constant_order(layout, block_size, device)
+def _planner_constants(planner: str, layout, block_size: int, density: float, device) -> dict:
+    return PLANNERS[planner].constants(layout, block_size, density, device)
 
 
-def _constant_order_nodes(gm: torch.fx.GraphModule, planner: str, layout: list, block_size: int, device,
-                          constants: dict):
-    """The planner's constant order as graph values: with a static layout computed once here and kept in the module
-    as buffers shared by every site of that layout (None when the planner has none); with symbolic sizes computed
-    by the graph."""
+def _constant_nodes(gm: torch.fx.GraphModule, planner: str, layout: list, block_size: int, density: float, device,
+                    constants: dict):
+    """The planner's constants as graph values: with a static layout computed once here and kept in the module as
+    buffers shared by every site of that layout; with symbolic sizes computed by the graph."""
     if all(isinstance(size, int) for size in layout):
         key = tuple(layout)
         if key not in constants:
-            pair = _constant_order(planner, tuple(layout), block_size, device)
-            names = None
-            if pair is not None:
-                names = tuple(f"vsparse_{planner}_order_{len(constants)}{suffix}" for suffix in ("", "_inverse"))
-                for name, tensor in zip(names, pair):
-                    gm.register_buffer(name, tensor)
+            names = {}
+            for name, tensor in _planner_constants(planner, key, block_size, density, device).items():
+                names[name] = f"vsparse_{planner}_{len(constants)}_{name}"
+                gm.register_buffer(names[name], tensor)
             constants[key] = names
-        names = constants[key]
-        return None if names is None else tuple(gm.graph.get_attr(name) for name in names)
-    return gm.graph.call_function(_constant_order, (planner, tuple(layout), block_size, device))
+        return {name: gm.graph.get_attr(buffer) for name, buffer in constants[key].items()}
+    return gm.graph.call_function(_planner_constants, (planner, tuple(layout), block_size, density, device))
 
 
 def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, opts: Options,
@@ -137,10 +135,11 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
             if site.mask == "key_padding":
                 kv_lengths = gm.graph.call_function(key_padding_lengths, (nodes[site.mask_node],))
             scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
-            constant = _constant_order_nodes(gm, opts.sparsity, sizes, opts.block_size, device, constants)
+            constants_node = _constant_nodes(gm, opts.sparsity, sizes, opts.block_size, opts.density, device, constants)
             call = gm.graph.call_function(
                 sparse_attention,
-                (nodes[site.query], nodes[site.key], nodes[site.value], dense_flag, kv_lengths, constant, tuple(sizes)),
+                (nodes[site.query], nodes[site.key], nodes[site.value], dense_flag, kv_lengths, constants_node,
+                 tuple(sizes)),
                 {"planner": opts.sparsity, "density": opts.density, "block_size": opts.block_size, "scale": scale})
             out = gm.graph.call_function(operator.getitem, (call, 0))
             count, indices = (gm.graph.call_function(operator.getitem, (call, i)) for i in (1, 2))

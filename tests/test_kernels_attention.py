@@ -116,6 +116,24 @@ def test_triton_kernel_reads_strided_heads_and_masks():
     assert_matches(out, q, k, v, num, idx, 0.125, 64, None)
 
 
+@interpreted
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31 - 1), q_len=st.integers(1, 300), block_size=st.sampled_from([64, 128]),
+       density=st.floats(0.1, 1.0), shared=st.booleans())
+def test_triton_kernel_follows_a_given_query_block_order(seed, q_len, block_size, density, shared):
+    """`q_block_order` only schedules programs: any permutation per row (shared by heads or not) gives every query
+    block its own output, none twice, none unwritten (the output is poisoned first)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, q_len, 16, generator=g) for _ in range(3))
+    num, idx = random_block_mask(1, 2, q_len, q_len, block_size, density, ragged=True, generator=g)
+    nq = block_mask.num_blocks(q_len, block_size)
+    order = torch.stack([torch.randperm(nq, generator=g) for _ in range(1 if shared else 2)])[None].to(torch.int32)
+    out = torch.full_like(q, float("nan"))
+    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, 0.25, block_size, out=out,
+                                                      q_block_order=order)
+    assert_matches(out, q, k, v, num, idx, 0.25, block_size, None)
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), heads=st.integers(1, 2), q_len=st.integers(1, 400),
        kv_len=st.integers(1, 400), block_size=st.sampled_from([64, 128]), density=st.floats(0.0, 1.0),
@@ -179,6 +197,10 @@ def test_bad_inputs_raise_naming_the_problem():
         op(q, q, q, num, bad, 0.1, 64)
     with pytest.raises(ValueError, match="kv_lengths"):
         op(q, q, q, num, idx, 0.1, 64, torch.tensor([5, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="q_block_order must be int32"):
+        op(q, q, q, num, idx, 0.1, 64, None, torch.tensor([[[0, 1]]]))
+    with pytest.raises(ValueError, match="every query block once"):
+        op(q, q, q, num, idx, 0.1, 64, None, torch.tensor([[[1, 1]]], dtype=torch.int32))
 
 
 def test_op_stays_one_opaque_call_under_compile_with_symbolic_shapes():

@@ -33,8 +33,8 @@ def test_planner_contract(name, layout, density, seed):
     torch.manual_seed(seed)
     q, k, v = (torch.randn(2, 3, seq_len, 16) for _ in range(3))
     scale = 16 ** -0.5
-    constant = planner.constant_order(layout, BLOCK, None)
-    plan = planner.plan(q, k, v, constant, layout, block_size=BLOCK, density=density, scale=scale)
+    constants = planner.constants(layout, BLOCK, density, None)
+    plan = planner.plan(q, k, v, constants, layout, block_size=BLOCK, density=density, scale=scale)
     # The order is a permutation with its inverse, shared [S] or per head, and leaves text tokens in place.
     assert plan.perm.dtype == torch.int64 and plan.perm.shape[-1] == seq_len
     assert _is_permutation(plan.perm, plan.inverse, seq_len)
@@ -47,9 +47,13 @@ def test_planner_contract(name, layout, density, seed):
     block_mask.validate(num, idx, 2, 3, seq_len, seq_len, BLOCK)
     visit = block_mask.to_block_bool(num, idx)
     assert visit.diagonal(dim1=-2, dim2=-1).all()
+    # A schedule the planner fixed ahead of the data is the one the kernel would sort for this mask.
+    if plan.q_block_order is not None:
+        block_mask.validate_order(plan.q_block_order, 2, 3, seq_len, BLOCK, values=True)
+        assert torch.equal(plan.q_block_order.expand(2, 3, -1), block_mask.heaviest_first(num.expand(2, 3, -1)))
     # Through the generic replacement: at density 1 it is exact dense attention in the original order.
     if density == 1.0:
-        out, _, _ = sparse_attention(q, k, v, None, None, constant, layout, planner=name, density=1.0,
+        out, _, _ = sparse_attention(q, k, v, None, None, constants, layout, planner=name, density=1.0,
                                      block_size=BLOCK, scale=scale)
         torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
                                    rtol=1e-4, atol=1e-5)

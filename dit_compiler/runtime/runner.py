@@ -110,7 +110,7 @@ class DiTRunner:
         self.observers: list[Observer] = list(observers or [])
         self.states = ModelStates()
         self.current: Optional[_Call] = None
-        _RUNNERS.add(self)
+        track(self)
 
     def __call__(self, *args):
         key = args[self.model_key_index] if self.model_key_index is not None else None
@@ -190,9 +190,15 @@ class CachedStack(torch.nn.Module):
         return position
 
 
-_RUNNERS: "weakref.WeakSet[DiTRunner]" = weakref.WeakSet()
+_RUNNERS: weakref.WeakSet = weakref.WeakSet()
 
 
-def runners() -> list[DiTRunner]:
+def track(runner) -> None:
+    """Make a runner's call history visible to `dit_compiler.stats`: anything with `states` (ModelStates) and
+    `outputs` (GraphOutputs), a `DiTRunner` or regional compilation's `CallHistory`."""
+    _RUNNERS.add(runner)
+
+
+def runners() -> list:
     """Every live runner (for `dit_compiler.stats`)."""
     return list(_RUNNERS)

@@ -3,11 +3,12 @@
 A planner is an object with a `name` (the `sparsity` option's value) and two methods the rewrite
 (passes/sparse_attention.py) calls:
 
-  constant_order(layout, block_size, device) -> (perm, inverse) int64 [S], or None
-      Once per static layout, at compile time: an order shared by every head and call (Draft's windows). It lives
-      in the compiled module as a buffer; with symbolic sizes the graph computes it per call.
-  plan(q, k, v, constant, layout, *, block_size, density, scale) -> Plan
-      Per call, traced into the graph (pure torch, no host reads): the order of this call (`constant`, or per-head
+  constants(layout, block_size, density, device) -> dict[str, Tensor]
+      Once per static layout, at compile time: whatever depends on the layout and options alone (Draft's window
+      order; Sparse VideoGen's position-major order, both head masks and the sampled rows' masks). They live in the
+      compiled module as buffers, so no call recomputes them; with symbolic sizes the graph computes them per call.
+  plan(q, k, v, constants, layout, *, block_size, density, scale) -> Plan
+      Per call, traced into the graph (pure torch, no host reads): the order of this call (shared [S], or per-head
       [B|1, H, S] orders), and whatever the order's choice already decided about the mask.
   mask(q, k, plan, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
       Per call: the block mask (kernels/block_mask.py's format) for q, k already in the plan's order.
@@ -30,14 +31,17 @@ class Plan:
     inverse: torch.Tensor  # the inverse permutation, same shape
     kv_num_blocks: Optional[torch.Tensor] = None  # the mask, when choosing the order decided it (svg)
     kv_indices: Optional[torch.Tensor] = None
+    # int32 [B|1, H|1, nq]: the kernel's query-block schedule (block_mask.heaviest_first of the mask's counts),
+    # when the counts are known without the data; else the op sorts them every call
+    q_block_order: Optional[torch.Tensor] = None
 
 
 class Planner(Protocol):
     name: str
 
-    def constant_order(self, layout, block_size: int, device) -> Optional[tuple[torch.Tensor, torch.Tensor]]: ...
+    def constants(self, layout, block_size: int, density: float, device) -> dict: ...
 
-    def plan(self, q, k, v, constant, layout, *, block_size: int, density: float, scale: float) -> Plan: ...
+    def plan(self, q, k, v, constants: dict, layout, *, block_size: int, density: float, scale: float) -> Plan: ...
 
     def mask(self, q, k, plan: Plan, layout, *, block_size: int, density: float, scale: float): ...
 

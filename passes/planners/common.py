@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from dit_compiler.kernels.block_mask import invert_permutation, num_blocks
+from dit_compiler.kernels.block_mask import invert_permutation, num_blocks, to_block_bool
+
 
 def check_sizes(least: int, **sizes) -> None:
     """Raise ValueError naming the first of `sizes` (ints or SymInts) that is not an int >= least."""
@@ -19,12 +20,15 @@ def text_blocks(seq_len, text_before, text_after, block_size: int, device=None) 
     return (starts < text_before) | (ends > seq_len - text_after)
 
 
-def keep_strongest(scores: torch.Tensor, density: float, text: torch.Tensor) -> torch.Tensor:
-    """Choose the key blocks each query block visits, from self-attention block scores [..., n, n].
+def strongest_blocks(scores: torch.Tensor, density: float, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose the key blocks each query block visits, from self-attention block scores [..., n, n], in the mask
+    format (kernels/block_mask.py).
 
     A row keeps its max(1, ceil(density * n)) highest-scoring blocks. Its diagonal block and the text blocks
     (`text`, [n] bool) are taken first and count toward that budget, so a row visits max(budget, forced) blocks;
-    text query blocks visit everything. Returns [..., n, n] bool (True = visit).
+    text query blocks visit everything. One sort ranks each row with its forced blocks first, so the kept blocks are
+    a prefix of the ranking: kv_indices is the ranking itself (strongest first) and kv_num_blocks the prefix length.
+    Returns (kv_num_blocks int32 [..., n], kv_indices int32 [..., n, n]).
     """
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise ValueError(f"density must be a number in (0, 1], got {density!r}")
@@ -33,14 +37,24 @@ def keep_strongest(scores: torch.Tensor, density: float, text: torch.Tensor) -> 
     forced = (ids[:, None] == ids) | text
     top = torch.finfo(scores.dtype).max if scores.is_floating_point() else torch.iinfo(scores.dtype).max
     order = scores.masked_fill(forced, top).argsort(dim=-1, descending=True, stable=True)
-    # Keep rank r of a row if r < ceil(density * n) (<=> r < density * n for an integer r; float64 matches
-    # Python's own product), if r is among the row's forced blocks (its text blocks, plus its diagonal when
-    # that is not text), or if the row is text.
+    # Materialized: the kernel reads kv_num_blocks with unit stride along query blocks.
+    return kept_counts(density, text).expand(order.shape[:-1]).contiguous(), order.to(torch.int32)
+
+
+def kept_counts(density: float, text: torch.Tensor) -> torch.Tensor:
+    """int32 [n]: how many key blocks each query block keeps under `strongest_blocks`, whatever the scores."""
+    n = text.shape[0]
+    ids = torch.arange(n, device=text.device)
+    # Ranks r < density * n are in the budget (float64 matches Python's own product, so the count is
+    # ceil(density * n)); a row's forced blocks (its text blocks, plus its diagonal when that is not text) lead.
+    budget = (ids.double() < density * n).sum()
     forced_count = text.sum() + ~text
-    keep = (ids.double() < density * n) | (ids < forced_count[:, None]) | text[:, None]
-    # Scattering the per-rank flags (rather than OR-ing [n, n] masks) leaves a buffer that reductions read as is:
-    # Inductor (torch 2.11, CUDA, dynamic n) fails to fuse an [n, n] pointwise into a row reduction (CantSplit).
-    return torch.zeros_like(order, dtype=torch.bool).scatter_(-1, order, keep.expand_as(order))
+    return torch.where(text, n, torch.maximum(forced_count, budget)).to(torch.int32)
+
+
+def keep_strongest(scores: torch.Tensor, density: float, text: torch.Tensor) -> torch.Tensor:
+    """`strongest_blocks` as [..., n, n] bool (True = visit)."""
+    return to_block_bool(*strongest_blocks(scores, density, text))
 
 
 def sequence_permutation(video_order: torch.Tensor, text_before, text_after) -> tuple[torch.Tensor, torch.Tensor]:

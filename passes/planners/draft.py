@@ -105,7 +105,8 @@ def draft_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int, densi
     (`pooled_attention_map`); its own diagonal block and every text block (any block holding a text token) are
     always visited and count toward that budget, and text query blocks visit everything: text is few tokens and
     carries the prompt. density=1 visits every block. `scale` defaults to 1/sqrt(D), like SDPA.
-    Returns (kv_num_blocks int32 [B, H, nq], kv_indices int32 [B, H, nq, nkv]).
+    Returns (kv_num_blocks int32 [B, H, nq], kv_indices int32 [B, H, nq, nkv]), each row's visited blocks
+    strongest first.
     """
     if q.dim() != 4 or k.dim() != 4 or q.shape[:2] != k.shape[:2] or q.shape[-2:] != k.shape[-2:]:
         raise ValueError(f"q and k must both be [B, H, S, D] self-attention inputs, got {tuple(q.shape)} "
@@ -117,7 +118,7 @@ def draft_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int, densi
         raise ValueError(f"text_before + text_after = {text_before + text_after} exceeds the sequence ({seq_len})")
     scores = pooled_attention_map(q, k, block_size, scale)
     text = common.text_blocks(seq_len, text_before, text_after, block_size, q.device)
-    return block_mask.from_block_bool(common.keep_strongest(scores, density, text))
+    return common.strongest_blocks(scores, density, text)
 
 
 class DraftPlanner:
@@ -126,13 +127,17 @@ class DraftPlanner:
 
     name = "draft"
 
-    def constant_order(self, layout, block_size: int, device):
-        return window_permutation(*layout, block_size, device=device)
+    def constants(self, layout, block_size: int, density: float, device) -> dict:
+        perm, inverse = window_permutation(*layout, block_size, device=device)
+        text = common.text_blocks(perm.shape[0], layout[3], layout[4], block_size, device)
+        # Every row keeps a count fixed by the layout (draft_block_mask), so the kernel's schedule is a constant.
+        order = block_mask.heaviest_first(common.kept_counts(density, text)[None, None])
+        return {"perm": perm, "inverse": inverse, "q_block_order": order}
 
-    def plan(self, q, k, v, constant, layout, *, block_size: int, density: float, scale: float):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float):
         from dit_compiler.passes.planners import Plan
 
-        return Plan(*constant)
+        return Plan(constants["perm"], constants["inverse"], q_block_order=constants["q_block_order"])
 
     def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
         return draft_block_mask(q, k, block_size=block_size, density=density, text_before=layout[3],

@@ -94,33 +94,31 @@ def _sampled_rows(frames, height, width, text_before, num_sample_rows, device) -
     return text_before + torch.arange(num_sample_rows, device=device) * video_len // num_sample_rows
 
 
-def _classify(q, k, v, layout, block_size, num_sample_rows, scale, spatial_visit, temporal_visit,
-              position_major_inverse) -> torch.Tensor:
-    """[B, H] bool, True where the temporal mask's sampled output is closer (MSE) to full attention's."""
-    frames, height, width, text_before, _ = layout
-    rows = _sampled_rows(frames, height, width, text_before, num_sample_rows, q.device)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    scores = q[..., rows, :].float() @ k.float().transpose(-1, -2) * scale
-    values = v.float()
-    # Token masks of the sampled rows, in the original (frame-major) order: [rows, S].
-    spatial_blocks = torch.arange(q.shape[-2], device=q.device) // block_size
-    spatial = spatial_visit[rows // block_size][:, spatial_blocks]
-    temporal_blocks = position_major_inverse // block_size
-    temporal = temporal_visit[temporal_blocks[rows]][:, temporal_blocks]
-
-    def masked_output(visit):
-        return scores.masked_fill(~visit, float("-inf")).softmax(dim=-1) @ values
-
-    full = scores.softmax(dim=-1) @ values
-    spatial_error = (masked_output(spatial) - full).square().mean(dim=(-2, -1))
-    temporal_error = (masked_output(temporal) - full).square().mean(dim=(-2, -1))
-    return temporal_error < spatial_error
-
-
-def _profile(q, k, v, layout, block_size, density, num_sample_rows, scale):
-    """Check the inputs, build both masks and the position-major permutation, and classify the heads.
-    Returns (temporal [B, H], spatial_visit, temporal_visit, position_major perm, its inverse)."""
+def svg_constants(layout, block_size: int, density: float, num_sample_rows: int = 64, device=None) -> dict:
+    """Everything of a plan that depends on the layout alone: the position-major permutation, both head masks and,
+    for the sampled query rows, both masks at token level in the original (frame-major) order ([R, S] bool)."""
     _check_layout(*layout, block_size)
+    common.check_sizes(1, num_sample_rows=num_sample_rows)
+    frames, height, width, text_before, text_after = layout
+    seq_len = text_before + frames * height * width + text_after
+    spatial_visit = _spatial_visit(layout, block_size, density, device)
+    temporal_visit = _temporal_visit(layout, block_size, density, device)
+    position_major, inverse = position_major_permutation(*layout, device=device)
+    rows = _sampled_rows(frames, height, width, text_before, num_sample_rows, device)
+    spatial_blocks = torch.arange(seq_len, device=device) // block_size
+    temporal_blocks = inverse // block_size
+    spatial_num, spatial_indices = block_mask.from_block_bool(spatial_visit)
+    temporal_num, temporal_indices = block_mask.from_block_bool(temporal_visit)
+    return {"position_major": position_major, "position_major_inverse": inverse, "sample_rows": rows,
+            "sample_spatial": spatial_visit[rows // block_size][:, spatial_blocks],
+            "sample_temporal": temporal_visit[temporal_blocks[rows]][:, temporal_blocks],
+            "spatial_num": spatial_num, "spatial_indices": spatial_indices,
+            "spatial_order": block_mask.heaviest_first(spatial_num),
+            "temporal_num": temporal_num, "temporal_indices": temporal_indices,
+            "temporal_order": block_mask.heaviest_first(temporal_num)}
+
+
+def _check_qkv(q, k, v, layout) -> None:
     frames, height, width, text_before, text_after = layout
     seq_len = text_before + frames * height * width + text_after
     if q.dim() != 4 or q.shape != k.shape or q.shape[:3] != v.shape[:3]:
@@ -129,24 +127,51 @@ def _profile(q, k, v, layout, block_size, density, num_sample_rows, scale):
     if q.shape[-2] != seq_len:
         raise ValueError(f"sequence length {q.shape[-2]} != text_before + frames*height*width + text_after "
                          f"= {seq_len}")
-    common.check_sizes(1, num_sample_rows=num_sample_rows)
-    spatial_visit = _spatial_visit(layout, block_size, density, q.device)
-    temporal_visit = _temporal_visit(layout, block_size, density, q.device)
-    position_major, inverse = position_major_permutation(*layout, device=q.device)
-    temporal = _classify(q, k, v, layout, block_size, num_sample_rows, scale, spatial_visit, temporal_visit,
-                         inverse)
-    return temporal, spatial_visit, temporal_visit, position_major, inverse
+
+
+def classify_with(q, k, v, constants: dict, scale=None) -> torch.Tensor:
+    """[B, H] bool, True where the temporal mask's sampled output is closer (MSE) to full attention's.
+
+    The sampled rows' scores and the three outputs (full, spatial, temporal) are two matrix products in the inputs'
+    dtype (tensor cores for bf16, float32 accumulation); the softmax runs in float32, each mask renormalizing the
+    full row's exponentials."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    rows = constants["sample_rows"]
+    scores = (q[..., rows, :] @ k.transpose(-1, -2)).float() * scale  # [B, H, R, S]
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
+    masked = torch.stack([weights, weights * constants["sample_spatial"], weights * constants["sample_temporal"]],
+                         dim=-3)  # [B, H, 3, R, S]
+    probs = masked / masked.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    outputs = (probs.to(v.dtype).flatten(-3, -2) @ v).float().unflatten(-2, (3, rows.shape[0]))
+    full, spatial, temporal = outputs.unbind(-3)
+    spatial_error = (spatial - full).square().mean(dim=(-2, -1))
+    temporal_error = (temporal - full).square().mean(dim=(-2, -1))
+    return temporal_error < spatial_error
+
+
+def plan_with(temporal: torch.Tensor, constants: dict, seq_len):
+    """(perm, inverse, kv_num_blocks, kv_indices, q_block_order) per head from the head classes: spatial heads keep
+    the identity order and the spatial mask, temporal heads take the position-major order and the temporal mask."""
+    identity = torch.arange(seq_len, device=temporal.device)
+    head_perm = torch.where(temporal[..., None], constants["position_major"], identity)
+    head_inverse = torch.where(temporal[..., None], constants["position_major_inverse"], identity)
+    kv_num_blocks = torch.where(temporal[..., None], constants["temporal_num"], constants["spatial_num"])
+    kv_indices = torch.where(temporal[..., None, None], constants["temporal_indices"], constants["spatial_indices"])
+    order = torch.where(temporal[..., None], constants["temporal_order"], constants["spatial_order"])
+    return head_perm, head_inverse, kv_num_blocks, kv_indices, order
 
 
 def classify_heads(q, k, v, *, frames, height, width, text_before, text_after, block_size, density,
                    num_sample_rows=64, scale=None) -> torch.Tensor:
     """Sparse VideoGen's online profiling for q, k, v [B, H, S, D] in frame-major order: for `num_sample_rows`
-    evenly spaced video query rows, compute the exact attention output under the full mask, the spatial mask and
-    the temporal mask (the latter in position-major order), and call a head temporal where the temporal output is
+    evenly spaced video query rows, compute the attention output under the full mask, the spatial mask and the
+    temporal mask (the latter in position-major order), and call a head temporal where the temporal output is
     closer (MSE) to full. Costs about 2 * num_sample_rows / S of the attention's FLOPs. `scale` defaults to
     1/sqrt(D). Returns bool [B, H]."""
     layout = (frames, height, width, text_before, text_after)
-    return _profile(q, k, v, layout, block_size, density, num_sample_rows, scale)[0]
+    constants = svg_constants(layout, block_size, density, num_sample_rows, q.device)
+    _check_qkv(q, k, v, layout)
+    return classify_with(q, k, v, constants, scale)
 
 
 def svg_plan(q, k, v, *, frames, height, width, text_before, text_after, block_size, density, num_sample_rows=64,
@@ -160,33 +185,25 @@ def svg_plan(q, k, v, *, frames, height, width, text_before, text_after, block_s
     kv_indices int32 [B, H, nq, nkv]).
     """
     layout = (frames, height, width, text_before, text_after)
-    temporal, spatial_visit, temporal_visit, position_major, inverse = _profile(
-        q, k, v, layout, block_size, density, num_sample_rows, scale)
-    identity = torch.arange(q.shape[-2], device=q.device)
-    head_perm = torch.where(temporal[..., None], position_major, identity)
-    head_inverse = torch.where(temporal[..., None], inverse, identity)
-    spatial_num, spatial_indices = block_mask.from_block_bool(spatial_visit)
-    temporal_num, temporal_indices = block_mask.from_block_bool(temporal_visit)
-    kv_num_blocks = torch.where(temporal[..., None], temporal_num, spatial_num)
-    kv_indices = torch.where(temporal[..., None, None], temporal_indices, spatial_indices)
-    return head_perm, head_inverse, kv_num_blocks, kv_indices
+    constants = svg_constants(layout, block_size, density, num_sample_rows, q.device)
+    _check_qkv(q, k, v, layout)
+    return plan_with(classify_with(q, k, v, constants, scale), constants, q.shape[-2])[:4]
 
 
 class SvgPlanner:
-    """The planner contract (passes/planners/__init__.py) for Sparse VideoGen: per-head orders and masks from the
-    sampled-row head classification (`svg_plan`), every call."""
+    """The planner contract (passes/planners/__init__.py) for Sparse VideoGen: both head masks and orders are
+    constants of the layout; per call, the sampled-row classification picks one per head."""
 
     name = "svg"
 
-    def constant_order(self, layout, block_size: int, device):
-        return None
+    def constants(self, layout, block_size: int, density: float, device) -> dict:
+        return svg_constants(layout, block_size, density, device=device)
 
-    def plan(self, q, k, v, constant, layout, *, block_size: int, density: float, scale: float):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float):
         from dit_compiler.passes.planners import Plan
 
-        frames, height, width, text_before, text_after = layout
-        return Plan(*svg_plan(q, k, v, frames=frames, height=height, width=width, text_before=text_before,
-                              text_after=text_after, block_size=block_size, density=density, scale=scale))
+        _check_qkv(q, k, v, layout)
+        return Plan(*plan_with(classify_with(q, k, v, constants, scale), constants, q.shape[-2]))
 
     def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices

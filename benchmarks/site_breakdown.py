@@ -1,0 +1,214 @@
+"""One sparse-attention site taken apart, in µs: planning, permutation, kernel, against dense, in one run.
+
+One self-attention layer of the Wan2.1-1.3B shape (bf16, 12 heads x 128, grid 21x30x52 = 32,760 tokens, no text):
+x [1, S, 1536] -> q, k, v projections -> RMS norm of q and k across heads -> RoPE -> attention -> output projection,
+compiled with Inductor (fullgraph) in this process with each attention variant:
+
+  dense       F.scaled_dot_product_attention (PyTorch's backend choice for these shapes)
+  site        the rewrite's `sparse_attention`: plan, permute, mask, kernel, restore the order
+  fixed       the same plan's order and mask computed once beforehand: permute, kernel, restore
+  unpermuted  the same mask with tokens left in place: the kernel alone in the layer (timing only)
+
+planning = site - fixed; permutation = fixed - unpermuted (a gather Inductor fuses into the RoPE or the output's
+transpose is charged only what it adds to that kernel). kernel: the op alone on the planned inputs; FlexAttention
+with the identical block mask as a peer. "site share" is (planning + permutation) / kernel, the figure the planning
+target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per call of
+`torch.ops.vsparse.block_sparse_attention` and of SDPA on a tiny problem, enqueued back to back (no syncs), so the
+GPU never limits them. Medians of `triton.testing.do_bench`; random inputs (planning cost does not depend on values).
+
+    python benchmarks/site_breakdown.py --out site.json
+    python benchmarks/site_breakdown.py --planners draft --densities 0.1
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
+from dit_compiler.passes.planners import PLANNERS
+from dit_compiler.passes.sparse_attention import _reorder, sparse_attention
+
+HEADS, HEAD_DIM, GRID, BLOCK = 12, 128, (21, 30, 52), 128
+
+
+class Attention(torch.nn.Module):
+    """One attention variant over q, k, v [B, H, S, D]; plan tensors are buffers, so Inductor sees them as inputs."""
+
+    def __init__(self, variant: str, planner: str, density: float, constants: dict, plan: dict):
+        super().__init__()
+        self.variant, self.planner, self.density = variant, planner, density
+        self.constant_names = list(constants)
+        for name, tensor in {**{f"c_{n}": t for n, t in constants.items()}, **plan}.items():
+            self.register_buffer(name, tensor)
+
+    def forward(self, q, k, v):
+        scale = HEAD_DIM ** -0.5
+        if self.variant == "dense":
+            return F.scaled_dot_product_attention(q, k, v)
+        if self.variant == "site":
+            constants = {n: getattr(self, f"c_{n}") for n in self.constant_names}
+            return sparse_attention(q, k, v, None, None, constants, (*GRID, 0, 0), planner=self.planner,
+                                    density=self.density, block_size=BLOCK, scale=scale)[0]
+        if self.variant == "fixed":
+            q, k, v = (_reorder(t, self.perm) for t in (q, k, v))
+        out = torch.ops.vsparse.block_sparse_attention(q, k, v, self.num, self.idx, scale, BLOCK, None)
+        return _reorder(out, self.inverse) if self.variant == "fixed" else out
+
+
+class Layer(torch.nn.Module):
+    """Wan's self-attention block shape: projections, RMS norm across heads, RoPE, attention, output projection."""
+
+    def __init__(self, attention: torch.nn.Module, seq: int):
+        super().__init__()
+        dim = HEADS * HEAD_DIM
+        self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.norm_q, self.norm_k = torch.nn.RMSNorm(dim, eps=1e-6), torch.nn.RMSNorm(dim, eps=1e-6)
+        angles = torch.randn(seq, HEAD_DIM // 2)
+        self.register_buffer("cos", angles.cos().repeat_interleave(2, -1))
+        self.register_buffer("sin", angles.sin().repeat_interleave(2, -1))
+        self.attention = attention
+
+    def rope(self, x):
+        pairs = x.float().unflatten(-1, (-1, 2))
+        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
+        return (x.float() * self.cos + rotated * self.sin).to(x.dtype)
+
+    def qkv_heads(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k = self.norm_q(q), self.norm_k(k)
+        q, k, v = (t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in (q, k, v))
+        return self.rope(q), self.rope(k), v
+
+    def forward(self, x):
+        out = self.attention(*self.qkv_heads(x))
+        return self.out(out.transpose(1, 2).flatten(-2))
+
+
+def bench(fn, budget_ms: float) -> float:
+    return triton.testing.do_bench(fn, warmup=max(25.0, budget_ms / 4), rep=budget_ms, return_mode="median")
+
+
+def host_us_per_call(fn, calls: int = 2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return host / calls * 1e6
+
+
+def op_host_cost() -> dict:
+    """CPU µs per call of our op and of SDPA, and where our op's go (cProfile, the 15 costliest functions)."""
+    q, k, v = (torch.randn(1, 1, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    num = torch.full((1, 1, 2), 2, dtype=torch.int32, device="cuda")
+    idx = torch.arange(2, dtype=torch.int32, device="cuda").expand(1, 1, 2, 2).contiguous()
+    op = torch.ops.vsparse.block_sparse_attention
+
+    def ours():
+        return op(q, k, v, num, idx, 0.125, 128, None)
+
+    result = {"block_sparse_attention_us": round(host_us_per_call(ours), 1),
+              "sdpa_us": round(host_us_per_call(lambda: F.scaled_dot_product_attention(q, k, v)), 1)}
+    profiler = cProfile.Profile()
+    profiler.runcall(lambda: [ours() for _ in range(500)])
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+    result["profile"] = text.getvalue()
+    return result
+
+
+def measure_site(planner: str, density: float, x: torch.Tensor, budget_ms: float, dense_ms: float) -> dict:
+    seq = x.shape[1]
+    layout = (*GRID, 0, 0)
+    chosen = PLANNERS[planner]
+    constants = chosen.constants(layout, BLOCK, density, x.device)
+    torch.manual_seed(0)
+    layer = Layer(Attention("dense", planner, density, {}, {}), seq).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        q, k, v = layer.qkv_heads(x)
+        plan = chosen.plan(q, k, v, constants, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
+        qp, kp, vp = (_reorder(t, plan.perm).contiguous() for t in (q, k, v))
+        num, idx = chosen.mask(qp, kp, plan, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
+    fixed = {"perm": plan.perm, "inverse": plan.inverse, "num": num, "idx": idx}
+    times = {}
+    for variant in ("site", "fixed", "unpermuted"):
+        layer.attention = Attention(variant, planner, density, constants, fixed).to("cuda")
+        compiled = torch.compile(layer, fullgraph=True)
+        with torch.no_grad():
+            compiled(x)
+            times[variant] = bench(lambda: compiled(x), budget_ms)
+    op = torch.ops.vsparse.block_sparse_attention
+    kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None), budget_ms)
+    flex = torch.compile(flex_attention, dynamic=False)
+    flex_num = num.expand(1, HEADS, -1).contiguous()
+    flex_idx = idx.expand(1, HEADS, -1, -1).contiguous()
+    mask = BlockMask.from_kv_blocks(torch.zeros_like(flex_num), flex_idx, flex_num, flex_idx, BLOCK_SIZE=BLOCK,
+                                    seq_lengths=(seq, seq))
+    flex_ms = bench(lambda: flex(qp, kp, vp, block_mask=mask), budget_ms)
+    ours = op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None).float()
+    flex_error = float((flex(qp, kp, vp, block_mask=mask).float() - ours).norm() / ours.norm())
+    planning, permutation = times["site"] - times["fixed"], times["fixed"] - times["unpermuted"]
+    row = {"planner": planner, "density": density, "visited": round(float(num.float().mean()) / idx.shape[-1], 4),
+           "layer_dense_ms": round(dense_ms, 4), "layer_site_ms": round(times["site"], 4),
+           "layer_fixed_ms": round(times["fixed"], 4), "layer_unpermuted_ms": round(times["unpermuted"], 4),
+           "planning_us": round(planning * 1e3, 1), "permutation_us": round(permutation * 1e3, 1),
+           "kernel_us": round(kernel * 1e3, 1), "flex_us": round(flex_ms * 1e3, 1),
+           "flex_vs_ours_rel_error": round(flex_error, 5),
+           "site_share": round((planning + permutation) / kernel, 3),
+           "layer_speedup": round(dense_ms / times["site"], 3)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--planners", nargs="+", default=sorted(PLANNERS))
+    parser.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.15, 0.1])
+    parser.add_argument("--budget-ms", type=float, default=200.0)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    seq = GRID[0] * GRID[1] * GRID[2]
+    x = torch.randn(1, seq, HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    dense_layer = torch.compile(Layer(Attention("dense", "", 1.0, {}, {}), seq).to("cuda", torch.bfloat16),
+                                fullgraph=True)
+    with torch.no_grad():
+        dense_layer(x)
+        dense_ms = bench(lambda: dense_layer(x), args.budget_ms)
+    print(f"dense layer {dense_ms:.3f} ms", flush=True)
+    rows = [measure_site(p, d, x, args.budget_ms, dense_ms) for p in args.planners for d in args.densities]
+    host = op_host_cost()
+    print(json.dumps({k: v for k, v in host.items() if k != "profile"}), flush=True)
+    print(host["profile"], flush=True)
+    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; one layer "
+          f"1x{seq}x{HEADS * HEAD_DIM}, dense {dense_ms * 1e3:.0f} µs\n")
+    print("| planner | density | planning µs | permutation µs | kernel µs | (planning + permutation) / kernel | "
+          "FlexAttention µs | layer: sparse / dense µs |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['planner']} | {r['density']} | {r['planning_us']} | {r['permutation_us']} | {r['kernel_us']} | "
+              f"{r['site_share']:.1%} | {r['flex_us']} | {r['layer_site_ms'] * 1e3:.0f} / {dense_ms * 1e3:.0f} |")
+    print(f"\nop host cost per call: block_sparse_attention {host['block_sparse_attention_us']} µs, "
+          f"SDPA {host['sdpa_us']} µs")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "triton": triton.__version__, "dense_layer_ms": dense_ms, "sites": rows, "op_host": host},
+                      f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
