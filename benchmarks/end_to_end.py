@@ -40,15 +40,38 @@ CONFIGS = {
 }
 
 
-def measure(variant: str, config: str, repeats: int) -> dict:
+def cast_like_from_pretrained(model, dtype):
+    """The dtypes `from_pretrained(torch_dtype=dtype)` gives a diffusers model, in place: state-dict tensors in
+    `dtype` except those under a module the class keeps in float32 (`_keep_in_fp32_modules`: Wan's time embedder,
+    norms, modulation table); non-persistent buffers (Wan's float64 RoPE tables) as constructed."""
+    import torch
+
+    keep = model._keep_in_fp32_modules or []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.is_floating_point():
+            tensor.data = tensor.data.to(torch.float32 if any(k in name.split(".") for k in keep) else dtype)
+    return model
+
+
+def build_wan(model_args: dict, device, dtype):
+    """diffusers' WanTransformer3DModel with `model_args` (a CONFIGS entry's) and random weights, in eval mode, in
+    the dtypes a pipeline loading it in `dtype` runs."""
     import torch
     from diffusers import WanTransformer3DModel
+
+    with torch.device(device):  # initialized where it runs: a 1.3B model's random init is slow on the host
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, cross_attn_norm=True,
+                                      **model_args)
+    return cast_like_from_pretrained(model, dtype).eval()
+
+
+def measure(variant: str, config: str, repeats: int) -> dict:
+    import torch
 
     model_args, (frames, height, width), text, device = CONFIGS[config]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, cross_attn_norm=True,
-                                  **model_args).to(device=device, dtype=dtype).eval()
+    model = build_wan(model_args, device, dtype)
     text_dim = model_args["text_dim"]
     inputs = dict(hidden_states=torch.randn(1, 16, frames, height, width, device=device, dtype=dtype),
                   timestep=torch.tensor([500.0], device=device),

@@ -12,7 +12,10 @@ figures are on decoded pixels, so these are not directly comparable to them):
 - SSIM: per frame over the two spatial axes (Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, data range R, valid
   filtering), averaged over channels and frames; mean and worst over generations.
 - cache skipped: the share of block-stack runs EasyCache skipped (reused).
+- dense-phase calls: the share of transformer calls in the leading `dense_steps` share of the trajectory.
+- mean density: the rewritten sites' visited-block fraction over the computed calls (dense-phase calls count 1).
 - work: attention + stack cost relative to dense (formula in `relative_work`).
+Calls, skips, dense-phase calls and densities come from `dit_compiler.stats(compiled)`.
 - wall time: of the harness on this device. NOT a speed claim: the harness is tiny; speed comes from the
   Wan-1.3B configuration (benchmarks/end_to_end.py, benchmarks/generation.py).
 
@@ -31,6 +34,7 @@ time limit runs as several `--settings ...` commands.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shutil
@@ -39,6 +43,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+import dit_compiler
 
 DEFAULT_SETTINGS = (
     "sparsity=none",  # vsparse without rewrites: must match dense
@@ -129,26 +135,18 @@ def ssim(test: torch.Tensor, reference: torch.Tensor, data_range: float, window:
 # What the compiled model did
 
 
-def runtime_counts(dump_dir: Path) -> dict:
+def stack_counts(rows: list[dict]) -> dict:
     """Transformer calls, block-stack runs reused by the cache, calls in the dense phase, and each rewritten site's
-    mean visited density over the sparse-phase calls, read from the dump's runtime.jsonl files.
-    (The one place to swap for `dit_compiler.stats(compiled)` once it exists.)"""
-    calls = reused = dense_calls = 0
-    densities: dict[str, list[float]] = {}
-    for path in sorted(Path(dump_dir).glob("*/runtime.jsonl")):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            calls += 1
-            if record.get("cache") == "reuse":
-                reused += 1
-                continue
-            if record.get("dense_phase"):
-                dense_calls += 1
-            else:
-                for site, value in (record.get("density") or {}).items():
-                    densities.setdefault(site, []).append(value)
-    return {"calls": calls, "reused": reused, "dense_calls": dense_calls,
-            "mean_density": {site: sum(v) / len(v) for site, v in densities.items()}}
+    mean visited-block fraction over the computed calls (dense-phase calls count 1), summed over the rows of
+    `dit_compiler.stats(compiled)` (every graph, generation and CFG branch)."""
+    computed = sum(r["computed"] for r in rows)
+    weighted: dict[str, float] = {}
+    for row in rows:
+        for site, density in row["density"].items():
+            weighted[site] = weighted.get(site, 0.0) + density * row["computed"]
+    return {"calls": sum(r["calls"] for r in rows), "reused": sum(r["reused"] for r in rows),
+            "dense_calls": sum(r["dense_calls"] for r in rows),
+            "mean_density": {site: total / computed for site, total in weighted.items()}}
 
 
 def rewritten_sites(dump_dir: Path) -> tuple[int, int]:
@@ -174,17 +172,15 @@ def attention_share(config: dict, tokens: int, text_tokens: int) -> float:
 
 def relative_work(counts: dict, share: float, num_layers: int) -> float:
     """Block-stack work relative to dense, per transformer call:
-        work = (computed / calls) * ((1 - a) + a * attn),
-        attn = (dense_calls + sparse_calls * (L - n + sum of the n rewritten sites' mean densities) / L) / computed,
-    with a = `attention_share`, L layers, n rewritten sites, computed = calls - reused, sparse_calls = computed -
-    dense_calls. Ignores the head and tail outside the stack, the cache's own check and the mask planning."""
+        work = (computed / calls) * ((1 - a) + a * attn),   attn = (L - n + sum of the n rewritten sites' d) / L,
+    with a = `attention_share`, L layers, computed = calls - reused, d a site's mean visited-block fraction over the
+    computed calls (`stack_counts`: dense-phase calls count 1, so attn is the computed calls' mean attention cost).
+    Ignores the head and tail outside the stack, the cache's own check and the mask planning."""
     computed = counts["calls"] - counts["reused"]
     if computed == 0:
         return 0.0
     densities = counts["mean_density"]
-    sparse_layers = (num_layers - len(densities) + sum(densities.values())) / num_layers
-    sparse_calls = computed - counts["dense_calls"] if densities else 0
-    attn = (computed - sparse_calls + sparse_calls * sparse_layers) / computed
+    attn = (num_layers - len(densities) + sum(densities.values())) / num_layers
     return computed / counts["calls"] * ((1 - share) + share * attn)
 
 
@@ -215,6 +211,7 @@ def generate(transformer, noise: torch.Tensor, prompt: torch.Tensor, null: torch
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(steps, device=noise.device)
+    scheduler.set_begin_index(0)  # as diffusers' pipelines do: the step index is not looked up on the device
     latents = noise.float()
     for t in scheduler.timesteps:
         x = latents.to(prompt.dtype)
@@ -259,8 +256,8 @@ def write_markdown(path: Path, report: dict) -> None:
         "(published figures are on decoded pixels). Work: stack cost relative to dense "
         f"(attention share a = {report['attention_share']:.3f}; formula in benchmarks/quality.py). "
         "Wall time is the harness's on this device, not a speed claim.", "",
-        "| setting | PSNR dB mean (worst) | SSIM mean (worst) | cache skipped | dense-phase share | sparse sites | "
-        "mean density | work | first gen. s (compile) | gen. s |",
+        "| setting | PSNR dB mean (worst) | SSIM mean (worst) | cache skipped | dense-phase calls | sparse sites | "
+        "mean density (computed calls) | work | first gen. s (compile) | gen. s |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         density = r["mean_density"]
@@ -319,21 +316,23 @@ def evaluate_setting(model, spec: str, cases: list, reference: list, shift: floa
     # The harness is small: the cost model would keep it dense, so quality is measured through the force option.
     options = {**parse_setting(spec), "force_sparse": True, "dump_dir": str(dump_dir)}
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="vsparse", options=options, fullgraph=True)
+    # A copy per setting: stats() finds run-time state by the model's parameters, and an earlier setting's runner
+    # can outlive the reset (reference cycles) and would be counted with this one.
+    compiled = torch.compile(copy.deepcopy(model), backend="vsparse", options=options, fullgraph=True)
     latents, seconds = run_setting(compiled, cases, shift, steps, guidance, device)
     psnrs, ssims = [], []
     for test, dense in zip(latents, reference):
         data_range = (dense.max() - dense.min()).item()
         psnrs.append(psnr(test, dense, data_range))
         ssims.append(ssim(test[0], dense[0], data_range))
-    counts = runtime_counts(dump_dir)
+    counts = stack_counts(dit_compiler.stats(compiled))
     densities = counts["mean_density"]
     return {
         "setting": spec, "options": options,
         "psnr_mean": sum(psnrs) / len(psnrs), "psnr_min": min(psnrs), "psnr": psnrs,
         "ssim_mean": sum(ssims) / len(ssims), "ssim_min": min(ssims), "ssim": ssims,
         "cache_skipped": counts["reused"] / max(counts["calls"], 1),
-        "dense_call_share": counts["dense_calls"] / max(counts["calls"] - counts["reused"], 1),
+        "dense_call_share": counts["dense_calls"] / max(counts["calls"], 1),
         "mean_density": sum(densities.values()) / len(densities) if densities else None,
         "sparse_sites": list(rewritten_sites(dump_dir)), "runtime": counts,
         "work": relative_work(counts, share, model.config["num_layers"]),
@@ -395,7 +394,9 @@ def main(argv: list[str] | None = None) -> dict:
     run = {"harness": {k: harness[k] for k in ("command", "preset", "shift", "token_grid", "tokens", "steps")},
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "dtype": str(dtype).replace("torch.", ""), "captions": captions, "seeds": seeds, "steps": steps,
-           "guidance": args.guidance}
+           "guidance": args.guidance,
+           # what "mean density" and "dense-phase calls" count; runs written before it counted them otherwise
+           "counts": "dit_compiler.stats: densities over computed calls, dense-phase calls over all calls"}
     previous = None
     if not args.fresh and (out / "quality.json").exists() and (out / "dense.pt").exists():
         earlier = json.loads((out / "quality.json").read_text())

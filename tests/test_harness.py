@@ -113,21 +113,25 @@ def test_ssim_on_known_inputs():
         quality.ssim(x[0], x[0], 1.0)
 
 
-def test_runtime_counts_and_relative_work(tmp_path):
-    graph = tmp_path / "WanTransformer3DModel_0"
-    graph.mkdir()
-    lines = [{"cache": "compute", "dense_phase": True, "density": {"s1": 1.0, "s2": 1.0}},
-             {"cache": "compute", "dense_phase": False, "density": {"s1": 0.25, "s2": 0.75}},
-             {"cache": "reuse", "dense_phase": False},
-             {"cache": "compute", "dense_phase": False, "density": {"s1": 0.25, "s2": 0.25}}]
-    (graph / "runtime.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    counts = quality.runtime_counts(tmp_path)
-    assert counts == {"calls": 4, "reused": 1, "dense_calls": 1, "mean_density": {"s1": 0.25, "s2": 0.5}}
-    # 4 layers, 2 sparse at mean densities 0.25 and 0.5: sparse calls cost (2 + 0.75) / 4 of dense attention;
-    # attention = (1 dense + 2 sparse * 0.6875) / 3 computed; work = 3/4 * (0.2 + 0.8 * attention).
-    attention = (1 + 2 * 0.6875) / 3
-    assert quality.relative_work(counts, 0.8, 4) == pytest.approx(0.75 * (0.2 + 0.8 * attention))
+def test_stack_counts_and_relative_work():
+    # dit_compiler.stats rows of one generation, two CFG branches: branch 0 computed a dense-phase call (both sites
+    # at 1) and a sparse one (0.25, 0.75); branch 1 reused one call and computed one (0.25, 0.25).
+    rows = [{"graph": 0, "generation": 0, "branch": 0, "calls": 2, "computed": 2, "reused": 0, "dense_calls": 1,
+             "density": {"s1": 0.625, "s2": 0.875}},
+            {"graph": 0, "generation": 0, "branch": 1, "calls": 2, "computed": 1, "reused": 1, "dense_calls": 0,
+             "density": {"s1": 0.25, "s2": 0.25}},
+            {"graph": 0, "generation": 1, "branch": 0, "calls": 1, "computed": 0, "reused": 1, "dense_calls": 0,
+             "density": {}}]
+    counts = quality.stack_counts(rows)
+    assert counts == {"calls": 5, "reused": 2, "dense_calls": 1,
+                      "mean_density": {"s1": pytest.approx(0.5), "s2": pytest.approx(2 / 3)}}
+    # 4 layers, 2 sparse sites at computed-call means 0.5 and 2/3: attention costs (2 + 0.5 + 2/3) / 4 of dense
+    # (the same as 1 dense call and 2 sparse calls at (2 + 0.75) / 4 each, over 3 computed); 3 of 5 calls computed.
+    attention = (2 + 0.5 + 2 / 3) / 4
+    assert attention == pytest.approx((1 + 2 * 0.6875) / 3)
+    assert quality.relative_work(counts, 0.8, 4) == pytest.approx(0.6 * (0.2 + 0.8 * attention))
     assert quality.relative_work({"calls": 6, "reused": 0, "dense_calls": 2, "mean_density": {}}, 0.8, 4) == 1.0
+    assert quality.relative_work({"calls": 2, "reused": 2, "dense_calls": 0, "mean_density": {}}, 0.8, 4) == 0.0
 
 
 def test_attention_share_counts_flops_per_token():
