@@ -2,9 +2,11 @@
 
 Pattern: the partition that `dit_compiler.patterns.partition` derives from the recognized block stack(s), taken
 before the other passes run; nodes those passes add go to the latest piece among their inputs.
-Replacement: `split_module` with the original node order kept, so each piece computes exactly what the same
-nodes computed before; the runtime can then skip the stack piece and reuse a cached result. `stack_interface` tells
-the runtime where the stack's residual entry is among the piece's inputs and which outputs are shaped like it.
+Replacement: `split_module` with the original node order kept within each piece, so each piece computes exactly what
+the same nodes computed before; the runtime can then skip the stack piece and reuse a cached result. Autocast
+regions and grad-mode changes are rebuilt per piece (`order_by_piece`): every node runs under the same autocast and
+grad mode as before, and every piece opens and closes its own. `stack_interface` tells the runtime where the
+stack's residual entry is among the piece's inputs and which outputs are shaped like it.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from torch.fx.passes.split_module import split_module
 from dit_compiler.passes.call_record import EXTRA_OUTPUT
 
 PIECES = ("head", "stack", "tail")
+# Nodes whose effect is global state that later nodes run under, not a value they read.
+GLOBAL_STATE = (torch.amp._enter_autocast, torch.amp._exit_autocast, torch._C._set_grad_enabled)
 
 
 @dataclass
@@ -45,14 +49,85 @@ def complete_partition(gm: torch.fx.GraphModule, partition: dict[str, str]) -> d
     return complete
 
 
+def order_by_piece(gm: torch.fx.GraphModule, partition: dict[str, str]) -> dict[str, str]:
+    """Reorder `gm` in place piece by piece (head, stack, tail; graph order within a piece) and return the partition
+    with the rebuilt global-state nodes added.
+
+    The parent runs the pieces in that order, but split_module emits them in the order each piece first appears in
+    the graph and accepts autocast or grad-mode nodes only in a graph whose order visits the pieces in order, while
+    Dynamo places nodes where the source computes them: Mochi's and Helios' output modulation (head: it reads only
+    the timestep embedding) comes after the blocks, so a RoPE autocast region wholly inside the head failed the
+    split. Moving nodes changes which regions enclose them, so the autocast enter / exit and set_grad_enabled nodes
+    are rebuilt from each node's state: a region that several pieces need is closed at the end of one and opened
+    again, with the same arguments, in the next. The partition is acyclic (patterns.partition checks every dataflow
+    edge), so the order stays topological.
+    """
+    state_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in GLOBAL_STATE]
+    # Dynamo guards the grad mode, so the mode the graph is compiled under is the mode it runs under.
+    ambient_grad = torch.is_grad_enabled()
+    regions: list[torch.fx.Node] = []  # open autocast enters, outermost first
+    grad = ambient_grad
+    state = {}  # node -> (autocast enters enclosing it, grad mode)
+    for node in gm.graph.nodes:
+        if node.target is torch.amp._enter_autocast:
+            regions.append(node)
+        elif node.target is torch.amp._exit_autocast:
+            regions.remove(node.args[0])
+        elif node.target is torch._C._set_grad_enabled:
+            grad = node.args[0]
+        elif node.op not in ("placeholder", "output"):
+            state[node] = (tuple(regions), grad)
+    for node in reversed(state_nodes):
+        gm.graph.erase_node(node)
+
+    rank = {p: i for i, p in enumerate(PIECES)}
+    ordered = sorted(state, key=lambda n: -1 if n.op == "get_attr" else rank[partition[n.name]])  # stable
+    partition = dict(partition)
+    output = gm.graph.output_node()
+    piece, opened, mode = None, [], ambient_grad  # opened: (original enter, its copy here), outermost first
+
+    def emit(target, args, like=None):
+        with gm.graph.inserting_before(output):
+            node = gm.graph.call_function(target, args)
+        node.meta = dict(like.meta) if like is not None else {}
+        partition[node.name] = piece
+        return node
+
+    def move_to(target_regions, target_grad):
+        nonlocal mode
+        keep = 0
+        while keep < min(len(opened), len(target_regions)) and opened[keep][0] is target_regions[keep]:
+            keep += 1
+        while len(opened) > keep:
+            emit(torch.amp._exit_autocast, (opened.pop()[1],))
+        for enter in target_regions[keep:]:
+            opened.append((enter, emit(torch.amp._enter_autocast, enter.args, enter)))
+        if mode != target_grad:
+            mode = target_grad
+            emit(torch._C._set_grad_enabled, (target_grad,))
+
+    for node in ordered:  # each moves to the end, just before the output
+        if node.op != "get_attr":
+            if partition[node.name] != piece:
+                move_to((), ambient_grad)  # the previous piece closes what it opened
+                piece = partition[node.name]
+            move_to(*state[node])
+        output.prepend(node)
+    move_to((), ambient_grad)
+    gm.graph.lint()
+    gm.recompile()
+    return partition
+
+
 def split_block_stack(gm: torch.fx.GraphModule, partition: dict[str, str]) -> SplitGraph:
-    """Split `gm` by `partition` (node name -> "head" | "stack" | "tail"), completed for nodes it omits."""
+    """Split `gm` by `partition` (node name -> "head" | "stack" | "tail"), completed for nodes it omits. `gm` is
+    reordered piece by piece (`order_by_piece`)."""
     bad = {p for p in partition.values() if p not in PIECES}
     if bad:
         raise ValueError(f"partition names unknown pieces {sorted(bad)}; allowed: {PIECES}")
     if "stack" not in partition.values():
         raise ValueError("partition has no 'stack' node: nothing to split")
-    partition = complete_partition(gm, partition)
+    partition = order_by_piece(gm, complete_partition(gm, partition))
     index = {name: i for i, name in enumerate(PIECES)}
 
     def piece_of(node: torch.fx.Node) -> int:
