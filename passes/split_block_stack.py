@@ -6,7 +6,7 @@ Replacement: `split_module` with the original node order kept within each piece,
 the same nodes computed before; the runtime can then skip the stack piece and reuse a cached result. Autocast
 regions and grad-mode changes are rebuilt per piece (`order_by_piece`): every node runs under the same autocast and
 grad mode as before, and every piece opens and closes its own. `stack_interface` tells the runtime where the
-stack's residual entry is among the piece's inputs and which outputs are shaped like it.
+stack's residual entry is among the piece's inputs and which outputs are provably shaped like it.
 """
 from __future__ import annotations
 
@@ -155,6 +155,7 @@ def piece_example_inputs(parent: torch.fx.GraphModule, example_inputs: list) -> 
     Uses the fake mode Dynamo gives the backend (not the one of the captured nodes' example values) and keeps each
     input's symbolic sizes, as Dynamo's DDP optimizer does when it compiles split pieces.
     """
+    from torch._dispatch.python import enable_python_dispatcher
     from torch._dynamo.utils import to_fake_tensor
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
@@ -162,9 +163,18 @@ def piece_example_inputs(parent: torch.fx.GraphModule, example_inputs: list) -> 
         def get_attr(self, target, args, kwargs):  # our constant buffers (e.g. window permutations) are real
             return fake_mode.from_tensor(super().get_attr(target, args, kwargs), static_shapes=True)
 
+        def run_node(self, node):
+            # A piece may make data-dependent sizes (Mochi's valid prompt tokens) that it uses inside only: they
+            # are bound in the piece's own graph, not in the parent's.
+            if node.op == "call_module" and fake_mode.shape_env is not None:
+                with fake_mode.shape_env.ignore_fresh_unbacked_symbols():
+                    return super().run_node(node)
+            return super().run_node(node)
+
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     fake_args = [to_fake_tensor(x, fake_mode) if isinstance(x, torch.Tensor) else x for x in example_inputs]
-    Propagate(parent, fake_mode).propagate_dont_convert_inputs(*fake_args)
+    with enable_python_dispatcher():  # as Dynamo traces: ops on data-dependent sizes need the Python kernels
+        Propagate(parent, fake_mode).propagate_dont_convert_inputs(*fake_args)
     return {node.target.removeprefix("submod_"): [a.meta["val"] for a in node.args]
             for node in parent.graph.nodes if node.op == "call_module"}
 
@@ -180,9 +190,23 @@ def stack_interface(stack: torch.fx.GraphModule, entry: str, stack_inputs: list)
     outputs = next(n for n in stack.graph.nodes if n.op == "output").args[0]
     single_output = not isinstance(outputs, (tuple, list))
     outputs = [outputs] if single_output else list(outputs)
-    like_entry = [getattr(o.meta.get("val", o.meta.get("example_value")), "shape", None) == entry_shape
-                  for o in outputs]
-    notes = [f"cache: stack output {o.name} is not shaped like the entry {entry}; a skipped step reuses its last "
-             "computed value as is"
-             for o, like in zip(outputs, like_entry) if not like and not o.meta.get(EXTRA_OUTPUT)]
+    shapes = [getattr(o.meta.get("val", o.meta.get("example_value")), "shape", None) for o in outputs]
+    like_entry = [shape is not None and _provably_equal(shape, entry_shape) for shape in shapes]
+    # Sizes the tail needs (data-dependent ones bound in the stack) are reused as they are, without a note.
+    notes = [f"cache: stack output {o.name} is not provably shaped like the entry {entry} "
+             f"({_shape_text(shape)} vs {_shape_text(entry_shape)}); a skipped step reuses its last computed value "
+             "as is"
+             for o, shape, like in zip(outputs, shapes, like_entry)
+             if shape is not None and not like and not o.meta.get(EXTRA_OUTPUT)]
     return StackInterface(entry_index, like_entry, single_output, notes)
+
+
+def _provably_equal(shape, other) -> bool:
+    """Equal in every dim for every value of the sizes: a data-dependent size (FramePack's tokens after the prompt
+    cut to its mask's length) that the shape environment cannot relate to the entry's counts as different."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    return len(shape) == len(other) and all(statically_known_true(a == b) for a, b in zip(shape, other))
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"

@@ -13,11 +13,16 @@ from collections import defaultdict
 from typing import Optional
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from .graph import PASSTHROUGH_OPS, RESHAPE_OPS, Sizes, dataflow_dag, module_entries, op_name, tensor_of
 from .types import BlockStackInfo, GraphAnalysis
 
+# Ops that read a size of a tensor, not its values: Dynamo emits one right after an op with a data-dependent size
+# (a slice to a length read with .item()) to bind the new size symbol.
+_SIZE_READS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_storage_offset.default,
+               torch.ops.aten.sym_numel.default}
 _INDEXED = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 # Ops on the residual stream's identity path: the skip connection carries the value through them unchanged
 # (adds of same-shaped values, token concatenation and slicing, dtype and layout changes).
@@ -165,6 +170,12 @@ def partition(gm: fx.GraphModule, analysis: GraphAnalysis) -> dict[str, str]:
             pieces[node.name] = "tail"
         else:
             pieces[node.name] = "head"
+    for node in gm.graph.nodes:
+        # A size read goes with the value it reads: split_module passes a data-dependent size between pieces as
+        # the node that first bound it, so a value that crosses pieces needs that node in its own piece or an
+        # earlier one (FramePack's prompt, cut to a length read from its mask, enters the stack as a head value).
+        if node.target in _SIZE_READS:
+            pieces[node.name] = pieces[node.args[0].name]
     rank = {"head": 0, "stack": 1, "tail": 2}
     for source, target in dag.edges:
         if rank[pieces[source]] > rank[pieces[target]]:

@@ -19,10 +19,6 @@ COMPILE_FAILS = {  # the run it fails in -> the message it fails with
     # diffusers branches on a tensor value (the image-embedding mask) inside forward: Dynamo cannot capture one graph
     "hunyuan_video15": {"sparse": "Data-dependent branching", "cache": "Data-dependent branching",
                         "dense": "Data-dependent branching"},
-    # the stack piece's data-dependent sizes (the valid prompt tokens) fail the fake propagation of the pieces
-    "mochi": {"cache": "SymIntArrayRef expected to contain only concrete integers"},
-    # the data-dependent token counts (the history latents' sizes) make the split pieces cyclic
-    "hunyuan_framepack": {"cache": "cycle exists between partitions"},
 }
 NO_SPARSE = {  # full-3D or image models whose self-attention stays dense -> the reasons their main-stack sites give
     # linear attention (no softmax) for self-attention: only the text cross-attention is an attention site

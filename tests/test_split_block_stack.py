@@ -1,5 +1,5 @@
 """The head / stack / tail split (passes/split_block_stack.py) on hand-written DiTs: global state (autocast, grad
-mode) kept per node."""
+mode) kept per node, and data-dependent sizes passed between pieces."""
 import pytest
 import torch
 
@@ -66,3 +66,14 @@ def test_every_node_keeps_its_autocast_and_grad_mode_and_every_piece_closes_its_
     assert not changed, changed
     assert any(regions or not grad for regions, grad in captured.values())  # the model does change state
 
+
+def test_a_data_dependent_prompt_length_entering_the_stack():
+    """The prompt stream enters the blocks cut to a length read from its mask: the node that binds its size used
+    to go to the stack piece (it reads the entry), which then needed its own output: "cycle exists between
+    partitions"."""
+    model, inputs = tiny_models.stateful(cut_prompt=True)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        output, _, pieces = compile_split(model, inputs)
+    torch.testing.assert_close(output, expected)
+    assert len(pieces) == 3
