@@ -23,6 +23,10 @@ from .types import BlockStackInfo, GraphAnalysis
 # (a slice to a length read with .item()) to bind the new size symbol.
 _SIZE_READS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_storage_offset.default,
                torch.ops.aten.sym_numel.default}
+# Dynamo's markers of a vmap level (flex attention's block-mask helpers run under vmap): the batched values made
+# between them exist only inside the level.
+_VMAP_LEVEL = (torch._functorch.predispatch._vmap_increment_nesting,
+               torch._functorch.predispatch._vmap_decrement_nesting)
 _INDEXED = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 # Ops on the residual stream's identity path: the skip connection carries the value through them unchanged
 # (adds of same-shaped values, token concatenation and slicing, dtype and layout changes).
@@ -145,6 +149,21 @@ def _identity_sources(node: fx.Node) -> list[fx.Node]:
     return [first] if isinstance(first, fx.Node) else []
 
 
+def _vmap_levels(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """The nodes of each outermost vmap level, from its increment to its decrement in graph order."""
+    levels, depth = [], 0
+    for node in gm.graph.nodes:
+        if node.target is _VMAP_LEVEL[0]:
+            if depth == 0:
+                levels.append([])
+            depth += 1
+        if depth:
+            levels[-1].append(node)
+        if node.target is _VMAP_LEVEL[1]:
+            depth -= 1
+    return levels
+
+
 def partition(gm: fx.GraphModule, analysis: GraphAnalysis) -> dict[str, str]:
     """Every node's piece for `split_module`: "head" (does not depend on the stack entry; placeholders too),
     "stack" (the blocks of all main stacks and whatever lies between the entry and them) or "tail" (the rest,
@@ -177,6 +196,9 @@ def partition(gm: fx.GraphModule, analysis: GraphAnalysis) -> dict[str, str]:
         if node.target in _SIZE_READS:
             pieces[node.name] = pieces[node.args[0].name]
     rank = {"head": 0, "stack": 1, "tail": 2}
+    for level in _vmap_levels(gm):  # a level runs whole in one piece, the latest any of its nodes needs
+        piece = max((pieces[n.name] for n in level), key=rank.__getitem__)
+        pieces.update((n.name, piece) for n in level)
     for source, target in dag.edges:
         if rank[pieces[source]] > rank[pieces[target]]:
             raise ValueError(f"partition is not acyclic: {source} ({pieces[source]}) feeds {target} "

@@ -1,5 +1,5 @@
 """The head / stack / tail split (passes/split_block_stack.py) on hand-written DiTs: global state (autocast, grad
-mode) kept per node, and data-dependent sizes passed between pieces."""
+mode) kept per node, data-dependent sizes passed between pieces, vmap levels kept whole."""
 import pytest
 import torch
 
@@ -72,6 +72,17 @@ def test_a_data_dependent_prompt_length_entering_the_stack():
     to go to the stack piece (it reads the entry), which then needed its own output: "cycle exists between
     partitions"."""
     model, inputs = tiny_models.stateful(cut_prompt=True)
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+        output, _, pieces = compile_split(model, inputs)
+    torch.testing.assert_close(output, expected)
+    assert len(pieces) == 3
+
+
+def test_a_vmap_level_in_a_block_stays_in_one_piece():
+    """Dynamo's vmap-level decrement has no module and no input: it used to go to the head while the level's
+    batched values were in the stack, and the split pieces failed (functorch's "!dynamicLayerStack.empty()")."""
+    model, inputs = tiny_models.stateful(vmap=True)
     with torch.no_grad():
         expected = model(**inputs)[0]
         output, _, pieces = compile_split(model, inputs)
