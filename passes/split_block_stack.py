@@ -193,9 +193,8 @@ def stack_interface(stack: torch.fx.GraphModule, entry: str, stack_inputs: list)
     shapes = [getattr(o.meta.get("val", o.meta.get("example_value")), "shape", None) for o in outputs]
     like_entry = [shape is not None and _provably_equal(shape, entry_shape) for shape in shapes]
     # Sizes the tail needs (data-dependent ones bound in the stack) are reused as they are, without a note.
-    notes = [f"cache: stack output {o.name} is not provably shaped like the entry {entry} "
-             f"({_shape_text(shape)} vs {_shape_text(entry_shape)}); a skipped step reuses its last computed value "
-             "as is"
+    notes = [f"cache: stack output {o.name} {_shape_text(shape)} is not provably shaped like the entry {entry} "
+             f"{_shape_text(entry_shape)}: a skipped step reuses it as last computed"
              for o, shape, like in zip(outputs, shapes, like_entry)
              if shape is not None and not like and not o.meta.get(EXTRA_OUTPUT)]
     return StackInterface(entry_index, like_entry, single_output, notes)
