@@ -13,11 +13,20 @@ from collections import defaultdict
 from typing import Optional
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from .graph import PASSTHROUGH_OPS, RESHAPE_OPS, Sizes, dataflow_dag, module_entries, op_name, tensor_of
 from .types import BlockStackInfo, GraphAnalysis
 
+# Ops that read a size of a tensor, not its values: Dynamo emits one right after an op with a data-dependent size
+# (a slice to a length read with .item()) to bind the new size symbol.
+_SIZE_READS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_storage_offset.default,
+               torch.ops.aten.sym_numel.default}
+# Dynamo's markers of a vmap level (flex attention's block-mask helpers run under vmap): the batched values made
+# between them exist only inside the level.
+_VMAP_LEVEL = (torch._functorch.predispatch._vmap_increment_nesting,
+               torch._functorch.predispatch._vmap_decrement_nesting)
 _INDEXED = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
 # Ops on the residual stream's identity path: the skip connection carries the value through them unchanged
 # (adds of same-shaped values, token concatenation and slicing, dtype and layout changes).
@@ -140,6 +149,21 @@ def _identity_sources(node: fx.Node) -> list[fx.Node]:
     return [first] if isinstance(first, fx.Node) else []
 
 
+def _vmap_levels(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """The nodes of each outermost vmap level, from its increment to its decrement in graph order."""
+    levels, depth = [], 0
+    for node in gm.graph.nodes:
+        if node.target is _VMAP_LEVEL[0]:
+            if depth == 0:
+                levels.append([])
+            depth += 1
+        if depth:
+            levels[-1].append(node)
+        if node.target is _VMAP_LEVEL[1]:
+            depth -= 1
+    return levels
+
+
 def partition(gm: fx.GraphModule, analysis: GraphAnalysis) -> dict[str, str]:
     """Every node's piece for `split_module`: "head" (does not depend on the stack entry; placeholders too),
     "stack" (the blocks of all main stacks and whatever lies between the entry and them) or "tail" (the rest,
@@ -165,7 +189,16 @@ def partition(gm: fx.GraphModule, analysis: GraphAnalysis) -> dict[str, str]:
             pieces[node.name] = "tail"
         else:
             pieces[node.name] = "head"
+    for node in gm.graph.nodes:
+        # A size read goes with the value it reads: split_module passes a data-dependent size between pieces as
+        # the node that first bound it, so a value that crosses pieces needs that node in its own piece or an
+        # earlier one (FramePack's prompt, cut to a length read from its mask, enters the stack as a head value).
+        if node.target in _SIZE_READS:
+            pieces[node.name] = pieces[node.args[0].name]
     rank = {"head": 0, "stack": 1, "tail": 2}
+    for level in _vmap_levels(gm):  # a level runs whole in one piece, the latest any of its nodes needs
+        piece = max((pieces[n.name] for n in level), key=rank.__getitem__)
+        pieces.update((n.name, piece) for n in level)
     for source, target in dag.edges:
         if rank[pieces[source]] > rank[pieces[target]]:
             raise ValueError(f"partition is not acyclic: {source} ({pieces[source]}) feeds {target} "

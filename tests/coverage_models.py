@@ -6,6 +6,7 @@ self-attention, and its attention kind:
   "factorized"  spatial attention per frame (frames folded into the batch) and temporal attention per position
   "image"       a frames = 1 grid (image DiTs)
   "segments"    tokens that are not one text + grid + text sequence (several grids, audio, reference frames)
+  "cached"      video tokens attending to their own keys and to cached keys of earlier chunks or a reference pass
 Sizes are odd on purpose: token counts not divisible by the 64-token block, frames = 1 where a model allows it.
 """
 from __future__ import annotations
@@ -275,6 +276,32 @@ def wan_animate(head_dim=64, frames=2, height=10, width=14):
     return model, inputs, Truth("full3d", (frames + 1, height // 2, width // 2))
 
 
+def wan_animate2(head_dim=64, frames=2, height=10, width=14):
+    """Wan-Animate-2's generation pass as its modular pipeline runs it: lists of per-sample latents (the noise
+    carries the reference image's frame first), self-attention over the generation tokens and the reference tokens
+    cached by the extraction pass (run first), through flex attention with a block mask. No CLIP image embedding."""
+    from diffusers import WanAnimate2Transformer3DModel
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+    model = WanAnimate2Transformer3DModel(patch_size=(1, 2, 2), text_len=TEXT, in_dim=12, dim=_d(head_dim), ffn_dim=32,
+                                          freq_dim=16, text_dim=32, out_dim=4, num_heads=2, num_layers=2,
+                                          use_img_emb=False).eval()
+    grid = (frames, height // 2, width // 2)
+    tokens = grid[1] * grid[2]
+    reference_grid = torch.tensor([grid])
+    prompt = [torch.randn(TEXT, 32)]
+    cache = WanAnimate2KVCache(2)
+    with torch.no_grad():  # the reference pass fills the cache
+        model([torch.randn(4, frames, height, width)], timestep=torch.tensor([1000.0]), encoder_hidden_states=prompt,
+              condition_latents=[torch.randn(8, frames, height, width)], kv_cache=cache, kv_cache_mode="extract",
+              seq_len=frames * tokens, offset_grid_sizes=reference_grid)
+    inputs = dict(hidden_states=[torch.randn(4, frames + 1, height, width)], timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=prompt, condition_latents=[torch.randn(8, frames + 1, height, width)],
+                  kv_cache=cache, kv_cache_mode="cached", seq_len=(frames + 1) * tokens,
+                  reference_grid_sizes=reference_grid, origin_len=4 * (frames - 1) + 1,
+                  origin_area=[8 * height, 8 * width])
+    return model, inputs, Truth("cached", (frames + 1, height // 2, width // 2))
+
+
 def chronoedit(head_dim=64, frames=2, height=10, width=14):
     from diffusers import ChronoEditTransformer3DModel
     return _wan_family(ChronoEditTransformer3DModel, head_dim, frames, height, width)
@@ -331,6 +358,136 @@ def kandinsky6(head_dim=64, frames=2, height=10, width=14):
     return model, inputs, Truth("full3d", grid)
 
 
+def anyflow(head_dim=64, frames=2, height=10, width=14):
+    """Wan's backbone with a dual (source t, target r) timestep embedding; latents (B, F, C, H, W), per-frame
+    timesteps."""
+    from diffusers import AnyFlowTransformer3DModel
+    model = AnyFlowTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                      in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32,
+                                      num_layers=2, rope_max_seq_len=32)
+    inputs = dict(hidden_states=torch.randn(1, frames, 4, height, width), timestep=torch.full((1, frames), 500.0),
+                  r_timestep=torch.full((1, frames), 250.0), encoder_hidden_states=torch.randn(1, TEXT, 32))
+    return model, inputs, Truth("full3d", (frames, height // 2, width // 2))
+
+
+def anyflow_far(head_dim=64, frames=2, height=10, width=14):
+    """AnyFlow's chunk-wise autoregressive variant at a denoising step of its second chunk, as AnyFlowFARPipeline
+    calls it: the chunk's queries attend to the keys and values of the first chunk (the KV cache) and its own."""
+    from diffusers import AnyFlowFARTransformer3DModel
+    model = AnyFlowFARTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=head_dim,
+                                         in_channels=4, out_channels=4, text_dim=32, freq_dim=16, ffn_dim=32,
+                                         num_layers=2, rope_max_seq_len=32, chunk_partition=(1, frames))
+    tokens = (height // 2) * (width // 2)
+    cache = {layer: {"full_cache": torch.randn(2, 1, 2, 3 * frames * tokens, head_dim),
+                     "compressed_cache": torch.zeros(2, 1, 2, 0, head_dim)} for layer in range(2)}
+    inputs = dict(hidden_states=torch.randn(1, frames, 4, height, width), timestep=torch.full((1, frames), 500.0),
+                  r_timestep=torch.full((1, frames), 250.0), encoder_hidden_states=torch.randn(1, TEXT, 32),
+                  chunk_partition=[1, frames], kv_cache=cache,
+                  kv_cache_flag={"num_cached_chunks": 1, "is_cache_step": False})
+    return model, inputs, Truth("cached", (frames, height // 2, width // 2))
+
+
+def kandinsky6_sr(head_dim=64, frames=2, height=8, width=8):
+    """Video super-resolution: the noisy latent, the anchor latent and its mask concatenated on channels. NABLA
+    attention needs a token grid divisible by 8 in height and width (8 x 8 here, patch 1)."""
+    from diffusers import Kandinsky6SRTransformer3DModel
+    model = Kandinsky6SRTransformer3DModel(in_visual_dim=4, out_visual_dim=4, time_dim=16, model_dim=_d(head_dim),
+                                           ff_dim=64, num_visual_blocks=2,
+                                           axes_dims=(head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8))
+    inputs = dict(hidden_states=torch.randn(1, frames, height, width, 9), timestep=torch.tensor([500.0]))
+    return model, inputs, Truth("full3d", (frames, height, width))
+
+
+def joyimage_edit_plus(head_dim=64, frames=1, height=10, width=14):
+    """Image editing: the target and a reference image patchified by the caller into one padded patch list
+    [B, N, C, 1, 2, 2], each component with its own RoPE grid (shape_list), a temporal offset apart."""
+    from diffusers import JoyImageEditPlusTransformer3DModel
+    model = JoyImageEditPlusTransformer3DModel(patch_size=[1, 2, 2], in_channels=4, out_channels=4,
+                                               hidden_size=_d(head_dim), num_attention_heads=2, text_dim=32,
+                                               mlp_width_ratio=1.0, num_layers=2,
+                                               rope_dim_list=[head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8])
+    target, reference = (frames, height // 2, width // 2), (1, 3, 4)
+    patches = sum(t * h * w for t, h, w in (target, reference))
+    inputs = dict(hidden_states=torch.randn(1, patches, 4, 1, 2, 2), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), encoder_hidden_states_mask=torch.ones(1, TEXT),
+                  shape_list=[[target, reference]])
+    return model, inputs, Truth("segments", target)
+
+
+def minimax_h3(head_dim=64, frames=2, height=5, width=7):
+    """One packed sequence the caller lays out: text, video and audio rows scattered to index inputs, RoPE
+    coordinates from a position-id input (text and audio rows on the frame axis before and after the video)."""
+    from diffusers import MiniMaxH3Transformer3DModel
+    model = MiniMaxH3Transformer3DModel(num_attention_heads=2, attention_head_dim=head_dim, hidden_size=32,
+                                        num_layers=2, num_refiner_layers=1, ffn_dim=32, in_channels=4,
+                                        audio_in_channels=8, patch_size=(1, 2, 2), text_dim=32, freq_dim=16,
+                                        time_embed_hidden_dim=32, time_embed_dim=16, rope_freq_dim=head_dim // 8)
+    audio = 3
+    video = frames * height * width
+    grid = torch.stack(torch.meshgrid(torch.arange(frames) + 1, torch.arange(height), torch.arange(width),
+                                      indexing="ij"), -1).reshape(-1, 3)
+    line = lambda n, start: torch.stack([torch.arange(n) + start, torch.zeros(n, dtype=torch.long),  # noqa: E731
+                                         torch.zeros(n, dtype=torch.long)], -1)
+    position_ids = torch.cat([line(TEXT, -TEXT), grid, line(audio, frames + 1)])
+    tags = torch.cat([torch.full((TEXT,), 1), torch.zeros(video, dtype=torch.long), torch.full((audio,), 2)])
+    inputs = dict(hidden_states=torch.randn(1, video, 16), audio_hidden_states=torch.randn(1, audio, 8),
+                  encoder_hidden_states=torch.randn(1, TEXT, 32), timestep=torch.tensor([0.5]),
+                  timestep_indices=torch.zeros(TEXT + video + audio, dtype=torch.long), token_tags=tags,
+                  position_ids=position_ids, video_indices=torch.arange(TEXT, TEXT + video),
+                  audio_indices=torch.arange(TEXT + video, TEXT + video + audio), text_indices=torch.arange(TEXT))
+    return model, inputs, Truth("segments", (frames, height, width))
+
+
+def sana_wm(head_dim=64, frames=2, height=5, width=7):
+    """SANA-WM's camera-controlled world model as SanaWMPipeline calls it: per-frame timesteps, camera conditions and
+    Plucker rays from diffusers' own prepare_camera (a camera moving sideways), gated-delta-net linear attention in
+    every block but every second one, which runs softmax attention (softmax_every_n=2)."""
+    import numpy as np
+    from diffusers import SanaWMTransformer3DModel
+    from diffusers.pipelines.sana_wm.cam_utils import prepare_camera
+    model = SanaWMTransformer3DModel(in_channels=4, num_layers=2, hidden_size=_d(head_dim), num_attention_heads=2,
+                                     softmax_every_n=2, linear_head_dim=head_dim, caption_channels=32,
+                                     chunk_plucker_post_attn_blocks=2, mlp_ratio=1.0)
+    poses = np.tile(np.eye(4, dtype=np.float32), (8 * (frames - 1) + 1, 1, 1))  # LTX-2 VAE: 8x in time
+    poses[:, 0, 3] = np.linspace(0, 1, len(poses))
+    intrinsics = np.tile(np.array([[16 * width, 16 * height, 16 * width, 16 * height]], np.float32), (len(poses), 1))
+    camera = prepare_camera(poses, intrinsics, target_size=(32 * height, 32 * width), vae_stride=(8, 32, 32))
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.full((1, 1, frames), 500.0),
+                  encoder_hidden_states=torch.randn(1, 1, TEXT, 32), mask=torch.ones(1, TEXT, dtype=torch.long),
+                  camera_conditions=camera["raymap"][None], chunk_plucker=camera["chunk_plucker"][None],
+                  data_info={"img_hw": torch.tensor([[32.0 * height, 32.0 * width]])})
+    return model, inputs, Truth("full3d", (frames, height, width))
+
+
+def sana_wm_refiner(head_dim=64, frames=2, height=5, width=7):
+    """SANA-WM's stage-2 refiner (LTX-2 weights) at a denoising step as its pipeline runs it: packed tokens of the
+    active frames, their RoPE passed in (absolute frame positions), and self-attention over the attention sink (one
+    clean frame captured first) plus the active frames (kv_cache_mode="inject")."""
+    from diffusers import SanaWMLTX2RefinerTransformer3DModel
+    from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMRefinerKVCache
+    model = SanaWMLTX2RefinerTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=head_dim,
+        cross_attention_dim=_d(head_dim), audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=2,
+        audio_attention_head_dim=head_dim, audio_cross_attention_dim=_d(head_dim), num_layers=2,
+        caption_channels=32).eval()
+    tokens = height * width
+    rope = lambda positions: model.build_rotary_emb_for_absolute_positions(  # noqa: E731
+        batch_size=1, frame_positions=positions, height=height, width=width, device=torch.device("cpu"), fps=24.0)
+    prompt, prompt_mask = torch.randn(1, TEXT, 32), torch.ones(1, TEXT)
+    cache = SanaWMRefinerKVCache(2)
+    with torch.no_grad():  # the attention sink: one clean frame, captured as the refiner pipeline does
+        model(hidden_states=torch.randn(1, tokens, 8), encoder_hidden_states=prompt, timestep=torch.zeros(1, tokens),
+              video_rotary_emb=rope([0]), encoder_attention_mask=prompt_mask, kv_cache=cache,
+              kv_cache_mode="capture_pre_rope")
+    for layer in cache.layer_caches:
+        layer.store_sink(*layer.get_captured_pre_rope())
+    cache.sink_pe = rope([0])
+    inputs = dict(hidden_states=torch.randn(1, frames * tokens, 8), encoder_hidden_states=prompt,
+                  timestep=torch.full((1, frames * tokens), 500.0), video_rotary_emb=rope(list(range(1, frames + 1))),
+                  encoder_attention_mask=prompt_mask, kv_cache=cache, kv_cache_mode="inject")
+    return model, inputs, Truth("cached", (frames, height, width))
+
+
 def flux(head_dim=64, frames=1, height=5, width=7):
     from diffusers import FluxTransformer2DModel
     model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=1, num_single_layers=1,
@@ -368,9 +525,10 @@ def qwen_image(head_dim=64, frames=1, height=5, width=7, prompt_mask=True):
 
 
 BUILDERS: dict[str, Callable] = {f.__name__: f for f in (
-    wan, wan_vace, wan_animate, skyreels_v2, hunyuan_video, hunyuan_video15, hunyuan_framepack, cogvideox, cogvideox15,
-    ltx_video, ltx2_video, mochi, allegro, cosmos, easyanimate, sana_video, kandinsky5, kandinsky6, latte, chronoedit,
-    consisid, motif_video, helios, joyimage_edit, flux, sd3, qwen_image)}
+    wan, wan_vace, wan_animate, wan_animate2, skyreels_v2, hunyuan_video, hunyuan_video15, hunyuan_framepack,
+    cogvideox, cogvideox15, ltx_video, ltx2_video, mochi, allegro, cosmos, easyanimate, sana_video, kandinsky5,
+    kandinsky6, kandinsky6_sr, latte, chronoedit, consisid, motif_video, helios, joyimage_edit, joyimage_edit_plus,
+    anyflow, anyflow_far, minimax_h3, sana_wm, sana_wm_refiner, flux, sd3, qwen_image)}
 
 
 # --- measuring a model ------------------------------------------------------------------------------------------
@@ -385,6 +543,7 @@ class Measured:
     sites: Optional[list] = None  # analysis.json sites of the sparse run
     stacks: Optional[list] = None
     cache_notes: Optional[list] = None  # cache notes of the cache="easycache" run (empty: the stack is cached)
+    flex_attention: int = 0  # flex_attention calls in the captured graph: attention no recognizer models
 
     @property
     def compiled(self) -> bool:
@@ -411,8 +570,10 @@ CHEAP_COMPILERS = {"sparse": _aot_eager, "cache": _eager, "dense": _eager}
 
 
 def _run(compiled, inputs):
+    """The first output; of a list of samples (Wan-Animate-2 returns one per input latent), the first sample."""
     with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=64):
-        return compiled(**inputs, return_dict=False)[0]
+        out = compiled(**inputs, return_dict=False)[0]
+    return out[0] if isinstance(out, list) else out
 
 
 def _analysis(dump_dir):
@@ -426,6 +587,13 @@ def _analysis(dump_dir):
 def _analysis_of(graph_dir):
     import json
     return json.loads((graph_dir / "analysis.json").read_text())
+
+
+def _graph_text(dump_dir) -> str:
+    """The captured graph's code (the dump's captured.py) of the one graph compiled into `dump_dir`."""
+    from pathlib import Path
+    (graph,) = [d for d in Path(dump_dir).iterdir() if d.is_dir()]
+    return (graph / "captured.py").read_text()
 
 
 def measure(name: str, workdir, head_dim: int = 64, cheap: bool = True, **build_args) -> Measured:
@@ -442,7 +610,10 @@ def measure(name: str, workdir, head_dim: int = 64, cheap: bool = True, **build_
     expected = _run(model, inputs)
     # The cache run's first call computes the whole stack, so it also checks dense mode against eager; a plain dense
     # run is needed only where the cache split fails.
-    runs = {"sparse": dict(sparsity="draft", density=1.0, block_size=64, dense_layers=0, dense_steps=0.0),
+    # force_sparse: on a CPU the cost model keeps every site dense (scripts/coverage_table.py runs without the test
+    # suite's VSPARSE_FORCE_SPARSE=1).
+    runs = {"sparse": dict(sparsity="draft", density=1.0, block_size=64, dense_layers=0, dense_steps=0.0,
+                           force_sparse=True),
             "cache": dict(sparsity="none", cache="easycache"), "dense": dict(sparsity="none")}
     for run, options in runs.items():
         if run == "dense" and "cache" not in result.errors:
@@ -461,6 +632,7 @@ def measure(name: str, workdir, head_dim: int = 64, cheap: bool = True, **build_
         analysis = _analysis(dump)
         if run == "sparse":
             result.sparse_error, result.sites, result.stacks = error, analysis["sites"], analysis["stacks"]
+            result.flex_attention = _graph_text(dump).count("torch.ops.higher_order.flex_attention(")
         else:
             result.dense_error = error
             if run == "cache":
@@ -512,10 +684,22 @@ def table(rows: list[Measured]) -> str:
         main_dense = sorted({s["decision_reason"] for s in m.sites if s["layer"] is not None and not s["rewritten"]
                              and not s["decision_reason"].startswith("cross-attention")})
         why = f": {_cell(main_dense[0])}" if not sparse and main_dense else ""
-        cache = f"no: {_cell(m.errors['cache'])}" if "cache" in m.errors else "yes"
-        lines.append(f"| {m.model} ({m.name}) | {len(m.sites)} ({self_sites} self) | {grid} | {stacks} | "
-                     f"{sparse}/{len(m.sites)}{why} | {cache} |")
+        flex = f" + {m.flex_attention} flex_attention" if m.flex_attention else ""
+        lines.append(f"| {m.model} ({m.name}) | {len(m.sites)} ({self_sites} self){flex} | {grid} | {stacks} | "
+                     f"{sparse}/{len(m.sites)}{why} | {_cache_cell(m)} |")
     return "\n".join(lines) + "\n"
+
+
+def _cache_cell(m: Measured) -> str:
+    """Whether the split compiles, and the cache run's first note where it caches less than the whole stack."""
+    if "cache" in m.errors:
+        return f"no: {_cell(m.errors['cache'])}"
+    if not m.cache_notes:
+        return "yes"
+    note = m.cache_notes[0]
+    if note.startswith("cache disabled: "):
+        return f"no: {_cell(note.removeprefix('cache disabled: '))}"
+    return f"yes; {_cell(note.removeprefix('cache: '))}"
 
 
 def _cell(text: str, limit: int = 160) -> str:

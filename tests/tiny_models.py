@@ -5,6 +5,8 @@ grids are frames x height/2 x width/2 for all three (spatial patch 2, temporal p
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -250,3 +252,73 @@ def two_grids(frames=2, height=6, width=10, history_frames=4, text=3, seed=0):
                   history=torch.randn(1, 4, history_frames, 2 * height, 2 * width),
                   encoder_hidden_states=torch.randn(1, text, 16))
     return TwoGridAttention().eval(), inputs
+
+
+class _JointBlock(torch.nn.Module):
+    """Joint self-attention over the video and prompt streams, each carried on its own residual stream; `vmap` maps
+    the modulation over the batch with torch.vmap."""
+
+    def __init__(self, dim, heads, vmap=False):
+        super().__init__()
+        self.heads, self.vmap = heads, vmap
+        self.norm, self.modulation = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, dim)
+        self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x, text, temb):
+        joint = torch.cat([x, text], dim=1)
+        b, s, d = joint.shape
+        modulation = torch.vmap(self.modulation)(temb) if self.vmap else self.modulation(temb)
+        y = self.norm(joint) * (1 + modulation[:, None])
+        q, k, v = self.qkv(y).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, d)
+        joint = joint + self.out(attended)
+        return joint[:, :x.shape[1]], joint[:, x.shape[1]:]
+
+
+class StatefulDiT(torch.nn.Module):
+    """A two-stream video DiT whose output modulation is computed from the timestep embedding after the blocks
+    (Mochi, Helios): head nodes after stack nodes in graph order. `region` puts part of it under other global state:
+    "embedding" (the timestep embedding under bf16 autocast, as Mochi's RoPE runs under fp32 autocast),
+    "everything" (bf16 autocast from the patch embedding through the blocks to the output projection), "no_grad"
+    (the timestep embedding under torch.no_grad). `cut_prompt` cuts the prompt to the length its mask says, a size
+    read from a tensor, so the prompt stream enters the blocks with a data-dependent length (FramePack). `vmap` runs
+    each block's modulation under torch.vmap (flex attention's block-mask helpers run under vmap)."""
+
+    def __init__(self, region=None, cut_prompt=False, vmap=False, channels=4, dim=32, heads=2, layers=2,
+                 text_dim=16, freq_dim=16):
+        super().__init__()
+        self.region, self.cut_prompt, self.freq_dim = region, cut_prompt, freq_dim
+        self.patches = _Patches(channels, dim)
+        self.time = torch.nn.Sequential(torch.nn.Linear(freq_dim, dim), torch.nn.SiLU(), torch.nn.Linear(dim, dim))
+        self.text = torch.nn.Linear(text_dim, dim)
+        self.blocks = torch.nn.ModuleList(_JointBlock(dim, heads, vmap) for _ in range(layers))
+        self.norm_out, self.modulation_out = torch.nn.LayerNorm(dim), torch.nn.Linear(dim, dim)
+        self.proj_out = torch.nn.Linear(dim, channels * 4)
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, encoder_attention_mask):
+        bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+        with bf16 if self.region == "everything" else contextlib.nullcontext():
+            b, c, f, h, w = hidden_states.shape
+            half = self.freq_dim // 2
+            angles = timestep.float()[:, None] * torch.exp(-9.21 * torch.arange(half, dtype=torch.float32) / half)
+            embedding = {"embedding": bf16, "no_grad": torch.no_grad()}.get(self.region, contextlib.nullcontext())
+            with embedding:
+                temb = self.time(torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)).float()
+            text = self.text(encoder_hidden_states)
+            if self.cut_prompt:
+                text = text[:, :encoder_attention_mask.sum(1).int()[0]]
+            x = self.patches(hidden_states)
+            for block in self.blocks:
+                x, text = block(x, text, temb)
+            x = self.norm_out(x) * (1 + self.modulation_out(temb)[:, None])
+            x = self.proj_out(x).reshape(b, f, h // 2, w // 2, c, 2, 2)
+            return (x.permute(0, 4, 1, 2, 5, 3, 6).reshape(b, c, f, h, w).float(),)
+
+
+def stateful(region=None, cut_prompt=False, vmap=False, frames=2, height=4, width=6, text=5, valid_text=3, seed=0):
+    torch.manual_seed(seed)
+    mask = torch.zeros(1, text, dtype=torch.long)
+    mask[:, :valid_text] = 1
+    inputs = dict(hidden_states=torch.randn(1, 4, frames, height, width), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, text, 16), encoder_attention_mask=mask)
+    return StatefulDiT(region, cut_prompt, vmap).eval().requires_grad_(False), inputs
