@@ -8,10 +8,12 @@ fixed cost per site plus a cost per token and head; `host` is the CPU time of la
 which a launch-bound forward pays in full and CUDA graphs (`mode="reduce-overhead"`) do not. A site is rewritten
 when sparse is estimated at most `PAYS_BELOW` of dense; the report gives both estimates either way.
 
-The rates are H100 measurements (benchmarks/README.md, BASELINES at commit 98deb0b): cuDNN dense 580 TF/s and our
-kernel ~500 TF/s per visited block at head dim 128 (Wan-1.3B, 32,760 tokens); both lower at head dim 64 and short
-sequences; draft planning ~0.78 ms and svg ~4.6 ms per site at 12 heads × 32,760 tokens; the op's host cost
-~0.38 ms a call; on the small model (4 heads × 64, 9,216 tokens) draft at 0.25 did not pay even under CUDA graphs.
+The rates are H100 measurements (2026-11-23, README "Results"): cuDNN dense 580 TF/s at head dim 128 (Wan-1.3B,
+32,760 tokens) and 350 at 64; our kernel ~500 TF/s per visited block at 128 (benchmarks/kernel.py) and ~235 at head
+dim 64 and 9,216 tokens (the small model of benchmarks/runtime_overhead.py: 93 µs a site at density 0.25);
+planning plus permutation 400–630 µs (draft) and 700–800 µs (svg) per Wan-1.3B site, ~70 µs per small-model site
+(benchmarks/site_breakdown.py, runtime_overhead.py); the op's host cost 270–370 µs a call. On the small model draft
+0.25 ran at 1.24x of Inductor under CUDA graphs and 0.50x without them, and this model says so.
 They are coarse on purpose and erring dense: a wrong "dense" costs the speedup the user asked for, a wrong "sparse"
 makes the model slower than without us. `force_sparse=True` rewrites every eligible site whatever the estimate
 (tests, CPU runs, the quality harness, whose model is small). On a CPU the op runs its pure-torch reference, so
@@ -37,8 +39,8 @@ class CudaCosts:
     host_us: float  # CPU time of one site's planning and op launches, outside CUDA graphs
 
 
-H100 = CudaCosts(dense_tflops={64: 350.0, 128: 580.0}, sparse_tflops={64: 300.0, 128: 500.0}, short_sequence=16384,
-                 site_fixed_us=80.0, planning_ns_per_token_head={"draft": 2.0, "svg": 11.7}, host_us=380.0)
+H100 = CudaCosts(dense_tflops={64: 350.0, 128: 580.0}, sparse_tflops={64: 300.0, 128: 500.0}, short_sequence=12000,
+                 site_fixed_us=30.0, planning_ns_per_token_head={"draft": 1.2, "svg": 1.8}, host_us=300.0)
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,11 @@ def test_wan_480p_sites_pay_with_both_planners():
     assert 10_000 < estimate(WAN_13B, 0.1, "draft", False).dense_us < 12_500
 
 
-def test_the_small_model_stays_dense_even_under_cuda_graphs():
-    """Measured on an H100: draft 0.25 on this model was slower than dense, with and without CUDA graphs."""
-    for graphs in (False, True):
-        guess = estimate(SMALL, 0.25, "draft", cuda_graphs=graphs)
-        assert not guess.pays
+def test_the_small_model_goes_sparse_only_under_cuda_graphs():
+    """Measured on an H100 (benchmarks/runtime_overhead.py): draft 0.25 on this model ran at 1.24x of Inductor under
+    CUDA graphs and at 0.50x without them (the op's host cost)."""
+    assert estimate(SMALL, 0.25, "draft", cuda_graphs=True).pays
+    assert not estimate(SMALL, 0.25, "draft", cuda_graphs=False).pays
     reason, words = why_sparse_does_not_pay(SMALL, 0.25, "draft", torch.device("cuda"), False)
     assert "does not pay" in reason and "µs sparse vs" in words and "force_sparse=True" in reason
 
