@@ -26,7 +26,7 @@ VARIANTS = {
     "inductor": {},
     "vsparse-none": {"sparsity": "none", "cache": "none"},
     **{f"vsparse-{planner}-{density}": {"sparsity": planner, "density": density, "dense_steps": 0.0, "dense_layers": 0}
-       for planner in ("draft", "svg") for density in (0.25, 0.15, 0.1)},
+       for planner in ("draft", "svg", "dual") for density in (0.25, 0.15, 0.1)},
 }
 
 

@@ -50,6 +50,7 @@ DEFAULT_SETTINGS = (
     "sparsity=none",  # vsparse without rewrites: must match dense
     "sparsity=draft,density=0.25", "sparsity=draft,density=0.15", "sparsity=draft,density=0.1",
     "sparsity=svg,density=0.25", "sparsity=svg,density=0.15", "sparsity=svg,density=0.1",
+    "sparsity=dual,density=0.15", "sparsity=dual,density=0.1",
     "sparsity=none,cache=easycache,cache_threshold=0.02", "sparsity=none,cache=easycache,cache_threshold=0.05",
     "sparsity=none,cache=easycache,cache_threshold=0.1",
     "sparsity=draft,density=0.15,cache=easycache,cache_threshold=0.05",

@@ -42,7 +42,7 @@ def test_dense_options_equal_plain_inductor(name):
 
 
 @pytest.mark.parametrize("name,sparsity", [("wan", "draft"), ("wan", "svg"), ("hunyuan", "draft"),
-                                           ("cogvideox", "svg")])
+                                           ("cogvideox", "svg"), ("cogvideox", "dual")])
 def test_sparse_rewrite_at_full_density_is_dense_equal(name, sparsity, tmp_path):
     # Head dim 64 so the sites are eligible; odd grids (not multiples of the 64-token block).
     model, inputs = BUILDERS[name](head_dim=64, frames=3, height=10, width=14)
@@ -207,7 +207,7 @@ def test_entry_point_and_a_graph_without_timestep():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("sparsity", ["draft", "svg"])
+@pytest.mark.parametrize("sparsity", ["draft", "svg", "dual"])
 def test_gpu_sparse_rewrite_runs_the_triton_kernel_dense_equal(sparsity):
     model, inputs = wan(head_dim=64, frames=3, height=10, width=14)
     model = model.to("cuda", torch.bfloat16)

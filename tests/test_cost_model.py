@@ -72,3 +72,9 @@ def test_the_backend_keeps_unprofitable_sites_dense_and_says_why(tmp_path, monke
         if not force:
             assert all("pure-torch reference" in s["decision_reason"] for s in sites)
     torch._dynamo.reset()
+
+
+def test_every_registered_planner_has_a_planning_rate():
+    from dit_compiler.passes.planners import PLANNERS
+
+    assert set(PLANNERS) <= set(H100.planning_ns_per_token_head)

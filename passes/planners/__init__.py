@@ -48,9 +48,10 @@ class Planner(Protocol):
 
 def _registry() -> dict:
     from dit_compiler.passes.planners.draft import DraftPlanner
+    from dit_compiler.passes.planners.dual import DualPlanner
     from dit_compiler.passes.planners.svg import SvgPlanner
 
-    return {planner.name: planner for planner in (DraftPlanner(), SvgPlanner())}
+    return {planner.name: planner for planner in (DraftPlanner(), SvgPlanner(), DualPlanner())}
 
 
 PLANNERS: dict = _registry()

@@ -1,0 +1,74 @@
+"""Dual-layout Draft: per head, Draft's pooled estimate in both token layouts, and the layout that keeps more mass.
+
+Draft alone orders tokens frame-major in windows (draft.py): a spatial head's attention is a few blocks, but a
+temporal head's (the same position across frames) is spread over every frame's copy of a window, and at low density
+those copies compete for the budget. Sparse VideoGen's position-major order (svg.py) holds a temporal head's pattern
+in a narrow band, but SVG picks among two fixed masks. This planner estimates each head in both layouts with
+DraftAttention's pooled map (block-averaged q and k, softmax over key blocks) and its budgeted top-k
+(`common.strongest_blocks`), sums the estimated attention mass the kept blocks hold, and gives each head the layout
+where that sum is larger, with that layout's data-chosen mask. Cost: the pooled map twice (q and k gathered into each
+order for their block means) plus SVG's per-head gathers; the mask's counts are fixed by the layout, so the kernel's
+schedule is a constant. Pure torch; traces with symbolic sizes.
+"""
+from __future__ import annotations
+
+import torch
+
+from dit_compiler.kernels import block_mask
+from dit_compiler.passes.planners import common
+from dit_compiler.passes.planners.draft import pooled_attention_map, window_permutation
+from dit_compiler.passes.planners.svg import position_major_permutation
+
+LAYOUTS = ("window", "position_major")
+
+
+def kept_mass(scores: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
+    """[B, H] float: the pooled attention mass (rows of `scores` [B, H, n, n] sum to 1) the mask keeps, averaged over
+    query blocks."""
+    listed = torch.arange(kv_indices.shape[-1], device=scores.device) < kv_num_blocks[..., None]
+    return (scores.gather(-1, kv_indices.long()) * listed).sum(-1).mean(-1)
+
+
+def dual_plan(q, k, constants: dict, layout, *, block_size: int, density: float, scale=None):
+    """(perm, inverse, kv_num_blocks, kv_indices) per head for q, k [B, H, S, D] in frame-major order: each head in
+    the layout (window or position-major) whose pooled-map mask keeps more estimated mass."""
+    seq_len = q.shape[-2]
+    text = common.text_blocks(seq_len, layout[3], layout[4], block_size, q.device)
+    masses, masks = [], []
+    for name in LAYOUTS:
+        order = constants[name]
+        scores = pooled_attention_map(q.index_select(2, order), k.index_select(2, order), block_size, scale)
+        num, idx = common.strongest_blocks(scores, density, text)
+        masses.append(kept_mass(scores, num, idx))
+        masks.append((num, idx))
+    temporal = masses[1] > masses[0]  # [B, H]: the position-major layout keeps more
+    pick = temporal[..., None]
+    perm = torch.where(pick, constants["position_major"], constants["window"])
+    inverse = torch.where(pick, constants["position_major_inverse"], constants["window_inverse"])
+    kv_num_blocks = torch.where(pick, masks[1][0], masks[0][0])
+    kv_indices = torch.where(pick[..., None], masks[1][1], masks[0][1])
+    return perm, inverse, kv_num_blocks, kv_indices
+
+
+class DualPlanner:
+    """The planner contract (passes/planners/__init__.py): both orders and the kernel's schedule are constants of
+    the layout; per call, each head takes the layout its pooled-map estimate favours."""
+
+    name = "dual"
+
+    def constants(self, layout, block_size: int, density: float, device) -> dict:
+        window, window_inverse = window_permutation(*layout, block_size, device=device)
+        position_major, position_major_inverse = position_major_permutation(*layout, device=device)
+        text = common.text_blocks(window.shape[0], layout[3], layout[4], block_size, device)
+        return {"window": window, "window_inverse": window_inverse, "position_major": position_major,
+                "position_major_inverse": position_major_inverse,
+                "q_block_order": block_mask.heaviest_first(common.kept_counts(density, text)[None, None])}
+
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float):
+        from dit_compiler.passes.planners import Plan
+
+        plan = dual_plan(q, k, constants, layout, block_size=block_size, density=density, scale=scale)
+        return Plan(*plan, q_block_order=constants["q_block_order"])
+
+    def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
+        return plan.kv_num_blocks, plan.kv_indices
