@@ -15,7 +15,7 @@ def test_defaults_and_values(monkeypatch):
 
 
 @pytest.mark.parametrize("key,value,allowed", [
-    ("sparsity", "topk", "'draft', 'svg', 'none'"),
+    ("sparsity", "topk", "'draft', 'svg', 'dual', 'none'"),
     ("density", 0.0, "0 < x <= 1"),
     ("density", 1.5, "0 < x <= 1"),
     ("density", "half", "number"),
