@@ -16,6 +16,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
 
 import dit_compiler
 from dit_compiler.dump import show
+from dit_compiler.options import SPARSITY
 
 
 def build_model(device, dtype):
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--frames", type=int, default=5, help="latent frames")
     parser.add_argument("--size", type=int, default=32, help="latent height and width")
-    parser.add_argument("--sparsity", default="draft", choices=["draft", "svg", "none"])
+    parser.add_argument("--sparsity", default="draft", choices=SPARSITY)
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--cache", default="easycache", choices=["easycache", "none"])
     # Loose enough that the cache skips on this random-weight model, whose output drifts little between steps.

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 import dit_compiler
+from dit_compiler.options import SPARSITY
 
 
 @dataclass
@@ -108,7 +109,7 @@ def parse_args(example: Example, argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup-steps", type=int, default=2,
                         help="steps of the untimed first generation that compiles (latents only, no decode)")
-    parser.add_argument("--sparsity", default="draft", choices=["draft", "svg", "none"])
+    parser.add_argument("--sparsity", default="draft", choices=SPARSITY)
     parser.add_argument("--density", type=float, default=0.25)
     parser.add_argument("--cache", default="none", choices=["easycache", "none"])
     parser.add_argument("--cache-threshold", type=float, default=0.05)
