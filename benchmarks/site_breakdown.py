@@ -14,7 +14,8 @@ transpose is charged only what it adds to that kernel). kernel: the op alone on 
 with the identical block mask as a peer. "site share" is (planning + permutation) / kernel, the figure the planning
 target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per call of
 `torch.ops.vsparse.block_sparse_attention` (with the query-block schedule given, as the rewrite calls it, and without)
-and of SDPA on a tiny problem, enqueued back to back (no syncs), so the GPU never limits them. Medians of `triton.testing.do_bench`; random inputs (planning cost does not depend on values).
+and of SDPA on a tiny problem, enqueued back to back (no syncs), so the GPU never limits them. Medians of
+`triton.testing.do_bench`; random inputs (planning cost does not depend on values).
 
     python benchmarks/site_breakdown.py --out site.json
     python benchmarks/site_breakdown.py --planners draft --densities 0.1
@@ -206,7 +207,8 @@ def main() -> None:
         print(f"| {r['planner']} | {r['density']} | {r['planning_us']} | {r['permutation_us']} | {r['kernel_us']} | "
               f"{r['site_share']:.1%} | {r['flex_us']} | {r['layer_site_ms'] * 1e3:.0f} / {dense_ms * 1e3:.0f} |")
     print(f"\nop host cost per call: block_sparse_attention {host['block_sparse_attention_us']} µs with the "
-          f"schedule given ({host['block_sparse_attention_sorting_us']} µs sorting it itself), SDPA {host['sdpa_us']} µs")
+          f"schedule given ({host['block_sparse_attention_sorting_us']} µs sorting it itself), "
+          f"SDPA {host['sdpa_us']} µs")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
