@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from dit_compiler.passes.planners import common
-from dit_compiler.passes.planners.draft import pooled_attention_map
+from dit_compiler.passes.planners.draft import draft_block_mask
 from dit_compiler.passes.planners.dual import LAYOUTS, DualPlanner, dual_plan
 from test_masks_svg import SPATIAL, TEMPORAL, grid_qkv, plan_output
 
@@ -12,10 +11,9 @@ def single_layout_plan(q, k, constants, layout, name, block_size, density):
     """Draft's pooled-map mask with every head in one layout."""
     order, inverse = constants[name], constants[name + "_inverse"]
     heads, seq = q.shape[1], q.shape[2]
-    text = common.text_blocks(seq, layout[3], layout[4], block_size)
-    scores = pooled_attention_map(q.index_select(2, order), k.index_select(2, order), block_size)
-    return (order.expand(1, heads, seq), inverse.expand(1, heads, seq),
-            *common.strongest_blocks(scores, density, text))
+    mask = draft_block_mask(q.index_select(2, order), k.index_select(2, order), block_size=block_size,
+                            density=density, text_before=layout[3], text_after=layout[4])
+    return order.expand(1, heads, seq), inverse.expand(1, heads, seq), *mask
 
 
 @pytest.mark.parametrize("layout", [(8, 12, 16, 0, 0, 64), (6, 10, 12, 8, 5, 64)])
