@@ -147,10 +147,11 @@ _autotune = os.environ.get("VSPARSE_AUTOTUNE", "1") == "1"
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """TMA wants a 16-byte aligned base and 16-byte aligned strides; copy the rare tensor that is not."""
+    """TMA wants a 16-byte aligned base and 16-byte aligned strides; copy the rare tensor that is not (a clone:
+    `contiguous()` would return a contiguous tensor with a misaligned base as it is)."""
     item = t.element_size()
     if t.data_ptr() % 16 or any((s * item) % 16 for s in t.stride()[:-1]):
-        return t.contiguous()
+        return t.clone(memory_format=torch.contiguous_format)
     return t
 
 
