@@ -14,11 +14,13 @@ transpose is charged only what it adds to that kernel). kernel: the op alone on 
 with the identical block mask as a peer. "site share" is (planning + permutation) / kernel, the figure the planning
 target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per call of
 `torch.ops.vsparse.block_sparse_attention` (with the query-block schedule given, as the rewrite calls it, and without)
-and of SDPA on a tiny problem, enqueued back to back (no syncs), so the GPU never limits them. Medians of
+and of SDPA on a tiny problem, enqueued back to back (no syncs), so the GPU never limits them; also with the
+op's direct launches off (Triton's JITFunction.run / autotuner binding every call, as before they existed). Medians of
 `triton.testing.do_bench`; random inputs (planning cost does not depend on values).
 
     python benchmarks/site_breakdown.py --out site.json
     python benchmarks/site_breakdown.py --planners draft --densities 0.1
+    python benchmarks/site_breakdown.py --host-only --out host.json   # the op host cost alone (seconds)
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ import triton
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
-from dit_compiler.kernels import block_mask
+from dit_compiler.kernels import block_mask, triton_block_sparse
 from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.passes.sparse_attention import _reorder, sparse_attention
 
@@ -125,7 +127,12 @@ def op_host_cost() -> dict:
     result = {"block_sparse_attention_us": round(host_us_per_call(ours), 1),
               "block_sparse_attention_sorting_us": round(host_us_per_call(
                   lambda: op(q, k, v, num, idx, 0.125, 128, None)), 1),
-              "sdpa_us": round(host_us_per_call(lambda: F.scaled_dot_product_attention(q, k, v)), 1)}
+              "sdpa_us": round(host_us_per_call(lambda: F.scaled_dot_product_attention(q, k, v)), 1),
+              "direct_launches": len(triton_block_sparse._launches)}
+    direct = triton_block_sparse._direct_launch
+    triton_block_sparse._direct_launch = False
+    result["block_sparse_attention_normal_path_us"] = round(host_us_per_call(ours), 1)
+    triton_block_sparse._direct_launch = direct
     profiler = cProfile.Profile()
     profiler.runcall(lambda: [ours() for _ in range(500)])
     torch.cuda.synchronize()
@@ -183,8 +190,18 @@ def main() -> None:
     parser.add_argument("--planners", nargs="+", default=sorted(PLANNERS))
     parser.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.15, 0.1])
     parser.add_argument("--budget-ms", type=float, default=200.0)
+    parser.add_argument("--host-only", action="store_true", help="only the op host cost (no layers, no compiles)")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.host_only:
+        host = op_host_cost()
+        print(json.dumps({k: v for k, v in host.items() if k != "profile"}), flush=True)
+        print(host["profile"], flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "triton": triton.__version__, "op_host": host}, f, indent=2)
+        return
     seq = GRID[0] * GRID[1] * GRID[2]
     x = torch.randn(1, seq, HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     torch.manual_seed(0)
@@ -207,8 +224,8 @@ def main() -> None:
         print(f"| {r['planner']} | {r['density']} | {r['planning_us']} | {r['permutation_us']} | {r['kernel_us']} | "
               f"{r['site_share']:.1%} | {r['flex_us']} | {r['layer_site_ms'] * 1e3:.0f} / {dense_ms * 1e3:.0f} |")
     print(f"\nop host cost per call: block_sparse_attention {host['block_sparse_attention_us']} µs with the "
-          f"schedule given ({host['block_sparse_attention_sorting_us']} µs sorting it itself), "
-          f"SDPA {host['sdpa_us']} µs")
+          f"schedule given ({host['block_sparse_attention_sorting_us']} µs sorting it itself, "
+          f"{host['block_sparse_attention_normal_path_us']} µs without direct launches), SDPA {host['sdpa_us']} µs")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -5,6 +5,13 @@ Checks: everything that reads only metadata (dtypes, ranks, shapes, strides) run
 microseconds of Python and never syncs with the GPU. Checks that read mask *values* (block ids in range) need a
 device-to-host copy, so on CUDA they run only when `VSPARSE_CHECK_MASKS=1` is set (or `set_mask_value_checks(True)`);
 on CPU they always run. An out-of-range block id on CUDA without the flag reads memory outside K/V.
+
+Registration: a `torch.library.Library` fragment with one kernel per dispatch key (CPU: the reference, CUDA: the
+Triton launcher) rather than `torch.library.custom_op`, whose per-call Python wrappers (pytree walks, aliasing
+checks) cost more than the whole launch should. On CUDA a call whose `launch_key` was seen before skips the checks
+(the key holds every property they read) and Triton's per-call binding (triton_block_sparse.recorded_launch).
+The op has no backward: with grad enabled and an input that requires grad, the output requires grad and its
+backward raises.
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ SUPPORTED_BLOCK_SIZES = (64, 128)
 _REFERENCE_CHUNK_ELEMENTS = 1 << 24
 
 _check_mask_values_on_cuda = os.environ.get("VSPARSE_CHECK_MASKS", "0") == "1"
+SCHEMA = ("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
+          "float scale, SymInt block_size, Tensor? kv_lengths=None, Tensor? q_block_order=None) -> Tensor")
 
 
 def set_mask_value_checks(enabled: bool) -> None:
@@ -134,25 +143,51 @@ def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: 
     return out.view(batch, heads, nq * block_size, head_dim)[:, :, :q_len].to(q.dtype).contiguous()
 
 
-@torch.library.custom_op("vsparse::block_sparse_attention", mutates_args=())
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_num_blocks: torch.Tensor,
-                           kv_indices: torch.Tensor, scale: float, block_size: int,
-                           kv_lengths: Optional[torch.Tensor] = None,
-                           q_block_order: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """softmax(q kᵀ·scale + block mask) v over the key blocks each query block lists; see docs/DESIGN.md.
-    `q_block_order` (int32 [B|1, H|1, nq], a permutation per row) only schedules the kernel's programs; without it
-    the kernel sorts the query blocks heaviest first on every call (`block_mask.heaviest_first`)."""
+def _cpu_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
     check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order)
-    if q.device.type == "cuda":
-        from dit_compiler.kernels.triton_block_sparse import triton_block_sparse_attention
-
-        return triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
-                                             q_block_order=q_block_order)
     return reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
 
 
-@block_sparse_attention.register_fake
-def _(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
+_triton = None  # dit_compiler.kernels.triton_block_sparse, imported on the first CUDA call (CPU installs need no Triton)
+
+
+def _cuda_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
+    global _triton
+    if _triton is None:
+        from dit_compiler.kernels import triton_block_sparse as _triton
+    key = _triton.launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths, q_block_order)
+    launch = None if _check_mask_values_on_cuda else _triton.recorded_launch(key)
+    if launch is not None:
+        return launch(q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order)
+    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order)
+    return _triton.triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
+                                                 q_block_order=q_block_order, record=key)
+
+
+class _NoBackward(torch.autograd.Function):
+    """Gives the output a grad_fn whose backward raises, rather than the silent missing gradient of PyTorch's
+    fallback for ops without an autograd kernel."""
+
+    @staticmethod
+    def forward(ctx, keyset, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            return _op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("vsparse::block_sparse_attention has no backward: call it under torch.no_grad() or on "
+                           "inputs that do not require grad")
+
+
+def _autograd_kernel(keyset, *args):
+    # Only q, k, v can require grad: the other tensors are int32 (the checks below autograd enforce it).
+    if torch.is_grad_enabled() and (args[0].requires_grad or args[1].requires_grad or args[2].requires_grad):
+        return _NoBackward.apply(keyset, *args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return _op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+
+def _fake_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
     # Only checks that need no shape arithmetic: comparing symbolic sizes here would add guards to the graph.
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype in {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -161,3 +196,17 @@ def _(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+_lib = torch.library.Library("vsparse", "FRAGMENT")
+_lib.define(SCHEMA)
+# torch._disable_dynamo (as custom_op does): Dynamo never traces into the launch, wherever the kernel is called from.
+_lib.impl("block_sparse_attention", torch._disable_dynamo(_cpu_kernel), "CPU")
+_lib.impl("block_sparse_attention", torch._disable_dynamo(_cuda_kernel), "CUDA")
+_lib.impl("block_sparse_attention", _autograd_kernel, "Autograd", with_keyset=True)
+torch.library.register_fake("vsparse::block_sparse_attention", _fake_kernel, lib=_lib)
+_op = torch.ops.vsparse.block_sparse_attention.default
+# softmax(q kᵀ·scale + block mask) v over the key blocks each query block lists; see docs/DESIGN.md.
+# `q_block_order` (int32 [B|1, H|1, nq], a permutation per row) only schedules the kernel's programs; without it the
+# kernel sorts the query blocks heaviest first on every call (`block_mask.heaviest_first`).
+block_sparse_attention = torch.ops.vsparse.block_sparse_attention

@@ -7,6 +7,12 @@ value (no per-program descriptor set-up; any strides with a contiguous last dim)
 load and clipped on store with no masks; matrix products are wgmma through `tl.dot`. Tile shapes, warps and stages
 are autotuned once per (head dim, dtype, block size) and cached by Triton's autotuner.
 
+Host cost: after the first launch for a key (`launch_key`: every shape, stride, dtype, device and alignment the
+launch depends on), later calls with that key launch the recorded compiled kernel through Triton's own
+`CompiledKernel[grid]` runner, skipping the autotuner's and JITFunction.run's per-call binding and specialization,
+and descriptors are copied from recorded ones instead of validated again. Only for the Triton versions this was
+checked against (`DIRECT_LAUNCH_VERSIONS`); others take the normal path on every call.
+
 Scheduling: programs run head-major (all query tiles of one head before the next, so that head's K/V stay in L2),
 and within a head the query blocks are taken heaviest first (a device-side sort of kv_num_blocks, no host sync), so
 the last wave holds the short rows and ragged masks do not leave SMs idle at the end.
@@ -25,6 +31,9 @@ from dit_compiler.kernels import block_mask
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
+# Triton versions whose `CompiledKernel.__getitem__(grid)` runner was checked to be the tail of `JITFunction.run`
+# (3.6.0 and 3.7.1: the same launch_metadata + run(grid, stream, function, packed_metadata, ..., *args) call).
+DIRECT_LAUNCH_VERSIONS = ("3.6", "3.7")
 
 
 @triton.jit
@@ -138,23 +147,93 @@ _autotune = os.environ.get("VSPARSE_AUTOTUNE", "1") == "1"
 
 
 def _tma_ready(t: torch.Tensor) -> torch.Tensor:
-    """TMA wants a 16-byte aligned base and 16-byte aligned strides; copy the rare tensor that is not."""
+    """TMA wants a 16-byte aligned base and 16-byte aligned strides; copy the rare tensor that is not (a clone:
+    `contiguous()` would return a contiguous tensor with a misaligned base as it is)."""
     item = t.element_size()
     if t.data_ptr() % 16 or any((s * item) % 16 for s in t.stride()[:-1]):
-        return t.contiguous()
+        return t.clone(memory_format=torch.contiguous_format)
     return t
+
+
+def direct_launch_supported(version: str = triton.__version__) -> bool:
+    """Whether this Triton's launch path is one `_DirectLaunch` was checked against."""
+    return ".".join(version.split(".")[:2]) in DIRECT_LAUNCH_VERSIONS
+
+
+_direct_launch = (direct_launch_supported() and not _INTERPRET
+                  and os.environ.get("VSPARSE_DIRECT_LAUNCH", "1") == "1")
+_current_device = torch.cuda.current_device
+_launches: dict = {}  # launch_key -> _DirectLaunch
+_MAX_LAUNCHES = 512  # many distinct shapes (dynamic lengths) start the record afresh rather than grow it
+
+
+def launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths=None, q_block_order=None) -> tuple:
+    """What a launch depends on besides the data: shape, strides, dtype and device of every tensor (all that
+    attention_op's metadata checks read, so a key seen after a checked call needs no checks again), whether every
+    base is 16-byte aligned (Triton specializes pointers on it, TMA requires it), the current device (Triton's
+    kernels are per device), the block size and the autotune switch. Triton also specializes int arguments (strides,
+    heads, kv_len) on == 1 and % 16: the exact shapes and strides here cover that."""
+    key = [block_size, _autotune, _current_device()]
+    bases = 0
+    for t in (q, k, v, kv_num_blocks, kv_indices, kv_lengths, q_block_order):
+        if t is None:
+            key.append(None)
+        else:
+            key += (t.shape, t.stride(), t.dtype, t.device)
+            bases |= t.data_ptr()
+    key.append(bases % 16 == 0)
+    return tuple(key)
+
+
+def recorded_launch(key: tuple):
+    """The `_DirectLaunch` recorded for `key`, or None (not seen, misaligned, or direct launches off)."""
+    return _launches.get(key) if _direct_launch else None
+
+
+def _descriptor(fields: dict, base: torch.Tensor) -> TensorDescriptor:
+    """A copy of a recorded descriptor over another tensor of the same shape, strides and dtype, without
+    TensorDescriptor's per-construction validation (the recorded one passed it; the launch key pins the rest)."""
+    desc = TensorDescriptor.__new__(TensorDescriptor)
+    desc.__dict__.update(fields)
+    desc.base = base
+    return desc
+
+
+class _DirectLaunch:
+    """The compiled kernel chosen for one launch key (autotuned config included) and every argument that depends
+    only on the key; a call supplies the data, allocates the output and launches through Triton's runner, which
+    reads the current stream and builds the TMA descriptors from the bases as JITFunction.run's launch would."""
+
+    def __init__(self, kernel, grid, descs, mask_args: tuple, constexprs: tuple, sorts: bool):
+        self.runner = kernel[grid]
+        self.fields = [{**d.__dict__, "base": None} for d in descs]
+        out = descs[3].base
+        self.out_shape, self.out_dtype, self.out_device = out.shape, out.dtype, out.device
+        self.mask_args, self.constexprs, self.sorts = mask_args, constexprs, sorts
+
+    def __call__(self, q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order):
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.out_device)
+        order = block_mask.heaviest_first(kv_num_blocks) if self.sorts else q_block_order
+        fq, fk, fv, fo = self.fields
+        self.runner(_descriptor(fq, q), _descriptor(fk, k), _descriptor(fv, v), _descriptor(fo, out), kv_num_blocks,
+                    kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths, *self.mask_args,
+                    scale * _LOG2E, *self.constexprs)
+        return out
 
 
 def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
                                   kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None,
-                                  out: Optional[torch.Tensor] = None, q_block_order: Optional[torch.Tensor] = None):
+                                  out: Optional[torch.Tensor] = None, q_block_order: Optional[torch.Tensor] = None,
+                                  record: Optional[tuple] = None):
     """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs).
     `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks of one
     variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list. Under
     TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (contiguous, like q), if
-    given, receives the result. `q_block_order` (see the op) saves the per-call sort."""
+    given, receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
+    checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
+    given = (q, k, v, kv_num_blocks, kv_indices, q_block_order)
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     if out is None:
         out = torch.empty(batch, heads, q_len, head_dim, dtype=q.dtype, device=q.device)
@@ -175,9 +254,10 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         return [t.stride(d) if t.shape[d] > 1 else 0 for d in (0, 1)]
 
     descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim]) for t in (q, k, v, out)]
+    mask_args = (*broadcast_strides(kv_num_blocks), *broadcast_strides(kv_indices), kv_indices.stride(2),
+                 *broadcast_strides(order), heads, kv_len)
     args = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
-            *broadcast_strides(kv_num_blocks), *broadcast_strides(kv_indices), kv_indices.stride(2),
-            *broadcast_strides(order), heads, kv_len, scale * _LOG2E)
+            *mask_args, scale * _LOG2E)
     consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_KV_LENGTHS=kv_lengths is not None,
                   IEEE=q.dtype == torch.float32)
 
@@ -187,18 +267,29 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     def launch(block_m, block_n, num_warps, num_stages, dot_fp32=False):
         _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], "o_desc": descs[3],
                            "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim})
-        _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n, DOT_FP32=dot_fp32,
-                                             num_warps=num_warps, num_stages=num_stages)
+        return _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                    DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages)
 
     if _INTERPRET and config is None:
-        launch(64, 64, 4, 1, dot_fp32=True)
+        kernel = launch(64, 64, 4, 1, dot_fp32=True)
     elif config is not None:
-        launch(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"], dot_fp32=_INTERPRET)
+        kernel = launch(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"],
+                        dot_fp32=_INTERPRET)
     elif _autotune:
-        _tuned(q.dtype)[grid](*args, **consts, DOT_FP32=False)
+        kernel = _tuned(q.dtype)[grid](*args, **consts, DOT_FP32=False)
     else:
         first = _prune(_configs(), {"q_desc": descs[0]}, **consts)[0]
-        launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages)
+        kernel = launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages)
+    # Repeatable as is: the op's own call (default config), every base aligned (the key's last entry) and no tensor
+    # copied or made contiguous here. The descriptors now carry the launched config's tiles (BLOCK_M, BLOCK_N), which the constexprs must match.
+    if (record is not None and _direct_launch and config is None and kernel is not None and record[-1]
+            and all(a is b for a, b in zip((q, k, v, kv_num_blocks, kv_indices, order), given) if b is not None)):
+        if len(_launches) >= _MAX_LAUNCHES:
+            _launches.clear()
+        block_m, block_n = descs[0].block_shape[2], descs[1].block_shape[2]
+        constexprs = (head_dim, block_size, block_m, block_n, kv_lengths is not None, False, consts["IEEE"])
+        _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, mask_args, constexprs,
+                                          sorts=q_block_order is None)
     return out
 
 
