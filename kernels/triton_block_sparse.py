@@ -281,7 +281,8 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         first = _prune(_configs(), {"q_desc": descs[0]}, **consts)[0]
         kernel = launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages)
     # Repeatable as is: the op's own call (default config), every base aligned (the key's last entry) and no tensor
-    # copied or made contiguous here. The descriptors now carry the launched config's tiles (BLOCK_M, BLOCK_N), which the constexprs must match.
+    # copied or made contiguous here. The descriptors now carry the launched config's tiles (BLOCK_M, BLOCK_N),
+    # which the constexprs must match.
     if (record is not None and _direct_launch and config is None and kernel is not None and record[-1]
             and all(a is b for a, b in zip((q, k, v, kv_num_blocks, kv_indices, order), given) if b is not None)):
         if len(_launches) >= _MAX_LAUNCHES:
