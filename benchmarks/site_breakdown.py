@@ -28,28 +28,34 @@ import argparse
 import cProfile
 import io
 import json
+import math
+import platform
 import pstats
+import statistics
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+import dit_compiler.backend as dit_backend
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
 from dit_compiler.kernels import block_mask, triton_block_sparse
+from dit_compiler.passes.move_permutation import move_permutations
 from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.passes.sparse_attention import _reorder, sparse_attention
 
-HEADS, HEAD_DIM, GRID, BLOCK = 12, 128, (21, 30, 52), 128
+HEADS, HEAD_DIM, CHANNELS, BLOCK, GRID = 12, 128, 16, 128, (21, 30, 52)
 
 
 class Attention(torch.nn.Module):
     """One attention variant over q, k, v [B, H, S, D]; plan tensors are buffers, so Inductor sees them as inputs."""
 
-    def __init__(self, variant: str, planner: str, density: float, constants: dict, plan: dict):
+    def __init__(self, variant: str, planner: str, density: float, grid: tuple, constants: dict, plan: dict):
         super().__init__()
-        self.variant, self.planner, self.density = variant, planner, density
+        self.variant, self.planner, self.density, self.grid = variant, planner, density, grid
         self.constant_names = list(constants)
         for name, tensor in {**{f"c_{n}": t for n, t in constants.items()}, **plan}.items():
             self.register_buffer(name, tensor)
@@ -60,7 +66,7 @@ class Attention(torch.nn.Module):
             return F.scaled_dot_product_attention(q, k, v)
         if self.variant == "site":
             constants = {n: getattr(self, f"c_{n}") for n in self.constant_names}
-            return sparse_attention(q, k, v, None, None, constants, (*GRID, 0, 0), planner=self.planner,
+            return sparse_attention(q, k, v, None, None, constants, (*self.grid, 0, 0), planner=self.planner,
                                     density=self.density, block_size=BLOCK, scale=scale)[0]
         if self.variant == "fixed":
             q, k, v = (_reorder(t, self.perm) for t in (q, k, v))
@@ -69,36 +75,94 @@ class Attention(torch.nn.Module):
 
 
 class Layer(torch.nn.Module):
-    """Wan's self-attention block shape: projections, RMS norm across heads, RoPE, attention, output projection."""
+    """Wan's block around self-attention (diffusers' WanTransformerBlock up to its first residual add): patch
+    embedding, x = LayerNorm(h) * (1 + scale) + shift, q/k/v projections, RMS norm across heads, RoPE, attention,
+    output projection, h + gate * out. The patch embedding gives the backend's recognizers the token grid."""
 
-    def __init__(self, attention: torch.nn.Module, seq: int):
+    def __init__(self, attention: torch.nn.Module, grid: tuple, device: torch.device, dtype: torch.dtype):
         super().__init__()
         dim = HEADS * HEAD_DIM
-        self.qkv, self.out = torch.nn.Linear(dim, 3 * dim), torch.nn.Linear(dim, dim)
+        self.patch = torch.nn.Conv3d(CHANNELS, dim, (1, 2, 2), stride=(1, 2, 2))
+        self.norm1 = torch.nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+        self.to_q, self.to_k, self.to_v, self.to_out = (torch.nn.Linear(dim, dim) for _ in range(4))
         self.norm_q, self.norm_k = torch.nn.RMSNorm(dim, eps=1e-6), torch.nn.RMSNorm(dim, eps=1e-6)
-        angles = torch.randn(seq, HEAD_DIM // 2)
+        self.to(device, dtype)
+        # Wan keeps the modulation (shift, scale, gate [1, 1, C], broadcast over tokens) and RoPE tables in float32.
+        for name in ("shift", "scale", "gate"):
+            self.register_buffer(name, torch.randn(1, 1, dim, device=device) / dim ** 0.5)
+        angles = torch.randn(1, math.prod(grid), 1, HEAD_DIM // 2, device=device)
         self.register_buffer("cos", angles.cos().repeat_interleave(2, -1))
         self.register_buffer("sin", angles.sin().repeat_interleave(2, -1))
         self.attention = attention
 
-    def rope(self, x):
-        pairs = x.float().unflatten(-1, (-1, 2))
-        rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
-        return (x.float() * self.cos + rotated * self.sin).to(x.dtype)
+    def tokens(self, latent):
+        return self.patch(latent).flatten(2).transpose(1, 2)
 
-    def qkv_heads(self, x):
-        q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k = self.norm_q(q), self.norm_k(k)
-        q, k, v = (t.unflatten(-1, (HEADS, HEAD_DIM)).transpose(1, 2) for t in (q, k, v))
-        return self.rope(q), self.rope(k), v
+    def rope(self, x):  # diffusers' Wan apply_rotary_emb, on [B, S, H, D]
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+        cos, sin = self.cos[..., 0::2], self.sin[..., 1::2]
+        out = torch.empty_like(x)
+        out[..., 0::2] = x1 * cos - x2 * sin
+        out[..., 1::2] = x1 * sin + x2 * cos
+        return out
 
-    def forward(self, x):
-        out = self.attention(*self.qkv_heads(x))
-        return self.out(out.transpose(1, 2).flatten(-2))
+    def qkv_heads(self, h):
+        x = (self.norm1(h.float()) * (1 + self.scale) + self.shift).type_as(h)
+        q, k, v = self.norm_q(self.to_q(x)), self.norm_k(self.to_k(x)), self.to_v(x)
+        q, k, v = (t.unflatten(2, (HEADS, HEAD_DIM)) for t in (q, k, v))
+        return tuple(t.transpose(1, 2) for t in (self.rope(q), self.rope(k), v))
+
+    def forward(self, latent):
+        h = self.tokens(latent)
+        out = self.attention(*self.qkv_heads(h))
+        out = self.to_out(out.transpose(1, 2).flatten(2))
+        return (h.float() + out * self.gate).type_as(h)
 
 
-def bench(fn, budget_ms: float) -> float:
-    return triton.testing.do_bench(fn, warmup=max(25.0, budget_ms / 4), rep=budget_ms, return_mode="median")
+def bench(fn, budget_ms: float, device: torch.device) -> float:
+    """Median ms of `fn`: do_bench on a GPU; on a CPU (the smoke run) wall time of calls for `budget_ms`."""
+    if device.type == "cuda":
+        return triton.testing.do_bench(fn, warmup=max(25.0, budget_ms / 4), rep=budget_ms, return_mode="median")
+    times, deadline = [], time.perf_counter() + budget_ms / 1e3
+    while not times or time.perf_counter() < deadline:
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def compiled_layer(layer: torch.nn.Module, latent: torch.Tensor, **how):
+    """`layer` compiled (fullgraph) and called once. Every variant recompiles Layer.forward: resetting Dynamo first
+    keeps its recompile limit from sending a variant to eager."""
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, **how)
+    with torch.no_grad():
+        compiled(latent)
+    return compiled
+
+
+def through_vsparse(layer: torch.nn.Module, latent: torch.Tensor, planner: str, density: float, move: bool):
+    """`layer` (dense attention) compiled by the vsparse backend, with the permutation moved out of the site as the
+    backend does, or left in it: the benchmark swaps the backend's move_permutations pass for one that moves nothing
+    (no option does that). Returns the compiled layer and, per sparse site, what moved."""
+    notes = {}
+
+    def moving(gm, *args):
+        notes.update(move_permutations(gm, *args))
+        return notes
+
+    def keeping(gm, *args):
+        notes.update({n.name: "permutation: kept in the site (move_permutations off)" for n in gm.graph.nodes
+                      if n.target is sparse_attention})
+        return {}
+
+    options = dict(sparsity=planner, density=density, block_size=BLOCK, force_sparse=True, dense_steps=0,
+                   dense_layers=0, cache="none")
+    with mock.patch.object(dit_backend, "move_permutations", moving if move else keeping):
+        compiled = compiled_layer(layer, latent, backend="vsparse", options=options)
+    if len(notes) != 1:
+        raise RuntimeError(f"vsparse made {len(notes)} sparse sites of the layer, expected 1: {notes}")
+    return compiled, next(iter(notes.values()))
 
 
 def host_us_per_call(fn, calls: int = 2000) -> float:
@@ -142,47 +206,65 @@ def op_host_cost() -> dict:
     return result
 
 
-def measure_site(planner: str, density: float, x: torch.Tensor, budget_ms: float, dense_ms: float) -> dict:
-    seq = x.shape[1]
-    layout = (*GRID, 0, 0)
+def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple, budget_ms: float,
+                 dense_ms: float) -> dict:
+    device, seq, layout = latent.device, math.prod(grid), (*grid, 0, 0)
     chosen = PLANNERS[planner]
-    constants = chosen.constants(layout, BLOCK, density, x.device)
+    constants = chosen.constants(layout, BLOCK, density, device)
     torch.manual_seed(0)
-    layer = Layer(Attention("dense", planner, density, {}, {}), seq).to("cuda", torch.bfloat16)
+    layer = Layer(Attention("dense", planner, density, grid, {}, {}), grid, device, latent.dtype)
     with torch.no_grad():
-        q, k, v = layer.qkv_heads(x)
+        q, k, v = layer.qkv_heads(layer.tokens(latent))
         plan = chosen.plan(q, k, v, constants, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
         qp, kp, vp = (_reorder(t, plan.perm).contiguous() for t in (q, k, v))
         num, idx = chosen.mask(qp, kp, plan, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
     fixed = {"perm": plan.perm, "inverse": plan.inverse, "num": num, "idx": idx}
     times = {}
     for variant in ("site", "fixed", "unpermuted"):
-        layer.attention = Attention(variant, planner, density, constants, fixed).to("cuda")
-        compiled = torch.compile(layer, fullgraph=True)
+        layer.attention = Attention(variant, planner, density, grid, constants, fixed)
+        compiled = compiled_layer(layer, latent)
         with torch.no_grad():
-            compiled(x)
-            times[variant] = bench(lambda: compiled(x), budget_ms)
+            times[variant] = bench(lambda: compiled(latent), budget_ms, device)
+    layer.attention = Attention("dense", planner, density, grid, {}, {})
+    moved_note = None
+    for variant in ("in_site", "moved"):
+        compiled, note = through_vsparse(layer, latent, planner, density, move=variant == "moved")
+        moved_note = note if variant == "moved" else moved_note
+        with torch.no_grad():
+            times[variant] = bench(lambda: compiled(latent), budget_ms, device)
     op = torch.ops.vsparse.block_sparse_attention
-    kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None), budget_ms)
-    flex = torch.compile(flex_attention, dynamic=False)
-    flex_num = num.expand(1, HEADS, -1).contiguous()
-    flex_idx = idx.expand(1, HEADS, -1, -1).contiguous()
-    mask = BlockMask.from_kv_blocks(torch.zeros_like(flex_num), flex_idx, flex_num, flex_idx, BLOCK_SIZE=BLOCK,
-                                    seq_lengths=(seq, seq))
-    flex_ms = bench(lambda: flex(qp, kp, vp, block_mask=mask), budget_ms)
-    ours = op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None).float()
-    flex_error = float((flex(qp, kp, vp, block_mask=mask).float() - ours).norm() / ours.norm())
+    kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None), budget_ms, device)
+    flex_ms = flex_error = None
+    # GPU only: eager flex_attention computes dense attention, whatever the block indices say, and a CPU compile of
+    # it would double the smoke run.
+    if device.type == "cuda":
+        flex = torch.compile(flex_attention, dynamic=False)
+        flex_num = num.expand(1, HEADS, -1).contiguous()
+        flex_idx = idx.expand(1, HEADS, -1, -1).contiguous()
+        mask = BlockMask.from_kv_blocks(torch.zeros_like(flex_num), flex_idx, flex_num, flex_idx, BLOCK_SIZE=BLOCK,
+                                        seq_lengths=(seq, seq))
+        flex_ms = bench(lambda: flex(qp, kp, vp, block_mask=mask), budget_ms, device)
+        ours = op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None).float()
+        flex_error = round(float((flex(qp, kp, vp, block_mask=mask).float() - ours).norm() / ours.norm()), 5)
     planning, permutation = times["site"] - times["fixed"], times["fixed"] - times["unpermuted"]
+    permutation_moved = permutation - (times["in_site"] - times["moved"])
     row = {"planner": planner, "density": density, "visited": round(float(num.float().mean()) / idx.shape[-1], 4),
            "layer_dense_ms": round(dense_ms, 4), "layer_site_ms": round(times["site"], 4),
            "layer_fixed_ms": round(times["fixed"], 4), "layer_unpermuted_ms": round(times["unpermuted"], 4),
+           "layer_in_site_ms": round(times["in_site"], 4), "layer_moved_ms": round(times["moved"], 4),
            "planning_us": round(planning * 1e3, 1), "permutation_us": round(permutation * 1e3, 1),
-           "kernel_us": round(kernel * 1e3, 1), "flex_us": round(flex_ms * 1e3, 1),
-           "flex_vs_ours_rel_error": round(flex_error, 5),
+           "permutation_moved_us": round(permutation_moved * 1e3, 1), "moved": moved_note,
+           "kernel_us": round(kernel * 1e3, 1), "flex_us": flex_ms and round(flex_ms * 1e3, 1),
+           "flex_vs_ours_rel_error": flex_error,
            "site_share": round((planning + permutation) / kernel, 3),
+           "site_share_moved": round((planning + permutation_moved) / kernel, 3),
            "layer_speedup": round(dense_ms / times["site"], 3)}
     print(json.dumps(row), flush=True)
     return row
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 def main() -> None:
@@ -191,8 +273,12 @@ def main() -> None:
     parser.add_argument("--densities", nargs="+", type=float, default=[0.25, 0.15, 0.1])
     parser.add_argument("--budget-ms", type=float, default=200.0)
     parser.add_argument("--host-only", action="store_true", help="only the op host cost (no layers, no compiles)")
+    parser.add_argument("--grid", nargs=3, type=int, default=list(GRID), metavar=("F", "H", "W"),
+                        help="token grid (the latent is [1, 16, F, 2H, 2W])")
+    parser.add_argument("--device", default="cuda", help="cpu: a smoke run (wall-clock timings, no op host cost)")
     parser.add_argument("--out")
     args = parser.parse_args()
+    device = torch.device(args.device)
     if args.host_only:
         host = op_host_cost()
         print(json.dumps({k: v for k, v in host.items() if k != "profile"}), flush=True)
@@ -202,35 +288,40 @@ def main() -> None:
                 json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "triton": triton.__version__, "op_host": host}, f, indent=2)
         return
-    seq = GRID[0] * GRID[1] * GRID[2]
-    x = torch.randn(1, seq, HEADS * HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    grid = tuple(args.grid)
+    seq = math.prod(grid)
+    latent = torch.randn(1, CHANNELS, grid[0], 2 * grid[1], 2 * grid[2], device=device, dtype=torch.bfloat16)
     torch.manual_seed(0)
-    dense_layer = torch.compile(Layer(Attention("dense", "", 1.0, {}, {}), seq).to("cuda", torch.bfloat16),
-                                fullgraph=True)
+    dense_layer = compiled_layer(Layer(Attention("dense", "", 1.0, grid, {}, {}), grid, device, latent.dtype), latent)
     with torch.no_grad():
-        dense_layer(x)
-        dense_ms = bench(lambda: dense_layer(x), args.budget_ms)
+        dense_ms = bench(lambda: dense_layer(latent), args.budget_ms, device)
     print(f"dense layer {dense_ms:.3f} ms", flush=True)
-    rows = [measure_site(p, d, x, args.budget_ms, dense_ms) for p in args.planners for d in args.densities]
-    host = op_host_cost()
-    print(json.dumps({k: v for k, v in host.items() if k != "profile"}), flush=True)
-    print(host["profile"], flush=True)
-    print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; one layer "
+    rows = [measure_site(p, d, latent, grid, args.budget_ms, dense_ms) for p in args.planners for d in args.densities]
+    host = op_host_cost() if device.type == "cuda" else None
+    if host:
+        print(json.dumps({k: v for k, v in host.items() if k != "profile"}), flush=True)
+        print(host["profile"], flush=True)
+    print(f"\n{device_name(device)}, torch {torch.__version__}, triton {triton.__version__}; one layer "
           f"1x{seq}x{HEADS * HEAD_DIM}, dense {dense_ms * 1e3:.0f} µs\n")
-    print("| planner | density | planning µs | permutation µs | kernel µs | (planning + permutation) / kernel | "
-          "FlexAttention µs | layer: sparse / dense µs |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| planner | density | planning µs | permutation µs: in the site / moved | kernel µs | "
+          "(planning + permutation) / kernel: in the site / moved | FlexAttention µs | layer: sparse / dense µs | "
+          "layer through vsparse: in the site / moved µs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['planner']} | {r['density']} | {r['planning_us']} | {r['permutation_us']} | {r['kernel_us']} | "
-              f"{r['site_share']:.1%} | {r['flex_us']} | {r['layer_site_ms'] * 1e3:.0f} / {dense_ms * 1e3:.0f} |")
-    print(f"\nop host cost per call: block_sparse_attention {host['block_sparse_attention_us']} µs with the "
-          f"schedule given ({host['block_sparse_attention_sorting_us']} µs sorting it itself, "
-          f"{host['block_sparse_attention_normal_path_us']} µs without direct launches), SDPA {host['sdpa_us']} µs")
+        print(f"| {r['planner']} | {r['density']} | {r['planning_us']} | {r['permutation_us']} / "
+              f"{r['permutation_moved_us']} | {r['kernel_us']} | {r['site_share']:.1%} / {r['site_share_moved']:.1%} | "
+              f"{r['flex_us']} | {r['layer_site_ms'] * 1e3:.0f} / {dense_ms * 1e3:.0f} | "
+              f"{r['layer_in_site_ms'] * 1e3:.0f} / {r['layer_moved_ms'] * 1e3:.0f} |")
+    for r in rows:
+        print(f"{r['planner']} {r['density']}: {r['moved']}")
+    if host:
+        print(f"\nop host cost per call: block_sparse_attention {host['block_sparse_attention_us']} µs with the "
+              f"schedule given ({host['block_sparse_attention_sorting_us']} µs sorting it itself, "
+              f"{host['block_sparse_attention_normal_path_us']} µs without direct launches), SDPA {host['sdpa_us']} µs")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                       "triton": triton.__version__, "dense_layer_ms": dense_ms, "sites": rows, "op_host": host},
-                      f, indent=2)
+            json.dump({"device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
+                       "grid": list(grid), "dense_layer_ms": dense_ms, "sites": rows, "op_host": host}, f, indent=2)
 
 
 if __name__ == "__main__":
