@@ -1,26 +1,40 @@
 """One sparse-attention site taken apart, in µs: planning, permutation, kernel, against dense, in one run.
 
-One self-attention layer of the Wan2.1-1.3B shape (bf16, 12 heads x 128, grid 21x30x52 = 32,760 tokens, no text):
-x [1, S, 1536] -> q, k, v projections -> RMS norm of q and k across heads -> RoPE -> attention -> output projection,
-compiled with Inductor (fullgraph) in this process with each attention variant:
+One layer of the Wan2.1-1.3B shape around self-attention (bf16, 12 heads x 128, grid 21x30x52 = 32,760 tokens, no
+text), as diffusers' WanTransformerBlock has it up to its first residual add: latent [1, 16, F, 2H, 2W] -> patch
+embedding -> h; x = LayerNorm(h, no affine) * (1 + scale) + shift (modulation [1, 1, 1536], float32) -> q, k, v
+projections -> RMS norm of q and k across heads -> RoPE (float32 tables) -> attention -> output projection ->
+h + gate * out. Compiled with Inductor (fullgraph) in this process with each attention variant:
 
   dense       F.scaled_dot_product_attention (PyTorch's backend choice for these shapes)
-  site        the rewrite's `sparse_attention`: plan, permute, mask, kernel, restore the order
+  site        the rewrite's `sparse_attention`: plan, permute, mask, kernel, restore the order (plain torch.compile,
+              so Dynamo inlines it and the permutation stays in the site)
   fixed       the same plan's order and mask computed once beforehand: permute, kernel, restore
   unpermuted  the same mask with tokens left in place: the kernel alone in the layer (timing only)
+and, the dense layer compiled with backend="vsparse" (sparsity=<planner>, force_sparse, dense_steps=0,
+dense_layers=0, cache="none"), so the graph goes through the recognizers and passes:
+  moved       as the backend compiles it: a constant order (Draft's) moved out of the site, gathered at the q/k/v
+              projections' input (RoPE tables gathered too) and back at the residual add
+  in_site     the same with the backend's move_permutations swapped for one that moves nothing (the benchmark patches
+              dit_compiler.backend; there is no option for it): the permutation stays in the site
 
 planning = site - fixed; permutation = fixed - unpermuted (a gather Inductor fuses into the RoPE or the output's
-transpose is charged only what it adds to that kernel). kernel: the op alone on the planned inputs; FlexAttention
-with the identical block mask as a peer. "site share" is (planning + permutation) / kernel, the figure the planning
-target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per call of
+transpose is charged only what it adds to that kernel); permutation after the move = permutation - (in_site -
+moved), what the moved gathers still cost (equal to permutation where nothing moves: svg orders each call). kernel:
+the op alone on the planned inputs; FlexAttention with the identical block mask as a peer. "site share" is
+(planning + permutation) / kernel, the figure the planning target bounds (draft 10%, svg 15% at density 0.1), and
+again with the permutation after the move. Op host cost: CPU µs per call of
 `torch.ops.vsparse.block_sparse_attention` (with the query-block schedule given, as the rewrite calls it, and without)
 and of SDPA on a tiny problem, enqueued back to back (no syncs), so the GPU never limits them; also with the
 op's direct launches off (Triton's JITFunction.run / autotuner binding every call, as before they existed). Medians of
-`triton.testing.do_bench`; random inputs (planning cost does not depend on values).
+`triton.testing.do_bench`; random inputs (planning cost does not depend on values). `--device cpu` with a small
+`--grid` is a smoke run (tests/test_site_breakdown.py): wall-clock medians, no FlexAttention, no op host cost.
 
     python benchmarks/site_breakdown.py --out site.json
     python benchmarks/site_breakdown.py --planners draft --densities 0.1
     python benchmarks/site_breakdown.py --host-only --out host.json   # the op host cost alone (seconds)
+    TRITON_INTERPRET=1 python benchmarks/site_breakdown.py --device cpu --grid 1 16 32 --planners draft \\
+        --densities 0.5 --budget-ms 1   # smoke run
 """
 from __future__ import annotations
 
@@ -317,7 +331,8 @@ def main() -> None:
     if host:
         print(f"\nop host cost per call: block_sparse_attention {host['block_sparse_attention_us']} µs with the "
               f"schedule given ({host['block_sparse_attention_sorting_us']} µs sorting it itself, "
-              f"{host['block_sparse_attention_normal_path_us']} µs without direct launches), SDPA {host['sdpa_us']} µs")
+              f"{host['block_sparse_attention_normal_path_us']} µs without direct launches), "
+              f"SDPA {host['sdpa_us']} µs")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device_name(device), "torch": torch.__version__, "triton": triton.__version__,
