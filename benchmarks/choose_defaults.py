@@ -23,7 +23,7 @@ A setting whose planner and density have no measured forward is listed without a
 The choice: the fastest projected setting whose mean PSNR >= 32 dB and mean SSIM >= 0.93 (issue 9's bar).
 
     python benchmarks/choose_defaults.py --quality q1/quality.json q2/quality.json --forward e2e.json \\
-        --generation gen.json --out results/defaults
+        --generation gen.json headtail.json --out results/defaults
 """
 from __future__ import annotations
 
@@ -69,9 +69,10 @@ def load_forwards(paths: list[str]) -> tuple[dict, float]:
     return forwards, inductor
 
 
-def load_calls(path: str) -> dict:
-    """From a generation.py report: dense-phase call ms per planner, and the skipped call's ms."""
-    rows = [r for r in json.loads(Path(path).read_text())["variants"] if "error" not in r]
+def load_calls(paths: list[str]) -> dict:
+    """From generation.py reports (whole generations, or `--head-tail-only`): dense-phase call ms per planner, and
+    the skipped call's ms."""
+    rows = [r for path in paths for r in json.loads(Path(path).read_text())["variants"] if "error" not in r]
     dense, skipped, head_tail = {}, [], []
     for r in rows:
         planner = (r.get("options") or {}).get("sparsity")
@@ -82,9 +83,9 @@ def load_calls(path: str) -> dict:
         if r.get("head_tail_ms") is not None:
             head_tail.append(r["head_tail_ms"])
     if not dense:
-        raise ValueError(f"{path}: no vsparse variant with dense-phase calls")
+        raise ValueError(f"{', '.join(paths)}: no vsparse variant with dense-phase calls")
     if not skipped and not head_tail:
-        raise ValueError(f"{path}: no cache variant (no skipped call and no head-and-tail call measured)")
+        raise ValueError(f"{', '.join(paths)}: no cache variant (no skipped call and no head-and-tail call measured)")
     return {"dense_ms": {p: statistics.median(v) for p, v in dense.items()},
             "skip_ms": statistics.median(skipped) if skipped else statistics.median(head_tail),
             "skip_from": "skipped calls" if skipped else "head-and-tail call (no call skipped on random weights)"}
@@ -120,16 +121,16 @@ def passes(row: dict) -> bool:
     return row["psnr_mean"] >= quality.PSNR_TARGET and row["ssim_mean"] >= quality.SSIM_TARGET
 
 
-def report(quality_paths, forward_paths, generation_path) -> dict:
+def report(quality_paths, forward_paths, generation_paths) -> dict:
     rows = load_quality(quality_paths)
     forwards, inductor = load_forwards(forward_paths)
-    calls = load_calls(generation_path)
+    calls = load_calls(generation_paths)
     for row in rows:
         row["projection"] = project(row, forwards, inductor, calls)
     chosen = choose(rows)
     return {"inductor_forward_ms": inductor, "forwards": {f"{p}-{d:g}": ms for (p, d), ms in forwards.items()},
             "calls": calls, "sources": {"quality": quality_paths, "forward": forward_paths,
-                                        "generation": generation_path},
+                                        "generation": generation_paths},
             "rows": rows, "chosen": chosen["setting"] if chosen else None}
 
 
@@ -179,7 +180,9 @@ def main(argv: Optional[list] = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quality", nargs="+", required=True, help="quality.py reports (later files win)")
     parser.add_argument("--forward", nargs="+", required=True, help="end_to_end.py reports, each with Inductor")
-    parser.add_argument("--generation", required=True, help="a generation.py report with a cache variant")
+    parser.add_argument("--generation", nargs="+", required=True,
+                        help="generation.py reports: a sparse variant's dense phase; a cache variant's skipped or "
+                             "head-and-tail call (--head-tail-only measures that alone)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     rep = report(args.quality, args.forward, args.generation)

@@ -342,6 +342,22 @@ def measure(variant: str, config_name: str, steps: int, warmup_steps: int, gener
     return row
 
 
+def head_tail_row(variant: str, config_name: str) -> dict:
+    """A cache variant's head-and-tail call alone (`measure_head_tail`): what a call whose stack is skipped still
+    runs, for benchmarks/choose_defaults.py, without timing whole generations."""
+    config = CONFIGS[config_name]
+    backend, options = variant_options(variant)
+    if not uses_cache(variant):
+        raise ValueError(f"{variant}: --head-tail-only measures cache variants (the model without its blocks)")
+    device = torch.device(config.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch._dynamo.reset()
+    inputs = make_inputs(config, device, dtype)
+    return {"variant": variant, "backend": backend, "options": options, "config": config_name,
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "call_ms": {}, "head_tail_ms": measure_head_tail(config, options, device, dtype, inputs)}
+
+
 def stack_runs(model, generations: int) -> dict:
     """Block-stack runs computed and skipped, dense-phase calls and mean density over the timed generations, from
     `dit_compiler.stats` (the first generation it saw is the warm-up)."""
@@ -543,6 +559,8 @@ def main(argv: Optional[list] = None) -> dict:
     parser.add_argument("--shared-cache", nargs="?", const="", metavar="DIR",
                         help="one Inductor/Triton cache for every variant's process: a fresh one for this run, or "
                              "DIR (kept); default: an empty cache per variant")
+    parser.add_argument("--head-tail-only", action="store_true",
+                        help="only each cache variant's call without its blocks (benchmarks/choose_defaults.py)")
     parser.add_argument("--in-process", action="store_true",
                         help="every variant in this process (compiled code and caches carry over between them)")
     skip = parser.add_mutually_exclusive_group()
@@ -559,6 +577,12 @@ def main(argv: Optional[list] = None) -> dict:
         # generation by a rising timestep, takes it for another CFG branch of the same step.
         parser.error("--steps and --generations must be at least 1, --warmup-steps at least 2")
 
+    if args.head_tail_only:
+        report = {"config": args.config, "variants": [head_tail_row(v, args.config) for v in args.variants]}
+        if args.out:
+            Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report))
+        return report
     if args.variant:
         print(json.dumps(measure(args.variant, args.config, args.steps, args.warmup_steps, args.generations)))
         return {}

@@ -39,12 +39,15 @@ def reports(tmp_path):
         {"variant": "sparsity=svg,density=0.1", "options": {"sparsity": "svg", "density": 0.1},
          "call_ms": {"dense_phase": 520.0, "sparse_phase": 230.0}},
         {"variant": "cached", "options": {"sparsity": "svg", "density": 0.15, "cache": "easycache"},
-         "call_ms": {"dense_phase": 530.0, "sparse_phase": 260.0}, "head_tail_ms": 20.0},
+         "call_ms": {"dense_phase": 530.0, "sparse_phase": 260.0}},
         {"variant": "broken", "error": "exit code 1"},
     ]}
+    # The skipped call from a second report, as `generation.py --head-tail-only` writes it.
+    head_tail = {"variants": [{"variant": "cached", "options": {"cache": "easycache"}, "call_ms": {},
+                               "head_tail_ms": 20.0}]}
     paths = {}
     for name, content in (("qa", quality_a), ("qb", quality_b), ("fa", forward_a), ("fb", forward_b),
-                          ("gen", generation)):
+                          ("gen", generation), ("ht", head_tail)):
         paths[name] = tmp_path / f"{name}.json"
         paths[name].write_text(json.dumps(content))
     return paths
@@ -52,7 +55,8 @@ def reports(tmp_path):
 
 def test_projection_from_measured_parts_and_the_fastest_setting_at_the_bar_is_chosen(reports, tmp_path):
     rep = choose_defaults.main(["--quality", str(reports["qa"]), str(reports["qb"]), "--forward", str(reports["fa"]),
-                                str(reports["fb"]), "--generation", str(reports["gen"]), "--out", str(tmp_path / "o")])
+                                str(reports["fb"]), "--generation", str(reports["gen"]), str(reports["ht"]),
+                                "--out", str(tmp_path / "o")])
     rows = {r["setting"]: r for r in rep["rows"]}
     assert len(rows) == 4 and rows["sparsity=svg,density=0.1"]["psnr_mean"] == 36.0  # the later file won
     assert rep["calls"]["dense_ms"] == {"svg": 525.0}  # median of the two svg variants' dense phases
@@ -84,7 +88,7 @@ def test_projection_from_measured_parts_and_the_fastest_setting_at_the_bar_is_ch
 
 
 def test_nothing_is_chosen_when_no_measured_setting_clears_the_bar(reports, tmp_path):
-    rep = choose_defaults.report([str(reports["qa"])], [str(reports["fa"])], str(reports["gen"]))
+    rep = choose_defaults.report([str(reports["qa"])], [str(reports["fa"])], [str(reports["gen"]), str(reports["ht"])])
     for row in rep["rows"]:
         row["ssim_mean"] = 0.9
     assert choose_defaults.choose(rep["rows"]) is None
@@ -95,3 +99,8 @@ def test_a_forward_report_without_inductor_is_refused(reports, tmp_path):
     path.write_text(json.dumps([{"variant": "vsparse-svg-0.1", "forward_ms": 200.0}]))
     with pytest.raises(ValueError, match="no Inductor row"):
         choose_defaults.load_forwards([str(path)])
+
+
+def test_a_skipped_call_must_be_measured(reports):
+    with pytest.raises(ValueError, match="no cache variant"):
+        choose_defaults.load_calls([str(reports["gen"])])

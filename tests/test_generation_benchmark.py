@@ -66,6 +66,22 @@ def test_wan_generation_reports_measured_times_stack_runs_and_a_projection(eager
     assert again["projected_s"] == again["conservative_s"] == cached["generation_s"]
 
 
+def test_head_tail_only_times_the_model_without_its_blocks(eager_pieces, tmp_path, monkeypatch):
+    monkeypatch.setitem(generation.CONFIGS, "small", dataclasses.replace(generation.CONFIGS["small"],
+                                                                         latent=(3, 16, 16)))
+    timed = []
+    real = generation.measure_head_tail
+    monkeypatch.setattr(generation, "measure_head_tail",
+                        lambda config, *rest, **kw: timed.append(config.model_args) or real(config, *rest, **kw))
+    out = tmp_path / "ht.json"
+    report = generation.main(["--config", "small", "--head-tail-only", "--variants", CACHED, "--out", str(out)])
+    (row,) = json.loads(out.read_text())["variants"]
+    assert row == report["variants"][0] and row["variant"] == CACHED and row["head_tail_ms"] > 0
+    assert len(timed) == 1 and row["call_ms"] == {}
+    with pytest.raises(ValueError, match="measures cache variants"):
+        generation.main(["--config", "small", "--head-tail-only", "--variants", "sparsity=draft,density=0.5"])
+
+
 def test_projection_saves_the_stack_of_each_further_skip():
     # 100 calls: 40 computed in the dense phase (stack 500 ms), 50 in the sparse phase (300 ms), 10 skipped.
     row = {"generations": 2, "calls": 200, "skipped": 20, "generation_s": 50.0,
