@@ -153,6 +153,29 @@ def test_classify_heads_reads_only_the_sampled_query_rows():
     assert torch.equal(svg.classify_heads(q, k, v, **kwargs), torch.tensor([[False, True]]))
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+def test_sampled_errors_match_a_float64_softmax_per_mask(dtype, tolerance):
+    layout = (5, 8, 12, 8, 3, 16)
+    constants = svg.svg_constants(layout[:5], 16, 0.3, num_sample_rows=12)
+    g = torch.Generator().manual_seed(3)
+    seq = 8 + 5 * 8 * 12 + 3
+    q, k, v = (torch.randn(2, 3, seq, 32, generator=g) for _ in range(3))
+    spatial, temporal = svg.sampled_errors(q.to(dtype), k.to(dtype), v.to(dtype), constants, scale=0.3)
+
+    # Oracle: per mask, the softmax over the keys it allows, in float64.
+    rows = constants["sample_rows"]
+    scores = q.double()[..., rows, :] @ k.double().transpose(-1, -2) * 0.3
+
+    def output(allowed):
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v.double()
+
+    full = output(torch.ones_like(constants["sample_spatial"]))
+    for got, mask in ((spatial, constants["sample_spatial"]), (temporal, constants["sample_temporal"])):
+        want = (output(mask) - full).square().mean(dim=(-2, -1))
+        assert got.dtype == torch.float32 and got.shape == (2, 3)
+        assert torch.allclose(got.double(), want, rtol=tolerance, atol=0), (got, want)
+
+
 def plan_output(q, k, v, plan, block_size):
     """Run a plan the way the op's caller does: gather per head, masked attention, gather back."""
     perm, inverse, num, idx = plan

@@ -129,23 +129,28 @@ def _check_qkv(q, k, v, layout) -> None:
                          f"= {seq_len}")
 
 
-def classify_with(q, k, v, constants: dict, scale=None) -> torch.Tensor:
-    """[B, H] bool, True where the temporal mask's sampled output is closer (MSE) to full attention's.
-
-    The sampled rows' scores and the three outputs (full, spatial, temporal) are two matrix products in the inputs'
-    dtype (tensor cores for bf16, float32 accumulation); the softmax runs in float32, each mask renormalizing the
-    full row's exponentials."""
+def sampled_errors(q, k, v, constants: dict, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B, H], [B, H]) float32: mean squared error of the sampled rows' spatial-mask and temporal-mask outputs
+    against their full-attention output. The scores and the three outputs are two matrix products in the inputs'
+    dtype (tensor cores for bf16, float32 accumulation) over unnormalized exponentials, each output divided by its
+    own mask's sum afterwards: the [3, R, S] weights are written once, in the inputs' dtype, and never normalized in
+    place (on the Wan-1.3B shape that pass over them was most of the planner's time)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows = constants["sample_rows"]
     scores = (q[..., rows, :] @ k.transpose(-1, -2)).float() * scale  # [B, H, R, S]
     weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
     masked = torch.stack([weights, weights * constants["sample_spatial"], weights * constants["sample_temporal"]],
                          dim=-3)  # [B, H, 3, R, S]
-    probs = masked / masked.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-    outputs = (probs.to(v.dtype).flatten(-3, -2) @ v).float().unflatten(-2, (3, rows.shape[0]))
+    sums = masked.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # [B, H, 3, R, 1]
+    outputs = (masked.to(v.dtype).flatten(-3, -2) @ v).float().unflatten(-2, (3, rows.shape[0])) / sums
     full, spatial, temporal = outputs.unbind(-3)
-    spatial_error = (spatial - full).square().mean(dim=(-2, -1))
-    temporal_error = (temporal - full).square().mean(dim=(-2, -1))
+    return (spatial - full).square().mean(dim=(-2, -1)), (temporal - full).square().mean(dim=(-2, -1))
+
+
+def classify_with(q, k, v, constants: dict, scale=None) -> torch.Tensor:
+    """[B, H] bool, True where the temporal mask's sampled output is closer (MSE) to full attention's
+    (`sampled_errors`)."""
+    spatial_error, temporal_error = sampled_errors(q, k, v, constants, scale)
     return temporal_error < spatial_error
 
 
