@@ -82,17 +82,28 @@ def block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.T
     n = block_mask.num_blocks(seq_len, block_size)
     padded = F.pad(x, (0, 0, 0, n * block_size - seq_len))
     sums = padded.unflatten(-2, (n, block_size)).sum(-2, dtype=torch.float32)
-    counts = (seq_len - torch.arange(n, device=x.device) * block_size).clamp(max=block_size)
+    counts = block_counts(seq_len, block_size, x.device)
     return sums / counts[:, None], counts
+
+
+def block_counts(seq_len, block_size: int, device=None) -> torch.Tensor:
+    """int64 [n]: tokens in each block of a sequence, `block_size` but for a partial last one."""
+    n = block_mask.num_blocks(seq_len, block_size)
+    return (seq_len - torch.arange(n, device=device) * block_size).clamp(max=block_size)
 
 
 def pooled_attention_map(q: torch.Tensor, k: torch.Tensor, block_size: int, scale=None) -> torch.Tensor:
     """[B, H, nq, nkv] float32: the low-resolution attention map, softmax over key blocks of the scaled scores of
-    block-averaged q and k. A key block's logit gains log(its token count), so a partial last block weighs what
-    its tokens would (each of n equal keys adds exp(score) to the softmax sum)."""
+    block-averaged q and k (`pooled_map`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_means, _ = block_means(q, block_size)
     k_means, k_counts = block_means(k, block_size)
+    return pooled_map(q_means, k_means, k_counts, scale)
+
+
+def pooled_map(q_means: torch.Tensor, k_means: torch.Tensor, k_counts: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(q̄ k̄ᵀ · scale) over key blocks from block means. A key block's logit gains log(its token count), so a
+    partial last block weighs what its tokens would (each of n equal keys adds exp(score) to the softmax sum)."""
     logits = q_means @ k_means.transpose(-1, -2) * scale + k_counts.float().log()
     return logits.softmax(dim=-1)
 

@@ -6,9 +6,10 @@ those copies compete for the budget. Sparse VideoGen's position-major order (svg
 in a narrow band, but SVG picks among two fixed masks. This planner estimates each head in both layouts with
 DraftAttention's pooled map (block-averaged q and k, softmax over key blocks) and its budgeted top-k
 (`common.strongest_blocks`), sums the estimated attention mass the kept blocks hold, and gives each head the layout
-where that sum is larger, with that layout's data-chosen mask. Cost: the pooled map twice (q and k gathered into each
-order for their block means) plus SVG's per-head gathers; the mask's counts are fixed by the layout, so the kernel's
-schedule is a constant. Pure torch; traces with symbolic sizes.
+where that sum is larger, with that layout's data-chosen mask. Cost: the pooled map twice, its block means summed
+straight from the frame-major tokens into each layout's blocks (`ordered_block_means`: no gathered copy of q or k),
+plus SVG's per-head gathers; the mask's counts are fixed by the layout, so the kernel's schedule is a constant. Pure
+torch; traces with symbolic sizes.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 
 from dit_compiler.kernels import block_mask
 from dit_compiler.passes.planners import common
-from dit_compiler.passes.planners.draft import pooled_attention_map, window_permutation
+from dit_compiler.passes.planners.draft import block_counts, pooled_map, window_permutation
 from dit_compiler.passes.planners.svg import position_major_permutation
 
 LAYOUTS = ("window", "position_major")
@@ -29,15 +30,27 @@ def kept_mass(scores: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: tor
     return (scores.gather(-1, kv_indices.long()) * listed).sum(-1).mean(-1)
 
 
+def ordered_block_means(x: torch.Tensor, inverse: torch.Tensor, block_size: int):
+    """(means, counts) = `draft.block_means(x.index_select(2, order), block_size)` for the order whose inverse is
+    `inverse`, without the gathered copy: token s of x [B, H, S, D] lands in block inverse[s] // block_size, summed in
+    float32."""
+    counts = block_counts(x.shape[-2], block_size, x.device)
+    sums = x.new_zeros(*x.shape[:-2], counts.shape[0], x.shape[-1], dtype=torch.float32)
+    sums = sums.index_add(-2, inverse // block_size, x.float())
+    return sums / counts[:, None], counts
+
+
 def dual_plan(q, k, constants: dict, layout, *, block_size: int, density: float, scale=None):
     """(perm, inverse, kv_num_blocks, kv_indices) per head for q, k [B, H, S, D] in frame-major order: each head in
     the layout (window or position-major) whose pooled-map mask keeps more estimated mass."""
     seq_len = q.shape[-2]
     text = common.text_blocks(seq_len, layout[3], layout[4], block_size, q.device)
     masses, masks = [], []
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     for name in LAYOUTS:
-        order = constants[name]
-        scores = pooled_attention_map(q.index_select(2, order), k.index_select(2, order), block_size, scale)
+        inverse = constants[f"{name}_inverse"]
+        (q_means, _), (k_means, k_counts) = (ordered_block_means(t, inverse, block_size) for t in (q, k))
+        scores = pooled_map(q_means, k_means, k_counts, scale)
         num, idx = common.strongest_blocks(scores, density, text)
         masses.append(kept_mass(scores, num, idx))
         masks.append((num, idx))
