@@ -7,23 +7,14 @@ projections -> RMS norm of q and k across heads -> RoPE (float32 tables) -> atte
 h + gate * out. Compiled with Inductor (fullgraph) in this process with each attention variant:
 
   dense       F.scaled_dot_product_attention (PyTorch's backend choice for these shapes)
-  site        the rewrite's `sparse_attention`: plan, permute, mask, kernel, restore the order (plain torch.compile,
-              so Dynamo inlines it and the permutation stays in the site)
+  site        the rewrite's `sparse_attention`: plan, permute, mask, kernel, restore the order
   fixed       the same plan's order and mask computed once beforehand: permute, kernel, restore
   unpermuted  the same mask with tokens left in place: the kernel alone in the layer (timing only)
-and, the dense layer compiled with backend="vsparse" (sparsity=<planner>, force_sparse, dense_steps=0,
-dense_layers=0, cache="none"), so the graph goes through the recognizers and passes:
-  moved       as the backend compiles it: a constant order (Draft's) moved out of the site, gathered at the q/k/v
-              projections' input (RoPE tables gathered too) and back at the residual add
-  in_site     the same with the backend's move_permutations swapped for one that moves nothing (the benchmark patches
-              dit_compiler.backend; there is no option for it): the permutation stays in the site
 
 planning = site - fixed; permutation = fixed - unpermuted (a gather Inductor fuses into the RoPE or the output's
-transpose is charged only what it adds to that kernel); permutation after the move = permutation - (in_site -
-moved), what the moved gathers still cost (equal to permutation where nothing moves: svg orders each call). kernel:
-the op alone on the planned inputs; FlexAttention with the identical block mask as a peer. "site share" is
-(planning + permutation) / kernel, the figure the planning target bounds (draft 10%, svg 15% at density 0.1), and
-again with the permutation after the move. Op host cost: CPU µs per call of
+transpose is charged only what it adds to that kernel). kernel: the op alone on the planned inputs; FlexAttention
+with the identical block mask as a peer. "site share" is (planning + permutation) / kernel, the figure the planning
+target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per call of
 `torch.ops.vsparse.block_sparse_attention` (with the query-block schedule given, as the rewrite calls it, and without)
 and of SDPA on a tiny problem, enqueued back to back (no syncs), so the GPU never limits them; also with the
 op's direct launches off (Triton's JITFunction.run / autotuner binding every call, as before they existed). Medians of
@@ -47,17 +38,14 @@ import platform
 import pstats
 import statistics
 import time
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
 import triton
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-import dit_compiler.backend as dit_backend
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
 from dit_compiler.kernels import block_mask, triton_block_sparse
-from dit_compiler.passes.move_permutation import move_permutations
 from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.passes.sparse_attention import _reorder, sparse_attention
 
@@ -155,30 +143,6 @@ def compiled_layer(layer: torch.nn.Module, latent: torch.Tensor, **how):
     return compiled
 
 
-def through_vsparse(layer: torch.nn.Module, latent: torch.Tensor, planner: str, density: float, move: bool):
-    """`layer` (dense attention) compiled by the vsparse backend, with the permutation moved out of the site as the
-    backend does, or left in it: the benchmark swaps the backend's move_permutations pass for one that moves nothing
-    (no option does that). Returns the compiled layer and, per sparse site, what moved."""
-    notes = {}
-
-    def moving(gm, *args):
-        notes.update(move_permutations(gm, *args))
-        return notes
-
-    def keeping(gm, *args):
-        notes.update({n.name: "permutation: kept in the site (move_permutations off)" for n in gm.graph.nodes
-                      if n.target is sparse_attention})
-        return {}
-
-    options = dict(sparsity=planner, density=density, block_size=BLOCK, force_sparse=True, dense_steps=0,
-                   dense_layers=0, cache="none")
-    with mock.patch.object(dit_backend, "move_permutations", moving if move else keeping):
-        compiled = compiled_layer(layer, latent, backend="vsparse", options=options)
-    if len(notes) != 1:
-        raise RuntimeError(f"vsparse made {len(notes)} sparse sites of the layer, expected 1: {notes}")
-    return compiled, next(iter(notes.values()))
-
-
 def host_us_per_call(fn, calls: int = 2000) -> float:
     for _ in range(50):
         fn()
@@ -239,13 +203,6 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         compiled = compiled_layer(layer, latent)
         with torch.no_grad():
             times[variant] = bench(lambda: compiled(latent), budget_ms, device)
-    layer.attention = Attention("dense", planner, density, grid, {}, {})
-    moved_note = None
-    for variant in ("in_site", "moved"):
-        compiled, note = through_vsparse(layer, latent, planner, density, move=variant == "moved")
-        moved_note = note if variant == "moved" else moved_note
-        with torch.no_grad():
-            times[variant] = bench(lambda: compiled(latent), budget_ms, device)
     op = torch.ops.vsparse.block_sparse_attention
     kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None), budget_ms, device)
     flex_ms = flex_error = None
@@ -261,17 +218,13 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         ours = op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None).float()
         flex_error = round(float((flex(qp, kp, vp, block_mask=mask).float() - ours).norm() / ours.norm()), 5)
     planning, permutation = times["site"] - times["fixed"], times["fixed"] - times["unpermuted"]
-    permutation_moved = permutation - (times["in_site"] - times["moved"])
     row = {"planner": planner, "density": density, "visited": round(float(num.float().mean()) / idx.shape[-1], 4),
            "layer_dense_ms": round(dense_ms, 4), "layer_site_ms": round(times["site"], 4),
            "layer_fixed_ms": round(times["fixed"], 4), "layer_unpermuted_ms": round(times["unpermuted"], 4),
-           "layer_in_site_ms": round(times["in_site"], 4), "layer_moved_ms": round(times["moved"], 4),
            "planning_us": round(planning * 1e3, 1), "permutation_us": round(permutation * 1e3, 1),
-           "permutation_moved_us": round(permutation_moved * 1e3, 1), "moved": moved_note,
            "kernel_us": round(kernel * 1e3, 1), "flex_us": flex_ms and round(flex_ms * 1e3, 1),
            "flex_vs_ours_rel_error": flex_error,
            "site_share": round((planning + permutation) / kernel, 3),
-           "site_share_moved": round((planning + permutation_moved) / kernel, 3),
            "layer_speedup": round(dense_ms / times["site"], 3)}
     print(json.dumps(row), flush=True)
     return row
@@ -317,17 +270,12 @@ def main() -> None:
         print(host["profile"], flush=True)
     print(f"\n{device_name(device)}, torch {torch.__version__}, triton {triton.__version__}; one layer "
           f"1x{seq}x{HEADS * HEAD_DIM}, dense {dense_ms * 1e3:.0f} µs\n")
-    print("| planner | density | planning µs | permutation µs: in the site / moved | kernel µs | "
-          "(planning + permutation) / kernel: in the site / moved | FlexAttention µs | layer: sparse / dense µs | "
-          "layer through vsparse: in the site / moved µs |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| planner | density | planning µs | permutation µs | kernel µs | (planning + permutation) / kernel | "
+          "FlexAttention µs | layer: sparse / dense µs |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['planner']} | {r['density']} | {r['planning_us']} | {r['permutation_us']} / "
-              f"{r['permutation_moved_us']} | {r['kernel_us']} | {r['site_share']:.1%} / {r['site_share_moved']:.1%} | "
-              f"{r['flex_us']} | {r['layer_site_ms'] * 1e3:.0f} / {dense_ms * 1e3:.0f} | "
-              f"{r['layer_in_site_ms'] * 1e3:.0f} / {r['layer_moved_ms'] * 1e3:.0f} |")
-    for r in rows:
-        print(f"{r['planner']} {r['density']}: {r['moved']}")
+        print(f"| {r['planner']} | {r['density']} | {r['planning_us']} | {r['permutation_us']} | {r['kernel_us']} | "
+              f"{r['site_share']:.1%} | {r['flex_us']} | {r['layer_site_ms'] * 1e3:.0f} / {dense_ms * 1e3:.0f} |")
     if host:
         print(f"\nop host cost per call: block_sparse_attention {host['block_sparse_attention_us']} µs with the "
               f"schedule given ({host['block_sparse_attention_sorting_us']} µs sorting it itself, "

@@ -2,8 +2,8 @@
 
 parse    options (dit_compiler/options.py) and a private copy of the Dynamo graph
 analyze  patterns.analyze: attention sites, token grids, block stacks, the timestep input
-rewrite  passes: the dense phase and sparse attention (passes/sparse_attention.py), a constant token order moved
-         out of the sites (passes/move_permutation.py), the call record (passes/call_record.py)
+rewrite  passes: the dense phase and sparse attention (passes/sparse_attention.py), the call record
+         (passes/call_record.py)
 split    passes/split_block_stack.py: head / stack / tail when a cache policy is on
 compile  each piece with Inductor (`compile_piece`)
 run      runtime/runner.py: a DiTRunner keeping state per model instance
@@ -25,7 +25,6 @@ from dit_compiler import patterns
 from dit_compiler.dump import Dump, DumpObserver, render_report
 from dit_compiler.options import Options, parse_options
 from dit_compiler.passes.call_record import add_call_record, insert_dense_phase
-from dit_compiler.passes.move_permutation import move_permutations
 from dit_compiler.passes.sparse_attention import rewrite_sparse_attention
 from dit_compiler.passes.split_block_stack import piece_example_inputs, split_block_stack, stack_interface
 from dit_compiler.runtime.cache import make_policy
@@ -169,10 +168,6 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
         decisions, densities, masks = rewrite_sparse_attention(
             gm, analysis, opts, dense if 0 < opts.dense_steps < 1 else None, _device_of(inputs),
             collect_masks=dump is not None, cuda_graphs=bool(config.get("triton.cudagraphs")))
-        moved = move_permutations(gm, inputs, analysis.timestep_input)
-        for decision in decisions:
-            if decision.call in moved:
-                decision.reason = f"{decision.reason}; {moved[decision.call]}"
     site_names = [d.node for d in decisions if d.rewritten]
     outputs = add_call_record(gm, t_max, dense, site_names, densities, masks)
     if dump:

@@ -45,25 +45,17 @@ def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: str, density: float, block_size: int,
-                     scale: float, permute_inputs: bool = True, restore_order: bool = True):
+                     scale: float):
     """The one replacement of every planner: plan, permute, mask, fall back to the full mask in the dense phase,
-    block-sparse attention, restore the order. Returns (output, kv_num_blocks, kv_indices).
-
-    With a planner of constant order, passes/move_permutation.py may have moved the permutation out of the site:
-    `permute_inputs=False` when q, k, v arrive in the plan's order, `restore_order=False` when the output is to stay
-    in it."""
+    block-sparse attention, restore the order. Returns (output, kv_num_blocks, kv_indices)."""
     chosen = PLANNERS[planner]
-    if not (permute_inputs and restore_order) and not chosen.constant_order:
-        raise ValueError(f"planner {planner!r} chooses its order per call: the permutation cannot be moved out of "
-                         f"the site (permute_inputs={permute_inputs}, restore_order={restore_order})")
     plan = chosen.plan(q, k, v, constants, layout, block_size=block_size, density=density, scale=scale)
-    if permute_inputs:
-        q, k, v = (_reorder(t, plan.perm) for t in (q, k, v))
+    q, k, v = (_reorder(t, plan.perm) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
                                                    plan.q_block_order)
-    return (_reorder(out, plan.inverse) if restore_order else out), kv_num_blocks, kv_indices
+    return _reorder(out, plan.inverse), kv_num_blocks, kv_indices
 
 
 @dataclass
@@ -72,7 +64,6 @@ class SiteDecision:
     module_path: str
     rewritten: bool
     reason: str
-    call: Optional[str] = None  # the `sparse_attention` call node of a rewritten site
 
 
 def _why_dense(site: AttentionSite, opts: Options) -> Optional[str]:
@@ -160,7 +151,7 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
         gm.graph.erase_node(node)
         decisions.append(SiteDecision(site.node, site.module_path, True,
                                       f"{opts.sparsity} block-sparse, density {opts.density}, block {opts.block_size}"
-                                      f" ({estimate})", call.name))
+                                      f" ({estimate})"))
     gm.graph.lint()
     gm.recompile()
     return decisions, densities, masks

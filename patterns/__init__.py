@@ -41,8 +41,14 @@ def _analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> Gra
     sizes = Sizes(gm)
     data = data_inputs(gm, example_inputs)
     timestep, timestep_index, timestep_notes = find_timestep(gm, data)
-    projections = token_tracer(gm, example_inputs, timestep, stop_at_projections=True, sizes=sizes)
-    tokens = token_tracer(gm, example_inputs, timestep, stop_at_projections=False, sizes=sizes)
+    # Token content comes from floating-point data inputs other than the timestep. Integer inputs are positions,
+    # indices or masks, and what is computed from them alone (Kandinsky's RoPE from position ids) is positional, like
+    # a constant table; what only the timestep computes is conditioning (Wan2.2 TI2V's per-token timesteps modulate
+    # every token differently).
+    input_dependent = depends_on(gm, [d for d in data if d.name != timestep
+                                      and d.meta["example_value"].dtype.is_floating_point])
+    projections = TokenTracer(sizes, input_dependent, stop_at_projections=True)
+    tokens = TokenTracer(sizes, input_dependent, stop_at_projections=False)
     labels = axis_labels(gm, sizes, data)
     raw_sites = find_attention(gm)
     stacks, notes = find_stacks(gm, latent_inputs(gm, sizes, data), {raw.node.name for raw in raw_sites})
@@ -82,19 +88,6 @@ def _analyze(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]]) -> Gra
                          timestep_index=timestep_index, notes=notes + timestep_notes)
 
 
-def token_tracer(gm: fx.GraphModule, example_inputs: Optional[Iterable[Any]], timestep: Optional[str], *,
-                 stop_at_projections: bool, sizes: Optional[Sizes] = None) -> TokenTracer:
-    """The token walk over `gm` as it is now (passes that rewrote the graph take a fresh one)."""
-    data = data_inputs(gm, example_inputs)
-    # Token content comes from floating-point data inputs other than the timestep. Integer inputs are positions,
-    # indices or masks, and what is computed from them alone (Kandinsky's RoPE from position ids) is positional, like
-    # a constant table; what only the timestep computes is conditioning (Wan2.2 TI2V's per-token timesteps modulate
-    # every token differently).
-    input_dependent = depends_on(gm, [d for d in data if d.name != timestep
-                                      and d.meta["example_value"].dtype.is_floating_point])
-    return TokenTracer(sizes or Sizes(gm), input_dependent, stop_at_projections=stop_at_projections)
-
-
 def _factorized_layout(split, query: str, batch, seq) -> VideoLayout:
     """The whole grid of a factorized site; its sequence is one axis set of it (axis labels, not a sum)."""
     frames, height, width = (Sizes.report(e) for e in split.grid)
@@ -113,5 +106,5 @@ def _factorized_reason(layout: VideoLayout) -> str:
            f"one text + F*H*W + text sequence per batch row"
 
 
-__all__ = ["analyze", "partition", "key_padding_lengths", "token_tracer", "AttentionSite", "BlockStackInfo", "DimRef",
+__all__ = ["analyze", "partition", "key_padding_lengths", "AttentionSite", "BlockStackInfo", "DimRef",
            "GraphAnalysis", "LayoutSegment", "VideoLayout"]

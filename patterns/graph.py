@@ -163,7 +163,7 @@ def depends_on(gm: fx.GraphModule, sources: Iterable[fx.Node]) -> set[fx.Node]:
     reached = set(sources)
     for node in gm.graph.nodes:
         if node not in reached:
-            metadata = metadata_only_inputs(node)
+            metadata = _metadata_only_inputs(node)
             if any(i in reached and i not in metadata for i in node.all_input_nodes):
                 reached.add(node)
     return reached
@@ -181,7 +181,7 @@ def dataflow_dag(gm: fx.GraphModule, tensors_only: bool = False) -> nx.DiGraph:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in gm.graph.nodes:
         dag.add_node(node.name)
-        metadata = metadata_only_inputs(node)
+        metadata = _metadata_only_inputs(node)
         for source in node.all_input_nodes:
             if (tensors_only and not _carries_tensor(source)) or source in metadata:
                 continue
@@ -194,7 +194,7 @@ def dataflow_dag(gm: fx.GraphModule, tensors_only: bool = False) -> nx.DiGraph:
     return dag
 
 
-def metadata_only_inputs(node: fx.Node) -> set:
+def _metadata_only_inputs(node: fx.Node) -> set:
     """Inputs a call reads only the dtype or device of: `x.type_as(other)`, `x.to(other)` (Cosmos casts its
     timestep embedding to the latent's dtype; that is no dataflow from the latent)."""
     if op_name(node) in ("type_as", "to") and len(node.args) > 1 and isinstance(node.args[1], fx.Node) and \

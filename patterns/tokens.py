@@ -171,8 +171,15 @@ class TokenTracer:
     def _elementwise(self, node: fx.Node, operands: list[Any], dims: tuple[int, ...]) -> Segments:
         """Follow the operands that carry the tokens: not broadcast in any token dim (shapes align on the right)."""
         out_shape = self.sizes.shape(node)
-        carriers = [(operand, carried_dims(operand, out_shape, dims)) for operand in operands]
-        return self._agree(node, dims, [(operand, mapped) for operand, mapped in carriers if mapped is not None])
+        carriers = []
+        for operand in operands:
+            if tensor_of(operand) is None:
+                continue
+            shape = self.sizes.shape(operand)
+            offset = len(out_shape) - len(shape)
+            if all(d - offset >= 0 and Sizes.equal(shape[d - offset], out_shape[d]) for d in dims):
+                carriers.append((operand, tuple(d - offset for d in dims)))
+        return self._agree(node, dims, carriers)
 
     def _agree(self, node: fx.Node, dims: tuple[int, ...], carriers: list[tuple[Any, tuple[int, ...]]]) -> Segments:
         """The tokens every input-dependent carrier gives; positional carriers (constant tables) do not count, unless
@@ -269,14 +276,14 @@ class TokenTracer:
             return self._piece(node, source, index, dims)
         if tensor_of(source) is None:
             return self._origin(node, dims)
-        mapping = index_mapping(index, tensor_of(source).dim())
+        mapping = _index_mapping(index, tensor_of(source).dim())
         if mapping is None:
             return self._selection(node, source, index, dims)
         out_to_in, slices = mapping
         in_dims = tuple(out_to_in[d] for d in dims)
         if any(d is None for d in in_dims):
             return self._origin(node, dims)
-        sliced = {d: s for d, s in slices.items() if not is_full_slice(s)}
+        sliced = {d: s for d, s in slices.items() if not _is_full(s)}
         if not set(sliced) & set(in_dims):
             return self.trace(source, in_dims)
         if len(in_dims) != 1:
@@ -388,23 +395,11 @@ class TokenTracer:
         return tuple(merged)
 
 
-def carried_dims(operand: Any, out_shape: list[sympy.Expr], dims: tuple[int, ...]) -> Optional[tuple[int, ...]]:
-    """The dims of `operand` that hold the output dims `dims` of an elementwise op (shapes aligned on the right), or
-    None when it is no tensor or is broadcast along any of them (then it carries no tokens there)."""
-    if tensor_of(operand) is None:
-        return None
-    shape = Sizes.shape(operand)
-    offset = len(out_shape) - len(shape)
-    if all(d - offset >= 0 and Sizes.equal(shape[d - offset], out_shape[d]) for d in dims):
-        return tuple(d - offset for d in dims)
-    return None
-
-
-def is_full_slice(index: slice) -> bool:
+def _is_full(index: slice) -> bool:
     return index.start is None and index.stop is None and index.step in (None, 1)
 
 
-def index_mapping(index: Any, ndim: int) -> Optional[tuple[list[Optional[int]], dict[int, slice]]]:
+def _index_mapping(index: Any, ndim: int) -> Optional[tuple[list[Optional[int]], dict[int, slice]]]:
     """For `x[index]`: the input dim of each output dim (None for inserted ones) and the slice on each input dim."""
     items = list(index) if isinstance(index, tuple) else [index]
     if any(not isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in items):

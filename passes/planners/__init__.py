@@ -1,12 +1,7 @@
 """Planners: how a sparse-attention site chooses its token order and block mask. One family a file, one contract.
 
-A planner is an object with a `name` (the `sparsity` option's value), a `constant_order` flag and the methods the
-rewrite (passes/sparse_attention.py) calls:
-
-  constant_order: bool
-      True when `plan` always returns `Plan(constants["perm"], constants["inverse"], ...)`: one [S] order shared by
-      every head and call (Draft's window order). passes/move_permutation.py may then apply it outside the site, on
-      the projections' input and where the output meets the residual stream.
+A planner is an object with a `name` (the `sparsity` option's value) and two methods the rewrite
+(passes/sparse_attention.py) calls:
 
   constants(layout, block_size, density, device) -> dict[str, Tensor]
       Once per static layout, at compile time: whatever depends on the layout and options alone (Draft's window
@@ -43,7 +38,6 @@ class Plan:
 
 class Planner(Protocol):
     name: str
-    constant_order: bool
 
     def constants(self, layout, block_size: int, density: float, device) -> dict: ...
 

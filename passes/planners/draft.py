@@ -137,7 +137,6 @@ class DraftPlanner:
     from the pooled map of q and k in that order."""
 
     name = "draft"
-    constant_order = True
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         perm, inverse = window_permutation(*layout, block_size, device=device)
