@@ -13,9 +13,11 @@ A setting's mean call on Wan-1.3B is projected from those measured parts:
 
 f, the share of calls in the dense phase, follows from the schedule (the harness's 50 steps at its shift, the
 setting's dense_steps: `dense_steps_share.dense_share`; 0.50 at the default 0.25). Which calls the cache skipped is
-not recorded, so the computed ones are placed two ways: spread over both phases alike, c_dense = f (1 - s) and
-c_sparse = (1 - f)(1 - s); or, conservative, the skips taken from the sparse phase first (its calls are the cheaper
-ones to skip), c_sparse = max(0, 1 - f - s), c_dense = 1 - s - c_sparse. The choice uses the conservative figure.
+recorded by quality rows measured before `dit_compiler.stats` counted computed dense-phase calls
+(`dense_computed`), so there the computed ones are placed two ways: spread over both phases alike, c_dense =
+f (1 - s) and c_sparse = (1 - f)(1 - s); or, conservative, the skips taken from the sparse phase first (its calls
+are the cheaper ones to skip), c_sparse = max(0, 1 - f - s), c_dense = 1 - s - c_sparse. A row with
+`dense_computed_share` has its measured placement, which the choice then uses; otherwise the conservative one.
 
 t_fwd: end_to_end's forward of that planner and density; L: the harness layers the setting kept dense (its dense
 sites; a dense layer costs what an Inductor layer costs, attention being the only part that differs); t_dense: a
@@ -124,6 +126,8 @@ def project(row: dict, forwards: dict, inductor_ms: float, calls: dict, layers: 
         dense = calls["dense_ms"].get(planner, statistics.mean(calls["dense_ms"].values()))
     placements = {"spread": (f * (1 - s), (1 - f) * (1 - s)), "conservative": (1 - s - max(0.0, 1 - f - s),
                                                                              max(0.0, 1 - f - s))}
+    if "dense_computed_share" in row:
+        placements["measured"] = (row["dense_computed_share"], 1 - s - row["dense_computed_share"])
     result = {"sparse_ms": sparse, "dense_ms": dense}
     for name, (computed_dense, computed_sparse) in placements.items():
         call = computed_dense * dense + computed_sparse * sparse + s * calls["skip_ms"]
@@ -134,7 +138,14 @@ def project(row: dict, forwards: dict, inductor_ms: float, calls: dict, layers: 
 def choose(rows: list[dict]) -> Optional[dict]:
     """The fastest projected row at the bar, or None when no measured row clears it."""
     passing = [r for r in rows if r.get("projection") and passes(r)]
-    return max(passing, key=lambda r: r["projection"]["conservative_speedup"], default=None)
+    return max(passing, key=chosen_speedup, default=None)
+
+
+def chosen_speedup(row: dict) -> float:
+    """The projection the choice ranks by: the measured placement of skips where the row has it, else the
+    conservative one."""
+    p = row["projection"]
+    return p.get("measured_speedup", p["conservative_speedup"])
 
 
 def passes(row: dict) -> bool:
@@ -161,14 +172,16 @@ def markdown(rep: dict) -> str:
              + ", ".join(f"{p} {ms:.1f} ms" for p, ms in rep["calls"]["dense_ms"].items())
              + f"; skipped call {rep['calls']['skip_ms']:.1f} ms ({rep['calls']['skip_from']}).", "",
              "| setting | PSNR dB mean (worst) | SSIM mean (worst) | at the bar | dense share | skipped | "
-             "projected Wan-1.3B call ms: conservative (spread) | vs Inductor: conservative (spread) |",
+             "projected Wan-1.3B call ms: ranked (spread) | vs Inductor: ranked (spread) |",
              "|---|---|---|---|---|---|---|---|"]
-    rows = sorted(rep["rows"], key=lambda r: -(r["projection"] or {}).get("conservative_speedup", 0))
+    rows = sorted(rep["rows"], key=lambda r: -chosen_speedup(r) if r["projection"] else 0)
     for r in rows:
         p = r["projection"]
         mark = " **(chosen)**" if r["setting"] == rep["chosen"] else ""
-        call = "-" if p is None else f"{p['conservative_call_ms']:.1f} ({p['spread_call_ms']:.1f})"
-        speed = "not measured" if p is None else f"{p['conservative_speedup']:.2f}x ({p['spread_speedup']:.2f}x)"
+        ranked = "measured" if p is not None and "measured_speedup" in p else "conservative"
+        call = "-" if p is None else f"{p[f'{ranked}_call_ms']:.1f} ({p['spread_call_ms']:.1f})"
+        speed = "not measured" if p is None else (f"{p[f'{ranked}_speedup']:.2f}x ({p['spread_speedup']:.2f}x)"
+                                                  + (", skips placed as measured" if ranked == "measured" else ""))
         lines.append(
             f"| `{r['setting']}`{mark} | {r['psnr_mean']:.2f} ({r['psnr_min']:.2f}) | {r['ssim_mean']:.3f} "
             f"({r['ssim_min']:.3f}) | {'yes' if passes(r) else 'no'} | {r['dense_share']:.2f} | "
@@ -187,13 +200,14 @@ def plot(path: Path, rep: dict) -> None:
     for r in rep["rows"]:
         if r["projection"] is None:
             continue
-        x, y = r["projection"]["conservative_speedup"], r["psnr_mean"]
+        x, y = chosen_speedup(r), r["psnr_mean"]
         ax.scatter(x, y, color="tab:green" if passes(r) else "tab:gray",
                    marker="*" if r["setting"] == rep["chosen"] else "o", s=160 if r["setting"] == rep["chosen"] else 30)
         ax.annotate(r["setting"].replace("sparsity=", "").replace("cache=easycache,cache_threshold=", "cache "),
                     (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.axhline(quality.PSNR_TARGET, color="tab:red", lw=0.8, ls="--")
-    ax.set_xlabel("projected Wan-1.3B generation speedup over Inductor dense, conservative (x)")
+    ax.set_xlabel("projected Wan-1.3B generation speedup over Inductor dense (x; measured skip placement, else "
+                  "conservative)")
     ax.set_ylabel("harness latent PSNR vs dense (dB)")
     ax.set_title("green: PSNR >= 32 dB and SSIM >= 0.93; star: chosen", fontsize=9)
     fig.tight_layout()

@@ -137,9 +137,9 @@ def ssim(test: torch.Tensor, reference: torch.Tensor, data_range: float, window:
 
 
 def stack_counts(rows: list[dict]) -> dict:
-    """Transformer calls, block-stack runs reused by the cache, calls in the dense phase, and each rewritten site's
-    mean visited-block fraction over the computed calls (dense-phase calls count 1), summed over the rows of
-    `dit_compiler.stats(compiled)` (every graph, generation and CFG branch)."""
+    """Transformer calls, block-stack runs reused by the cache, calls in the dense phase (all, and computed), and
+    each rewritten site's mean visited-block fraction over the computed calls (dense-phase calls count 1), summed
+    over the rows of `dit_compiler.stats(compiled)` (every graph, generation and CFG branch)."""
     computed = sum(r["computed"] for r in rows)
     weighted: dict[str, float] = {}
     for row in rows:
@@ -147,6 +147,7 @@ def stack_counts(rows: list[dict]) -> dict:
             weighted[site] = weighted.get(site, 0.0) + density * row["computed"]
     return {"calls": sum(r["calls"] for r in rows), "reused": sum(r["reused"] for r in rows),
             "dense_calls": sum(r["dense_calls"] for r in rows),
+            "dense_computed": sum(r["dense_computed"] for r in rows),
             "mean_density": {site: total / computed for site, total in weighted.items()}}
 
 
@@ -334,6 +335,7 @@ def evaluate_setting(model, spec: str, cases: list, reference: list, shift: floa
         "ssim_mean": sum(ssims) / len(ssims), "ssim_min": min(ssims), "ssim": ssims,
         "cache_skipped": counts["reused"] / max(counts["calls"], 1),
         "dense_call_share": counts["dense_calls"] / max(counts["calls"], 1),
+        "dense_computed_share": counts["dense_computed"] / max(counts["calls"], 1),
         "mean_density": sum(densities.values()) / len(densities) if densities else None,
         "sparse_sites": list(rewritten_sites(dump_dir)), "runtime": counts,
         "work": relative_work(counts, share, model.config["num_layers"]),

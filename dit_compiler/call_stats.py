@@ -18,7 +18,7 @@ def stats(model: torch.nn.Module) -> list[dict]:
     """One row per (compiled graph, generation, branch) the model ran through vsparse:
 
     graph, generation, branch, calls, computed (block-stack runs computed), reused (skipped by the cache),
-    dense_calls (calls in the dense phase), density (mean visited-block fraction per rewritten site over computed
+    dense_calls (calls in the dense phase), dense_computed (those whose block stack ran), density (mean visited-block fraction per rewritten site over computed
     calls, dense-phase calls included).
     """
     if not isinstance(model, torch.nn.Module):
@@ -38,7 +38,8 @@ def _rows(graph: int, runner, history) -> list[dict]:
     if history[0].vector is not None:
         vectors = torch.stack([r.vector for r in history]).float().tolist()  # one transfer, not one per call
     tracker = StepTracker()
-    groups: dict = defaultdict(lambda: {"calls": 0, "computed": 0, "reused": 0, "dense_calls": 0, "sums": None})
+    groups: dict = defaultdict(lambda: {"calls": 0, "computed": 0, "reused": 0, "dense_calls": 0,
+                                          "dense_computed": 0, "sums": None})
     for i, record in enumerate(history):
         values = vectors[i] if vectors is not None else None
         position = record.position
@@ -51,6 +52,7 @@ def _rows(graph: int, runner, history) -> list[dict]:
         group["reused" if reused else "computed"] += 1
         if values is not None and values[1]:
             group["dense_calls"] += 1
+            group["dense_computed"] += not reused
         if values is not None and not reused:
             densities = values[2:]
             group["sums"] = densities if group["sums"] is None else [a + b for a, b in zip(group["sums"], densities)]

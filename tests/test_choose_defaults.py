@@ -28,7 +28,7 @@ def reports(tmp_path):
         _quality_row("sparsity=svg,density=0.1", 37.0, 0.935, 0.0),
         _quality_row("sparsity=svg,density=0.15,cache=easycache,cache_threshold=0.1", 35.9, 0.924, 0.58),
         _quality_row("sparsity=none,cache=easycache,cache_threshold=0.1", 38.3, 0.949, 0.58, (0, 6)),
-        _quality_row("sparsity=svg,density=0.1,dense_steps=0.1", 33.0, 0.95, 0.0),
+        {**_quality_row("sparsity=svg,density=0.1,dense_steps=0.1", 33.0, 0.95, 0.0), "dense_computed_share": 0.26},
     ]}
     # A later file measures a setting again: its row wins.
     quality_b = {**header, "results": [_quality_row("sparsity=svg,density=0.1", 36.0, 0.94, 0.0, (4, 6)),
@@ -83,6 +83,11 @@ def test_projection_from_measured_parts_and_the_fastest_setting_at_the_bar_is_ch
     # The cache alone: every computed call costs Inductor's.
     alone = rows["sparsity=none,cache=easycache,cache_threshold=0.1"]["projection"]
     assert alone["spread_call_ms"] == alone["conservative_call_ms"] == pytest.approx(0.42 * 500 + 0.58 * 20)
+    # A row that recorded where its skips fell is ranked by that placement: 30% of calls computed in the dense phase.
+    measured = rows["sparsity=svg,density=0.1,dense_steps=0.1"]["projection"]
+    assert measured["measured_call_ms"] == pytest.approx(0.26 * 525 + 0.74 * (200 + 1 / 30 * 300))
+    assert choose_defaults.chosen_speedup(rows["sparsity=svg,density=0.1,dense_steps=0.1"]) == measured[
+        "measured_speedup"]
     # No forward measured for draft 0.15: no speed, never chosen.
     assert rows["sparsity=draft,density=0.15"]["projection"] is None
 

@@ -117,13 +117,13 @@ def test_stack_counts_and_relative_work():
     # dit_compiler.stats rows of one generation, two CFG branches: branch 0 computed a dense-phase call (both sites
     # at 1) and a sparse one (0.25, 0.75); branch 1 reused one call and computed one (0.25, 0.25).
     rows = [{"graph": 0, "generation": 0, "branch": 0, "calls": 2, "computed": 2, "reused": 0, "dense_calls": 1,
-             "density": {"s1": 0.625, "s2": 0.875}},
+             "dense_computed": 1, "density": {"s1": 0.625, "s2": 0.875}},
             {"graph": 0, "generation": 0, "branch": 1, "calls": 2, "computed": 1, "reused": 1, "dense_calls": 0,
-             "density": {"s1": 0.25, "s2": 0.25}},
+             "dense_computed": 0, "density": {"s1": 0.25, "s2": 0.25}},
             {"graph": 0, "generation": 1, "branch": 0, "calls": 1, "computed": 0, "reused": 1, "dense_calls": 0,
-             "density": {}}]
+             "dense_computed": 0, "density": {}}]
     counts = quality.stack_counts(rows)
-    assert counts == {"calls": 5, "reused": 2, "dense_calls": 1,
+    assert counts == {"calls": 5, "reused": 2, "dense_calls": 1, "dense_computed": 1,
                       "mean_density": {"s1": pytest.approx(0.5), "s2": pytest.approx(2 / 3)}}
     # 4 layers, 2 sparse sites at computed-call means 0.5 and 2/3: attention costs (2 + 0.5 + 2/3) / 4 of dense
     # (the same as 1 dense call and 2 sparse calls at (2 + 0.75) / 4 each, over 3 computed); 3 of 5 calls computed.
