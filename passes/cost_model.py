@@ -41,8 +41,8 @@ class CudaCosts:
 
 H100 = CudaCosts(dense_tflops={64: 350.0, 128: 580.0}, sparse_tflops={64: 300.0, 128: 500.0}, short_sequence=12000,
                  site_fixed_us=30.0, host_us=300.0,
-                 # dual: not measured yet; Draft's pooled map twice plus SVG's per-head gathers, rounded up
-                 # (erring dense)
+                 # dual: 589 µs planning + 107 µs permutation a Wan-1.3B site (2a62592, before its block means
+                 # stopped gathering q and k), ~1.8 ns a token-head; rounded up (erring dense)
                  planning_ns_per_token_head={"draft": 1.2, "svg": 1.8, "dual": 2.4})
 
 
