@@ -22,10 +22,11 @@ def test_a_cpu_smoke_run_attributes_planning_and_permutation_from_its_layers(tmp
     site_breakdown.main()
     (row,) = json.loads(out.read_text())["sites"]
     assert row["planner"] == "draft" and 0 < row["visited"] <= 1
-    # The row rounds µs to 0.1 and ms to 4 decimals: a difference of rounded figures is within 0.15 µs.
-    assert row["planning_us"] == pytest.approx((row["layer_site_ms"] - row["layer_fixed_ms"]) * 1e3, abs=0.15)
+    # The row rounds µs to 0.1 and ms to 4 decimals: a difference of rounded figures is within 0.15 µs
+    # (0.2 leaves room for float noise).
+    assert row["planning_us"] == pytest.approx((row["layer_site_ms"] - row["layer_fixed_ms"]) * 1e3, abs=0.2)
     assert row["permutation_us"] == pytest.approx((row["layer_fixed_ms"] - row["layer_unpermuted_ms"]) * 1e3,
-                                                  abs=0.15)
+                                                  abs=0.2)
     assert row["kernel_us"] > 0 and row["flex_us"] is None  # no FlexAttention peer on a CPU
     assert row["site_share"] == pytest.approx((row["planning_us"] + row["permutation_us"]) / row["kernel_us"],
                                               abs=1e-3)
