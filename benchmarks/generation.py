@@ -451,7 +451,8 @@ def _setting_key(options: dict):
     """What a setting computes: its parsed options without the ones that only steer the compile or the dump."""
     from dit_compiler.options import parse_options
 
-    return dataclasses.replace(parse_options(options), force_sparse=False, dump_dir=None, mode=None)
+    return dataclasses.replace(parse_options(options), force_sparse=False, force_cache=False, dump_dir=None,
+                               mode=None)
 
 
 def project(row: dict, skip: float) -> dict:

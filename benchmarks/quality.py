@@ -315,8 +315,9 @@ def plot_frontier(path: Path, report: dict) -> None:
 def evaluate_setting(model, spec: str, cases: list, reference: list, shift: float, steps: int, guidance: float,
                      device: torch.device, dump_dir: Path, share: float) -> dict:
     """Compile one setting afresh, generate every case, compare with the dense latents."""
-    # The harness is small: the cost model would keep it dense, so quality is measured through the force option.
-    options = {**parse_setting(spec), "force_sparse": True, "dump_dir": str(dump_dir)}
+    # The harness is small: the cost model would keep it dense and uncached, so quality is measured through the
+    # force options.
+    options = {**parse_setting(spec), "force_sparse": True, "force_cache": True, "dump_dir": str(dump_dir)}
     torch._dynamo.reset()
     # A copy per setting: stats() finds run-time state by the model's parameters, and an earlier setting's runner
     # can outlive the reset (reference cycles) and would be counted with this one.

@@ -25,6 +25,7 @@ from dit_compiler import patterns
 from dit_compiler.dump import Dump, DumpObserver, render_report
 from dit_compiler.options import Options, parse_options
 from dit_compiler.passes.call_record import add_call_record, insert_dense_phase
+from dit_compiler.passes.cost_model import why_cache_does_not_pay
 from dit_compiler.passes.sparse_attention import rewrite_sparse_attention
 from dit_compiler.passes.split_block_stack import piece_example_inputs, split_block_stack, stack_interface
 from dit_compiler.runtime.cache import make_policy
@@ -153,6 +154,15 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     if opts.splits_block_stack:
         if analysis.stacks:
             partition = patterns.partition(gm, analysis)
+            reason, words = why_cache_does_not_pay(
+                (n for n in gm.graph.nodes if partition[n.name] == "stack"), _device_of(inputs),
+                bool(config.get("triton.cudagraphs")))
+            if reason and not opts.force_cache:
+                partition = None
+                notes.append(f"cache disabled: {reason}")
+                log.info("vsparse: graph %s: %s", graph_name, reason)
+            elif words:
+                notes.append(f"cache kept: {words}" + (" (force_cache)" if reason else ""))
         else:
             notes.append("cache disabled: no transformer block stack recognized")
             if not _warned_no_stack:
@@ -203,7 +213,8 @@ def _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes)
         carry_dynamo_metadata(gm, piece)
         fn = compile_piece(piece, piece_inputs[name], config)
         module = (CachedStack(fn, runner, policy, interface.entry_index, interface.like_entry,
-                              interface.single_output) if name == "stack" else _Compiled(fn))
+                              interface.single_output, start=opts.cache_start,
+                              shared_branches=opts.cache_branches == "shared") if name == "stack" else _Compiled(fn))
         setattr(split.parent, f"submod_{name}", module)
     return split.parent
 

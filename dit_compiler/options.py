@@ -13,6 +13,7 @@ from dit_compiler.passes.planners import PLANNERS
 
 SPARSITY = (*PLANNERS, "none")  # the registered planners, or dense
 CACHE = ("easycache", "none")
+CACHE_BRANCHES = ("own", "shared")
 BLOCK_SIZES = (64, 128)
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -26,7 +27,10 @@ class Options:
     dense_layers: int = 1
     cache: str = "none"
     cache_threshold: float = 0.05
+    cache_start: float = 0.0  # leading share of the timestep scale in which the cache reuses nothing
+    cache_branches: str = "own"  # "shared": a step's first call decides for all its CFG branches
     force_sparse: bool = False  # rewrite every eligible site whatever the cost model estimates
+    force_cache: bool = False  # cache the block stack whatever the cost model estimates
     dump_dir: Optional[str] = None
     mode: Optional[str] = None  # Inductor's mode; torch.compile refuses mode= together with options=
 
@@ -68,19 +72,23 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
         options["mode"] = mode
     if "dump_dir" not in options and os.environ.get("VSPARSE_DUMP_DIR"):
         options["dump_dir"] = os.environ["VSPARSE_DUMP_DIR"]
-    if "force_sparse" not in options and os.environ.get("VSPARSE_FORCE_SPARSE"):
-        options["force_sparse"] = os.environ["VSPARSE_FORCE_SPARSE"] == "1"
+    for key in ("force_sparse", "force_cache"):
+        variable = f"VSPARSE_{key.upper()}"
+        if key not in options and os.environ.get(variable):
+            options[key] = os.environ[variable] == "1"
     parsed = {}
     for key, value in options.items():
         if key == "sparsity":
             parsed[key] = _choice(key, value, SPARSITY)
         elif key == "cache":
             parsed[key] = _choice(key, value, CACHE)
+        elif key == "cache_branches":
+            parsed[key] = _choice(key, value, CACHE_BRANCHES)
         elif key == "block_size":
             parsed[key] = _choice(key, value, BLOCK_SIZES)
         elif key == "density":
             parsed[key] = _fraction(key, value, low_open=True)
-        elif key == "dense_steps":
+        elif key in ("dense_steps", "cache_start"):
             parsed[key] = _fraction(key, value, low_open=False)
         elif key == "dense_layers":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -90,9 +98,9 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f"vsparse option 'cache_threshold' must be a float > 0, got {value!r}")
             parsed[key] = float(value)
-        elif key == "force_sparse":
+        elif key in ("force_sparse", "force_cache"):
             if not isinstance(value, bool):
-                raise ValueError(f"vsparse option 'force_sparse' must be True or False, got {value!r}")
+                raise ValueError(f"vsparse option {key!r} must be True or False, got {value!r}")
             parsed[key] = value
         elif key == "dump_dir":
             if value is not None and not isinstance(value, (str, os.PathLike)):

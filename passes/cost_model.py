@@ -18,13 +18,24 @@ They are coarse on purpose and erring dense: a wrong "dense" costs the speedup t
 makes the model slower than without us. `force_sparse=True` rewrites every eligible site whatever the estimate
 (tests, CPU runs, the quality harness, whose model is small). On a CPU the op runs its pure-torch reference, so
 sparse never pays there.
+
+Whether the cache pays, the same way: a call whose block stack runs costs more with the cache on (the host reads the
+timestep and the policy's probe in one transfer, and the graph runs as three pieces), measured on the small model
+above when it skipped nothing: 3,149 µs a forward outside CUDA graphs (8,418 against Inductor's 5,269 in one run)
+and 375 µs under them (2,877 against 2,502, two runs of that day). The cache is kept where the stack's estimated
+time, its matrix products and attention (dense, as captured) at `MATMUL_TFLOPS`, is at least `CACHE_PAYS_ABOVE` times that: a generation
+that skips nothing then loses at most 1 / CACHE_PAYS_ABOVE. The rate is a fast one, so the estimate errs towards no
+cache. On a CPU the host read stalls no device and the cache is kept; `force_cache=True` keeps it anywhere.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+import math
+import operator
+from typing import Iterable, Optional
 
 import torch
+import torch.fx as fx
 
 PAYS_BELOW = 0.8  # sparse must be estimated at most this share of dense
 
@@ -87,3 +98,60 @@ def why_sparse_does_not_pay(shape, density: float, planner: str, device: torch.d
     if guess.pays:
         return None, words
     return f"sparse does not pay at this size: {words} (force_sparse=True rewrites anyway)", words
+
+
+MATMUL_TFLOPS = 600.0  # bf16 matrix products and attention on an H100, a fast rate (erring towards no cache)
+CACHE_COST_US = {False: 3149.0, True: 375.0}  # CUDA graphs? -> the cache's cost a computed call (docstring)
+CACHE_PAYS_ABOVE = 20.0
+
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+_PRODUCTS = (torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm")
+_PRODUCTS_ADDED = (torch.addmm, torch.baddbmm, "addmm", "baddbmm")  # (bias, a, b)
+_ATTENTION = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
+
+
+def _value(node: fx.Node, position: int, name: str) -> Optional[torch.Tensor]:
+    """The traced value of a node's argument, given by position or by keyword."""
+    arg = node.args[position] if len(node.args) > position else node.kwargs.get(name)
+    value = arg.meta.get("example_value") if isinstance(arg, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _numel(t: torch.Tensor) -> int:
+    return math.prod(_traced_size(s) for s in t.shape)
+
+
+def node_flops(node: fx.Node) -> float:
+    """FLOPs (2 per multiply-add) of one matrix product or attention call, from its traced shapes; 0 for others."""
+    out = node.meta.get("example_value")
+    if node.op not in ("call_function", "call_method") or not isinstance(out, torch.Tensor):
+        return 0.0
+    target = node.target
+    if target in _LINEAR:
+        weight = _value(node, 1, "weight")
+        return 0.0 if weight is None else 2.0 * _numel(out) * _traced_size(weight.shape[-1])
+    if target in _PRODUCTS or target in _PRODUCTS_ADDED:
+        first = (_value(node, 1, "batch1" if target in (torch.baddbmm, "baddbmm") else "mat1")
+                 if target in _PRODUCTS_ADDED else _value(node, 0, "input"))
+        return 0.0 if first is None else 2.0 * _numel(out) * _traced_size(first.shape[-1])
+    if target in _ATTENTION:
+        query, key = _value(node, 0, "query"), _value(node, 1, "key")
+        if query is None or key is None:
+            return 0.0
+        return 2.0 * (_numel(query) + _numel(out)) * _traced_size(key.shape[-2])
+    return 0.0
+
+
+def why_cache_does_not_pay(stack: Iterable[fx.Node], device: torch.device, cuda_graphs: bool
+                           ) -> tuple[Optional[str], str]:
+    """(reason to run without the cache or None, the estimate in words for the report) for the block stack's nodes."""
+    if device.type != "cuda":
+        return None, ""
+    stack_us = sum(node_flops(n) for n in stack) / (MATMUL_TFLOPS * 1e12) * 1e6
+    cost_us = CACHE_COST_US[cuda_graphs]
+    words = (f"block stack estimated at {stack_us:.0f} µs a call, the cache's cost {cost_us:.0f} µs a computed call "
+             f"{'under' if cuda_graphs else 'outside'} CUDA graphs")
+    if stack_us >= CACHE_PAYS_ABOVE * cost_us:
+        return None, words
+    return (f"cache does not pay at this size: {words}, under {CACHE_PAYS_ABOVE:.0f}x (force_cache=True caches "
+            "anyway)"), words

@@ -78,3 +78,67 @@ def test_every_registered_planner_has_a_planning_rate():
     from dit_compiler.passes.planners import PLANNERS
 
     assert set(PLANNERS) <= set(H100.planning_ns_per_token_head)
+
+
+def _stack_nodes(model, inputs):
+    """The nodes of the captured graph's block-stack piece, as the backend partitions it."""
+    from dit_compiler import patterns
+
+    found = {}
+
+    def capture(gm, example_inputs):
+        pieces = patterns.partition(gm, patterns.analyze(gm, example_inputs))
+        found["stack"] = [n for n in gm.graph.nodes if pieces[n.name] == "stack"]
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=capture, fullgraph=True)(**inputs)
+    return found["stack"]
+
+
+def test_stack_flops_match_torch_flop_counter():
+    """The estimate counts from traced shapes what torch's own counter counts on the blocks' aten calls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dit_compiler.passes.cost_model import node_flops
+    from tiny_models import wan
+
+    model, inputs = wan(frames=2, height=8, width=8, layers=2)
+    counted = sum(map(node_flops, _stack_nodes(model, inputs)))
+    # The math backend runs attention as aten products, which the counter counts (CPU's fused kernel it does not).
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    per_module = counter.get_flop_counts()
+    blocks = sum(sum(per_module[f"WanTransformer3DModel.blocks.{i}"].values()) for i in range(2))
+    assert counted == blocks > 0
+
+
+def _wan_on_meta(grid, text, **config):
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):  # shapes only: nothing allocated, nothing computed
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), in_channels=16, out_channels=16, cross_attn_norm=True,
+                                      **config).eval()
+        inputs = dict(hidden_states=torch.randn(1, 16, *grid), timestep=torch.tensor([500.0]),
+                      encoder_hidden_states=torch.randn(1, text, config["text_dim"]), return_dict=False)
+    return model, inputs
+
+
+def test_the_cache_pays_on_wan_13b_and_not_on_the_small_model():
+    from dit_compiler.passes.cost_model import why_cache_does_not_pay
+
+    cuda = torch.device("cuda")
+    wan13 = _stack_nodes(*_wan_on_meta((21, 60, 104), 512, num_attention_heads=12, attention_head_dim=128,
+                                       text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                                       qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024))
+    for cuda_graphs in (False, True):
+        reason, words = why_cache_does_not_pay(wan13, cuda, cuda_graphs)
+        assert reason is None and "µs a call" in words
+    small = _stack_nodes(*_wan_on_meta((9, 64, 64), 64, num_attention_heads=4, attention_head_dim=64, text_dim=256,
+                                       freq_dim=256, ffn_dim=1024, num_layers=6, rope_max_seq_len=1024))
+    for cuda_graphs in (False, True):
+        reason, _ = why_cache_does_not_pay(small, cuda, cuda_graphs)
+        assert "does not pay" in reason and "force_cache=True" in reason
+    assert why_cache_does_not_pay(small, torch.device("cpu"), False) == (None, "")

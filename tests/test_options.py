@@ -3,15 +3,22 @@ import pytest
 from dit_compiler.options import Options, parse_options
 
 
-def test_defaults_and_values(monkeypatch):
-    monkeypatch.delenv("VSPARSE_FORCE_SPARSE", raising=False)
+@pytest.mark.parametrize("key", ["force_sparse", "force_cache"])
+def test_defaults_and_force_from_environment(monkeypatch, key):
+    for variable in ("VSPARSE_FORCE_SPARSE", "VSPARSE_FORCE_CACHE"):  # conftest sets the first for every test
+        monkeypatch.delenv(variable, raising=False)
     assert parse_options() == Options()
-    monkeypatch.setenv("VSPARSE_FORCE_SPARSE", "1")
-    assert parse_options().force_sparse and not parse_options({"force_sparse": False}).force_sparse
+    monkeypatch.setenv(f"VSPARSE_{key.upper()}", "1")
+    assert getattr(parse_options(), key) and not getattr(parse_options({key: False}), key)
+
+
+def test_values():
     opts = parse_options({"sparsity": "svg", "density": 0.1, "block_size": 64, "dense_steps": 0,
-                          "dense_layers": 2, "cache": "easycache", "cache_threshold": 0.1})
+                          "dense_layers": 2, "cache": "easycache", "cache_threshold": 0.1, "cache_start": 0.1,
+                          "cache_branches": "shared"})
     assert (opts.sparsity, opts.density, opts.block_size, opts.dense_steps, opts.dense_layers, opts.cache,
-            opts.cache_threshold) == ("svg", 0.1, 64, 0.0, 2, "easycache", 0.1)
+            opts.cache_threshold, opts.cache_start, opts.cache_branches) == (
+        "svg", 0.1, 64, 0.0, 2, "easycache", 0.1, 0.1, "shared")
 
 
 @pytest.mark.parametrize("key,value,allowed", [
@@ -27,6 +34,9 @@ def test_defaults_and_values(monkeypatch):
     ("cache_threshold", 0, "float > 0"),
     ("mode", "fast", "'default'"),
     ("force_sparse", 1, "True or False"),
+    ("force_cache", "yes", "True or False"),
+    ("cache_start", 1.5, "0 <= x <= 1"),
+    ("cache_branches", "cond", "'own', 'shared'"),
 ])
 def test_bad_value_names_key_and_allowed(key, value, allowed):
     with pytest.raises(ValueError) as err:

@@ -282,3 +282,56 @@ def test_stats_count_the_dense_phase_calls_whose_stack_ran(tmp_path):
     assert dense_reused > 0  # the cache skipped dense-phase stacks: computed and all dense-phase calls differ
     assert row["dense_calls"] == sum(r["timestep"] > 100 for r in records)
     assert row["dense_computed"] == row["dense_calls"] - dense_reused
+
+
+def _cfg_generation(compiled, inputs, timesteps):
+    """One generation with two branches a step; the second's text is new noise at every call, so its stack output
+    jumps from step to step and its own estimate decides unlike the first branch's."""
+    noise = torch.Generator().manual_seed(0)
+    for t in timesteps:
+        text = inputs["encoder_hidden_states"]
+        call(compiled, inputs, t)
+        call(compiled, inputs, t, encoder_hidden_states=torch.randn(text.shape, generator=noise))
+    return cache_decisions(compiled._orig_mod)
+
+
+@pytest.mark.parametrize("branches", ["own", "shared"])
+def test_shared_branches_take_the_first_branch_decision(branches):
+    model, inputs = wan(frames=2, height=8, width=8)
+    compiled = vsparse(model, sparsity="none", cache="easycache", cache_threshold=0.5, cache_branches=branches)
+    decisions = _cfg_generation(compiled, inputs, torch.linspace(990, 10, 12).tolist())
+    first, second = [r for _, b, r in decisions if b == 0], [r for _, b, r in decisions if b == 1]
+    assert any(first)
+    assert (second == first) == (branches == "shared")
+
+
+def test_cache_start_reuses_nothing_in_its_leading_share():
+    model, inputs = wan(frames=2, height=8, width=8)
+    compiled = vsparse(model, sparsity="none", cache="easycache", cache_threshold=0.5, cache_start=0.5)
+    timesteps = torch.linspace(990, 10, 16).tolist()
+    for t in timesteps:
+        call(compiled, inputs, t)
+    reused = [r for _, _, r in cache_decisions(model)]
+    assert not any(r for t, r in zip(timesteps, reused) if t > 500) and any(reused)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_cache_that_does_not_pay_is_left_off_unless_forced(monkeypatch, tmp_path, force):
+    """The cost model's verdict (tested in test_cost_model.py) reaches the graph: no stack split, the reason in the
+    report; `force_cache` keeps the cache."""
+    import dit_compiler.backend as backend
+
+    monkeypatch.setattr(backend, "why_cache_does_not_pay",
+                        lambda stack, device, cuda_graphs: ("cache does not pay at this size: estimated", "estimated"))
+    model, inputs = wan(frames=2, height=8, width=8)
+    compiled = vsparse(model, sparsity="none", cache="easycache", cache_threshold=0.5, force_cache=force,
+                       dump_dir=str(tmp_path))
+    for t in (900, 890, 880, 870):
+        call(compiled, inputs, t)
+    (graph_dir,) = graph_dirs(tmp_path)
+    notes = json.loads((graph_dir / "analysis.json").read_text())["notes"]
+    records = [r.cache for state in model_states(model) for r in state.history]
+    if force:
+        assert any(r.reused for r in records) and "cache kept: estimated (force_cache)" in notes
+    else:
+        assert records == [None] * 4 and "cache disabled: cache does not pay at this size: estimated" in notes
