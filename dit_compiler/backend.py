@@ -213,8 +213,7 @@ def _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes)
         carry_dynamo_metadata(gm, piece)
         fn = compile_piece(piece, piece_inputs[name], config)
         module = (CachedStack(fn, runner, policy, interface.entry_index, interface.like_entry,
-                              interface.single_output, start=opts.cache_start,
-                              shared_branches=opts.cache_branches == "shared") if name == "stack" else _Compiled(fn))
+                              interface.single_output, start=opts.cache_start) if name == "stack" else _Compiled(fn))
         setattr(split.parent, f"submod_{name}", module)
     return split.parent
 

@@ -13,7 +13,6 @@ from dit_compiler.passes.planners import PLANNERS
 
 SPARSITY = (*PLANNERS, "none")  # the registered planners, or dense
 CACHE = ("easycache", "none")
-CACHE_BRANCHES = ("own", "shared")
 BLOCK_SIZES = (64, 128)
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -28,7 +27,6 @@ class Options:
     cache: str = "none"
     cache_threshold: float = 0.05
     cache_start: float = 0.0  # leading share of the timestep scale in which the cache reuses nothing
-    cache_branches: str = "own"  # "shared": a step's first call decides for all its CFG branches
     force_sparse: bool = False  # rewrite every eligible site whatever the cost model estimates
     force_cache: bool = False  # cache the block stack whatever the cost model estimates
     dump_dir: Optional[str] = None
@@ -82,8 +80,6 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
             parsed[key] = _choice(key, value, SPARSITY)
         elif key == "cache":
             parsed[key] = _choice(key, value, CACHE)
-        elif key == "cache_branches":
-            parsed[key] = _choice(key, value, CACHE_BRANCHES)
         elif key == "block_size":
             parsed[key] = _choice(key, value, BLOCK_SIZES)
         elif key == "density":

@@ -14,11 +14,9 @@ def test_defaults_and_force_from_environment(monkeypatch, key):
 
 def test_values():
     opts = parse_options({"sparsity": "svg", "density": 0.1, "block_size": 64, "dense_steps": 0,
-                          "dense_layers": 2, "cache": "easycache", "cache_threshold": 0.1, "cache_start": 0.1,
-                          "cache_branches": "shared"})
+                          "dense_layers": 2, "cache": "easycache", "cache_threshold": 0.1, "cache_start": 0.1})
     assert (opts.sparsity, opts.density, opts.block_size, opts.dense_steps, opts.dense_layers, opts.cache,
-            opts.cache_threshold, opts.cache_start, opts.cache_branches) == (
-        "svg", 0.1, 64, 0.0, 2, "easycache", 0.1, 0.1, "shared")
+            opts.cache_threshold, opts.cache_start) == ("svg", 0.1, 64, 0.0, 2, "easycache", 0.1, 0.1)
 
 
 @pytest.mark.parametrize("key,value,allowed", [
@@ -36,7 +34,6 @@ def test_values():
     ("force_sparse", 1, "True or False"),
     ("force_cache", "yes", "True or False"),
     ("cache_start", 1.5, "0 <= x <= 1"),
-    ("cache_branches", "cond", "'own', 'shared'"),
 ])
 def test_bad_value_names_key_and_allowed(key, value, allowed):
     with pytest.raises(ValueError) as err:

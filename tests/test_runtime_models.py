@@ -284,27 +284,6 @@ def test_stats_count_the_dense_phase_calls_whose_stack_ran(tmp_path):
     assert row["dense_computed"] == row["dense_calls"] - dense_reused
 
 
-def _cfg_generation(compiled, inputs, timesteps):
-    """One generation with two branches a step; the second's text is new noise at every call, so its stack output
-    jumps from step to step and its own estimate decides unlike the first branch's."""
-    noise = torch.Generator().manual_seed(0)
-    for t in timesteps:
-        text = inputs["encoder_hidden_states"]
-        call(compiled, inputs, t)
-        call(compiled, inputs, t, encoder_hidden_states=torch.randn(text.shape, generator=noise))
-    return cache_decisions(compiled._orig_mod)
-
-
-@pytest.mark.parametrize("branches", ["own", "shared"])
-def test_shared_branches_take_the_first_branch_decision(branches):
-    model, inputs = wan(frames=2, height=8, width=8)
-    compiled = vsparse(model, sparsity="none", cache="easycache", cache_threshold=0.5, cache_branches=branches)
-    decisions = _cfg_generation(compiled, inputs, torch.linspace(990, 10, 12).tolist())
-    first, second = [r for _, b, r in decisions if b == 0], [r for _, b, r in decisions if b == 1]
-    assert any(first)
-    assert (second == first) == (branches == "shared")
-
-
 def test_cache_start_reuses_nothing_in_its_leading_share():
     model, inputs = wan(frames=2, height=8, width=8)
     compiled = vsparse(model, sparsity="none", cache="easycache", cache_threshold=0.5, cache_start=0.5)

@@ -7,8 +7,6 @@ A policy is one file (`easycache.py` is the first) implementing `CachePolicy`, r
                           every probe of a call together with the timestep in one host transfer: the only host
                           read of a forward with the cache on.
   decide(state, value) -> CacheDecision, on the host, from the probe's value.
-  follow(state, reused) -> CacheDecision for a CFG branch that takes the step's first branch's decision
-                          (`cache_branches="shared"`): reuse where the leader reused and this branch can.
   reuse(state, entry)  -> the stack's outputs without running it.
   record(state, entry, outputs) after a full computation; must not read device values on the host.
 
@@ -35,8 +33,6 @@ class CachePolicy(Protocol):
     def probe(self, state: Any, entry: torch.Tensor) -> Optional[torch.Tensor]: ...
 
     def decide(self, state: Any, value: Optional[float]) -> CacheDecision: ...
-
-    def follow(self, state: Any, reused: bool) -> CacheDecision: ...
 
     def reuse(self, state: Any, entry: torch.Tensor, like_entry: list[bool]) -> list[torch.Tensor]: ...
 

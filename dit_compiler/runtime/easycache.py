@@ -59,9 +59,6 @@ class EasyCache:
             return CacheDecision(True, estimate)
         return CacheDecision(False, estimate if math.isfinite(estimate) else None)
 
-    def follow(self, state: EasyCacheState, reused: bool) -> CacheDecision:
-        return CacheDecision(reused and state.computed >= self.warmup, None)
-
     def reuse(self, state: EasyCacheState, entry: torch.Tensor, like_entry: list[bool]) -> list[torch.Tensor]:
         state.last_input = entry
         return [entry + r if like else r for r, like in zip(state.residuals, like_entry)]

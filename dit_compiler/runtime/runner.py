@@ -41,7 +41,6 @@ class ModelState:
     index: int  # 0, 1, ... in the order models first called this graph (dumps name them so)
     tracker: StepTracker = field(default_factory=StepTracker)
     branches: dict = field(default_factory=dict)  # cache policy state per CFG branch of the current generation
-    leader: Optional[tuple] = None  # (generation, step, reused) of the last first-branch cache decision
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     calls: int = 0
 
@@ -171,7 +170,7 @@ class CachedStack(torch.nn.Module):
     """Stands in for the compiled stack piece inside the split parent graph and applies the cache policy."""
 
     def __init__(self, compiled: Callable, runner: DiTRunner, policy: CachePolicy, entry_index: int,
-                 like_entry: list[bool], single_output: bool, *, start: float = 0.0, shared_branches: bool = False):
+                 like_entry: list[bool], single_output: bool, *, start: float = 0.0):
         super().__init__()
         self.compiled = compiled
         self.runner = runner
@@ -180,7 +179,6 @@ class CachedStack(torch.nn.Module):
         self.like_entry = like_entry
         self.single_output = single_output  # the piece returns one value, not a tuple
         self.start = start  # `cache_start`: no reuse while the timestep is in this leading share of its scale
-        self.shared_branches = shared_branches  # `cache_branches="shared"`
 
     def forward(self, *args):
         call = self.runner.current
@@ -189,7 +187,9 @@ class CachedStack(torch.nn.Module):
         position = self._position(call, entry)
         branch = state.branches.setdefault(position.branch, self.policy.new_state())
         call.position = position
-        call.cache = decision = self._decide(state, position, branch, call.probes.get(position.branch))
+        in_start = position.timestep is not None and dense_phase(position.timestep, self.start)
+        call.cache = decision = (CacheDecision(False, None) if in_start
+                                 else self.policy.decide(branch, call.probes.get(position.branch)))
         if decision.reused:
             outputs = self.policy.reuse(branch, entry, self.like_entry)
         else:
@@ -198,26 +198,12 @@ class CachedStack(torch.nn.Module):
             self.policy.record(branch, entry, [self.runner.own(o) for o in outputs], self.like_entry)
         return outputs[0] if self.single_output else tuple(outputs)
 
-    def _decide(self, state: ModelState, position: CallPosition, branch, probe: Optional[float]) -> CacheDecision:
-        if position.timestep is not None and dense_phase(position.timestep, self.start):
-            decision = CacheDecision(False, None)
-        elif self.shared_branches and position.branch > 0:
-            # CFG scales the branches' difference: taking it between outputs of one step keeps a reuse's error
-            # from being amplified by the guidance scale.
-            decision = self.policy.follow(branch, state.leader == (position.generation, position.step, True))
-        else:
-            decision = self.policy.decide(branch, probe)
-        if position.branch == 0:
-            state.leader = (position.generation, position.step, decision.reused)
-        return decision
-
     def _position(self, call: _Call, entry: torch.Tensor) -> CallPosition:
         """Step, branch and generation of this call, and the policy's probes for the branches it may fall on,
         read from the device in one transfer."""
         state = call.state
         probes = {b: self.policy.probe(state.branches[b], entry)
-                  for b in state.tracker.candidate_branches()
-                  if b in state.branches and not (self.shared_branches and b > 0)}
+                  for b in state.tracker.candidate_branches() if b in state.branches}
         probes = {b: p for b, p in probes.items() if p is not None}
         scalars = ([] if call.timestep is None else [read_timestep(call.timestep)]) + list(probes.values())
         values = torch.stack([s.to(entry.device) for s in scalars]).tolist() if scalars else []
