@@ -25,6 +25,7 @@ VARIANTS = {
     "inductor": ("inductor", None),
     "inductor-reduce-overhead": ("inductor", "reduce-overhead"),
     "vsparse-defaults": ({}, None),
+    "vsparse-defaults-reduce-overhead": ({}, "reduce-overhead"),
     "vsparse-none": ({"sparsity": "none"}, None),
     "vsparse-none-reduce-overhead": ({"sparsity": "none"}, "reduce-overhead"),
     "vsparse-draft-0.25": (SPARSE, None),

@@ -19,14 +19,16 @@ MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagrap
 
 @dataclass(frozen=True)
 class Options:
-    sparsity: str = "draft"
-    density: float = 0.25
+    # The defaults are measured (README "Why these defaults"): the fastest setting on Wan2.1-1.3B whose quality on
+    # the trained harness clears 32 dB PSNR and 0.93 SSIM against dense.
+    sparsity: str = "svg"
+    density: float = 0.15
     block_size: int = 128
-    dense_steps: float = 0.25
+    dense_steps: float = 0.15
     dense_layers: int = 1
-    cache: str = "none"
-    cache_threshold: float = 0.05
-    cache_start: float = 0.0  # leading share of the timestep scale in which the cache reuses nothing
+    cache: str = "easycache"
+    cache_threshold: float = 0.25
+    cache_start: float = 0.05  # leading share of the timestep scale in which the cache reuses nothing
     force_sparse: bool = False  # rewrite every eligible site whatever the cost model estimates
     force_cache: bool = False  # cache the block stack whatever the cost model estimates
     dump_dir: Optional[str] = None

@@ -23,8 +23,9 @@ run        the model's forward pre-hook computes the dense phase on the device f
            recompile); block runners (runtime/regional.py) feed it to their graph and tell the model from the block's
            parameters; the forward hook stacks one call record per model call for `dit_compiler.stats`.
 
-The cache is refused: EasyCache skips the block stack as one piece (head / stack / tail of one graph), and under
-regional compilation no graph holds the stack, the model's own Python loop runs the blocks one by one.
+The cache is off (refused when asked for): EasyCache skips the block stack as one piece (head / stack / tail of one
+graph), and under regional compilation no graph holds the stack, the model's own Python loop runs the blocks one by
+one.
 """
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ _LAYOUT_SIZES = ("frames", "height", "width", "text_before", "text_after")
 
 def compile_repeated_blocks(transformer: torch.nn.Module, **options: Any) -> torch.nn.Module:
     """Compile the repeated blocks of `transformer` (the classes its `_repeated_blocks` names, else the blocks of its
-    recognized block stacks) with vsparse, sparse attention placed by a whole-model analysis. Options as `backend="vsparse"` takes them, except `cache` (refused)
-    and `dump_dir` (not written yet). Returns `transformer`, compiled in place; calling it again replaces the
+    recognized block stacks) with vsparse, sparse attention placed by a whole-model analysis. Options as `backend="vsparse"` takes them, except `cache` (off here,
+    refused when asked for) and `dump_dir` (not written yet). Returns `transformer`, compiled in place; calling it again replaces the
     earlier set-up."""
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(f"compile_repeated_blocks expects the transformer (a torch.nn.Module), got "
@@ -62,7 +63,7 @@ def compile_repeated_blocks(transformer: torch.nn.Module, **options: Any) -> tor
     if options.get("dump_dir") is not None:
         raise ValueError("vsparse option 'dump_dir' is not supported by compile_repeated_blocks yet: compile the "
                          "model whole (torch.compile(transformer, backend='vsparse')) for a dump")
-    opts = parse_options(options)
+    opts = parse_options({"cache": "none", **options})  # the default cache needs the whole stack in one graph
     if opts.splits_block_stack:
         raise ValueError(
             f"vsparse option cache={opts.cache!r} cannot work under regional compilation: the cache skips the whole "
