@@ -48,7 +48,6 @@ import quality  # noqa: E402
 from dense_steps_share import dense_share  # noqa: E402
 
 WAN_LAYERS = 30  # Wan2.1-1.3B's blocks (end_to_end.CONFIGS["wan-1.3b"])
-MEASURED_DENSE_STEPS = 0.25  # the default under which every quality row that does not name dense_steps was measured
 
 
 def load_quality(paths: list[str]) -> list[dict]:
@@ -104,20 +103,20 @@ def load_calls(paths: list[str]) -> dict:
 
 def schedule_dense_share(row: dict, shift: float, steps: int) -> float:
     """The share of the harness's calls in the setting's dense phase, from the schedule."""
-    return dense_share(shift, steps, float(row["options"].get("dense_steps", MEASURED_DENSE_STEPS)))
+    return dense_share(shift, steps, float(quality.resolved_options(row)["dense_steps"]))
 
 
 def project(row: dict, forwards: dict, inductor_ms: float, calls: dict, layers: int = WAN_LAYERS) -> Optional[dict]:
     """The setting's projected Wan-1.3B call (module docstring), spread and conservative, or None without a measured
     forward. `row["dense_share"]`: `schedule_dense_share`."""
-    options = row["options"]
-    planner = options.get("sparsity", "none")
+    options = quality.resolved_options(row)
+    planner = options["sparsity"]
     f, s = row["dense_share"], row["cache_skipped"]
     if planner == "none":
         sparse = dense = inductor_ms
     else:
-        # The density as the setting named it (its default may have changed since); dense layers as measured.
-        forward = forwards.get((planner, float(options["density"]))) if "density" in options else None
+        # Dense layers as measured (the harness's dense sites).
+        forward = forwards.get((planner, float(options["density"])))
         if forward is None:
             return None
         sparse_sites, sites = row["sparse_sites"]

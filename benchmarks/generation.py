@@ -440,19 +440,11 @@ def skip_shares(rows: list[dict], harness_skip: Optional[float], quality_json: O
         if harness_skip is not None:
             shares[row["variant"]] = (harness_skip, "--harness-skip")
             continue
-        key = _setting_key(variant_options(row["variant"])[1])
-        match = next((r for r in results if _setting_key(r["options"]) == key), None)
+        key = quality.resolve(variant_options(row["variant"])[1])
+        match = next((r for r in results if quality.resolved_options(r) == key), None)
         if match is not None:
             shares[row["variant"]] = (match["cache_skipped"], f"{quality_json}: {match['setting']}")
     return shares
-
-
-def _setting_key(options: dict):
-    """What a setting computes: its parsed options without the ones that only steer the compile or the dump."""
-    from dit_compiler.options import parse_options
-
-    return dataclasses.replace(parse_options(options), force_sparse=False, force_cache=False, dump_dir=None,
-                               mode=None)
 
 
 def project(row: dict, skip: float) -> dict:

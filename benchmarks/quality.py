@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -45,27 +46,45 @@ import torch
 import torch.nn.functional as F
 
 import dit_compiler
+import dit_compiler.options
 
 DEFAULT_SETTINGS = (
-    "sparsity=none",  # vsparse without rewrites: must match dense
-    "sparsity=draft,density=0.25", "sparsity=draft,density=0.15", "sparsity=draft,density=0.1",
-    "sparsity=svg,density=0.25", "sparsity=svg,density=0.15", "sparsity=svg,density=0.1",
-    "sparsity=dual,density=0.15", "sparsity=dual,density=0.1",
-    "sparsity=none,cache=easycache,cache_threshold=0.02", "sparsity=none,cache=easycache,cache_threshold=0.05",
-    "sparsity=none,cache=easycache,cache_threshold=0.1",
-    "sparsity=draft,density=0.15,cache=easycache,cache_threshold=0.05",
-    "sparsity=draft,density=0.1,cache=easycache,cache_threshold=0.05",
-    "sparsity=svg,density=0.15,cache=easycache,cache_threshold=0.05",
-    "sparsity=draft,density=0.15,dense_steps=0", "sparsity=draft,density=0.15,dense_steps=0.1",
-    "sparsity=draft,density=0.15,dense_steps=0.5",
-    "sparsity=draft,density=0.15,dense_layers=0", "sparsity=draft,density=0.15,dense_layers=2",
+    "sparsity=none,cache=none",  # vsparse without rewrites or cache: must match dense
+    *(f"sparsity={planner},density={density},cache=none" for planner in ("draft", "svg", "dual")
+      for density in (0.25, 0.15, 0.1)),
+    "sparsity=none,cache=easycache,cache_threshold=0.1,cache_start=0",
+    "sparsity=none,cache=easycache,cache_threshold=0.25,cache_start=0.05",
+    "sparsity=svg,density=0.15,dense_steps=0.15,cache=easycache,cache_threshold=0.25,cache_start=0.05",  # defaults
+    "sparsity=svg,density=0.1,dense_steps=0.15,cache=easycache,cache_threshold=0.25,cache_start=0.05",
+    "sparsity=svg,density=0.15,dense_steps=0.25,cache=easycache,cache_threshold=0.3,cache_start=0.05",
+    "sparsity=svg,density=0.15,dense_steps=0.25,cache=none", "sparsity=svg,density=0.15,dense_layers=0,cache=none",
 )
 # CPU toy: a dense-equivalent setting and one that is sparse and caches (a high threshold, so a few steps skip).
 QUICK_SETTINGS = (
-    "sparsity=none",
+    "sparsity=none,cache=none",
     "sparsity=draft,density=0.5,dense_steps=0,dense_layers=0,block_size=64,cache=easycache,cache_threshold=1.0",
 )
 PSNR_TARGET, SSIM_TARGET = 32.0, 0.93  # issue 9's bar for choosing defaults
+# A setting names the options that differ from vsparse's defaults, and the defaults have changed: rows record the
+# options they resolved to (`resolved_options`); rows written before they did were measured under these defaults.
+COMPUTING_OPTIONS = ("sparsity", "density", "block_size", "dense_steps", "dense_layers", "cache", "cache_threshold",
+                     "cache_start")
+DEFAULTS_BEFORE_2026_11_24 = {"sparsity": "draft", "density": 0.25, "block_size": 128, "dense_steps": 0.25,
+                              "dense_layers": 1, "cache": "none", "cache_threshold": 0.05, "cache_start": 0.0}
+
+
+def resolve(options: dict) -> dict:
+    """The options that decide what a setting computes, with vsparse's current defaults filled in."""
+    parsed = dataclasses.asdict(dit_compiler.options.parse_options(options))
+    return {key: parsed[key] for key in COMPUTING_OPTIONS}
+
+
+def resolved_options(row: dict) -> dict:
+    """What a quality row's setting computed: its recorded resolution, or the options it named over the defaults
+    of the time for a row that recorded none."""
+    if "resolved_options" in row:
+        return row["resolved_options"]
+    return {**DEFAULTS_BEFORE_2026_11_24, **{k: v for k, v in row["options"].items() if k in COMPUTING_OPTIONS}}
 
 
 def parse_setting(spec: str) -> dict:
@@ -331,7 +350,7 @@ def evaluate_setting(model, spec: str, cases: list, reference: list, shift: floa
     counts = stack_counts(dit_compiler.stats(compiled))
     densities = counts["mean_density"]
     return {
-        "setting": spec, "options": options,
+        "setting": spec, "options": options, "resolved_options": resolve(options),
         "psnr_mean": sum(psnrs) / len(psnrs), "psnr_min": min(psnrs), "psnr": psnrs,
         "ssim_mean": sum(ssims) / len(ssims), "ssim_min": min(ssims), "ssim": ssims,
         "cache_skipped": counts["reused"] / max(counts["calls"], 1),

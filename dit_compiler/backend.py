@@ -35,6 +35,10 @@ log = logging.getLogger("dit_compiler")
 _graph_ids = itertools.count()
 _warned_no_stack: list = []  # once per process: Dynamo calls the backend once per graph fragment
 _warned_block_graph: list = []
+_warned_dynamic_cache: list = []
+DYNAMIC_CACHE_NOTE = (
+    "symbolic shapes (dynamic=True): compiling the split block-stack pieces fails there (AOTAutograd's \"output spec "
+    "mismatch\" on a piece; not diagnosed yet), so the graph runs whole, sparse where the rewrite put it")
 BLOCK_GRAPH_NOTE = (
     "no block stack, timestep input or video token grid in this graph: it is one transformer block (regional "
     "compilation, diffusers' compile_repeated_blocks) or a piece between graph breaks, and nothing in it tells the "
@@ -152,7 +156,12 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     # The partition is taken before the rewrite: the recognizers never saw the nodes it adds.
     partition = None
     if opts.splits_block_stack:
-        if analysis.stacks:
+        if _is_dynamic(gm):
+            notes.append(f"cache disabled: {DYNAMIC_CACHE_NOTE}")
+            if not _warned_dynamic_cache:
+                _warned_dynamic_cache.append(True)
+                log.warning("vsparse: graph %s: cache disabled: %s", graph_name, DYNAMIC_CACHE_NOTE)
+        elif analysis.stacks:
             partition = patterns.partition(gm, analysis)
             reason, words = why_cache_does_not_pay(
                 (n for n in gm.graph.nodes if partition[n.name] == "stack"), _device_of(inputs),

@@ -64,3 +64,21 @@ def test_record_reads_nothing_on_the_host(monkeypatch):
         x = torch.randn(4, 8)
         policy.record(state, x, [x * 2], [True])
     assert calls == [] and state.rate is not None and state.rate.dim() == 0
+
+
+def test_a_reused_output_has_the_computed_output_layout():
+    """HunyuanVideo's stack entry is the patch embedding's transposed view ([1, S, C] with strides (S·C, 1, S)) and
+    its stack output is contiguous. `entry + residual` took the entry's layout, so the Inductor-compiled tail, which
+    asserts the strides it was compiled for, failed at the first reuse on the H100 (2026-11-24)."""
+    policy = EasyCache(threshold=10.0)
+    base = torch.randn(1, 16, 24)
+
+    def stack(x):
+        return (x * 1.01 + 0.1).contiguous()
+
+    inputs = [(base * (1 + i / 100)).transpose(1, 2).contiguous().transpose(1, 2) for i in range(5)]
+    assert inputs[0].stride() == (384, 1, 16)
+    outs, reused = run_steps(policy, inputs, stack)
+    assert any(reused)
+    for out in outs:
+        assert out.stride() == (384, 24, 1)

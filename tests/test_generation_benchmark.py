@@ -101,7 +101,7 @@ def test_projection_saves_the_stack_of_each_further_skip():
 
 
 def test_hunyuan_generation_makes_one_call_a_step(eager_pieces, tmp_path):
-    sparse = "sparsity=draft,density=0.5,block_size=64,dense_steps=0.2,dense_layers=0"
+    sparse = "sparsity=draft,density=0.5,block_size=64,dense_steps=0.2,dense_layers=0,cache=none"
     report = generation.main(["--config", "hunyuan-small", "--steps", "3", "--warmup-steps", "2", "--in-process",
                               "--variants", sparse, "--harness-skip", "0.5"])
     (row,) = report["variants"]
@@ -121,17 +121,21 @@ def test_variants_and_quality_settings_are_matched_by_what_they_compute(tmp_path
     with pytest.raises(ValueError, match="density"):
         generation.variant_options("sparsity=draft,density=2")
 
-    results = [{"setting": "sparsity=none,cache=easycache,cache_threshold=0.1", "cache_skipped": 0.5,
-                "options": {"sparsity": "none", "cache": "easycache", "cache_threshold": 0.1, "force_sparse": True,
-                            "dump_dir": "d1"}},
-               {"setting": "sparsity=none,cache=easycache,cache_threshold=0.05", "cache_skipped": 0.3,
-                "options": {"sparsity": "none", "cache": "easycache", "cache_threshold": 0.05, "force_sparse": True,
-                            "dump_dir": "d2"}}]
+    import quality
+
+    # Two rows that name the same options, one written before rows recorded their resolution (measured under the
+    # defaults of the time: dense_steps 0.25, no cache_start) and one after; vsparse-easycache names the same
+    # options, so only the later row computed what it computes.
+    named = {"sparsity": "none", "cache": "easycache"}
+    results = [{"setting": "sparsity=none,cache=easycache", "cache_skipped": 0.5,
+                "options": {**named, "force_sparse": True, "dump_dir": "d1"}},
+               {"setting": "sparsity=none,cache=easycache", "cache_skipped": 0.3,
+                "options": {**named, "force_sparse": True, "dump_dir": "d2"}, "resolved_options": quality.resolve(named)}]
     path = tmp_path / "quality.json"
     path.write_text(json.dumps({"results": results}))
     rows = [{"variant": "vsparse-easycache"}, {"variant": "vsparse-draft-0.15+easycache"}, {"variant": "inductor"}]
-    # vsparse-easycache is cache_threshold 0.05 by default; no quality setting is draft 0.15 with the cache
+    # no quality setting is draft 0.15 with the cache
     assert generation.skip_shares(rows, None, str(path)) == {
-        "vsparse-easycache": (0.3, f"{path}: sparsity=none,cache=easycache,cache_threshold=0.05")}
+        "vsparse-easycache": (0.3, f"{path}: sparsity=none,cache=easycache")}
     assert generation.skip_shares(rows, 0.4, None) == {"vsparse-easycache": (0.4, "--harness-skip"),
                                                        "vsparse-draft-0.15+easycache": (0.4, "--harness-skip")}

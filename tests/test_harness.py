@@ -165,9 +165,12 @@ def test_quality_quick_run_reports_dense_equivalent_and_sparse_settings(tiny_har
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "quality.md").read_text()
     dense_like, sparse = report["results"]
-    assert dense_like["setting"] == "sparsity=none" and f"`{sparse['setting']}`" in table
+    assert dense_like["setting"] == "sparsity=none,cache=none" and f"`{sparse['setting']}`" in table
     assert dense_like["psnr_mean"] > 80 and dense_like["ssim_mean"] == pytest.approx(1.0, abs=1e-6)
     assert dense_like["sparse_sites"] == [0, 2] and dense_like["work"] == 1.0
+    assert dense_like["resolved_options"]["cache"] == "none"
+    assert quality.resolved_options({"options": {"sparsity": "svg"}}) == {
+        **quality.DEFAULTS_BEFORE_2026_11_24, "sparsity": "svg"}  # a row that recorded no resolution
     # Every self-attention site goes sparse (no cost model yet) and the high threshold makes the cache skip.
     assert sparse["sparse_sites"] == [2, 2]
     assert math.isfinite(sparse["psnr_mean"]) and 0 < sparse["ssim_mean"] < 1
@@ -177,8 +180,8 @@ def test_quality_quick_run_reports_dense_equivalent_and_sparse_settings(tiny_har
     # A second run into the same directory reuses the dense latents, replaces the setting it reruns (the same graph:
     # Inductor's cache makes its compile cheap) and keeps the other.
     again = quality.main(["--harness", str(harness), "--quick", "--device", "cpu", "--out", str(tmp_path),
-                          "--settings", "sparsity=none"])
-    assert [r["setting"] for r in again["results"]] == ["sparsity=none", sparse["setting"]]
+                          "--settings", "sparsity=none,cache=none"])
+    assert [r["setting"] for r in again["results"]] == ["sparsity=none,cache=none", sparse["setting"]]
     assert again["dense"] == report["dense"] and again["results"][1] == json.loads(json.dumps(sparse))
     assert again["results"][0]["psnr_mean"] > 80 and again["results"][0]["first_generation_s"] != \
         dense_like["first_generation_s"]
@@ -186,5 +189,5 @@ def test_quality_quick_run_reports_dense_equivalent_and_sparse_settings(tiny_har
     # The table and the plot redraw from quality.json alone.
     (tmp_path / "quality.png").unlink()
     redrawn = quality.main(["--out", str(tmp_path), "--plot-only"])
-    assert [r["setting"] for r in redrawn["results"]] == ["sparsity=none", sparse["setting"]]
+    assert [r["setting"] for r in redrawn["results"]] == ["sparsity=none,cache=none", sparse["setting"]]
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

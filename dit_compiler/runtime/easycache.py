@@ -61,7 +61,10 @@ class EasyCache:
 
     def reuse(self, state: EasyCacheState, entry: torch.Tensor, like_entry: list[bool]) -> list[torch.Tensor]:
         state.last_input = entry
-        return [entry + r if like else r for r, like in zip(state.residuals, like_entry)]
+        # In the computed output's layout (the residual keeps it), which the compiled tail asserts: `entry + r`
+        # would take the entry's, and HunyuanVideo's entry is a transposed view.
+        return [torch.add(entry, r, out=torch.empty_like(r)) if like else r
+                for r, like in zip(state.residuals, like_entry)]
 
     def record(self, state: EasyCacheState, entry: torch.Tensor, outputs: list[torch.Tensor],
                like_entry: list[bool]) -> None:
@@ -71,7 +74,8 @@ class EasyCache:
             rate = _mean_abs(first - state.previous_output) / input_change
             unknown = torch.full_like(rate, math.inf) if state.rate is None else state.rate
             state.rate = torch.where(input_change > 0, rate, unknown)
-        state.residuals = [o - entry if like else o for o, like in zip(outputs, like_entry)]
+        state.residuals = [torch.sub(o, entry, out=torch.empty_like(o)) if like else o
+                           for o, like in zip(outputs, like_entry)]
         state.computed_input = state.last_input = entry
         state.previous_output = first
         state.output_scale = _mean_abs(first)
