@@ -162,7 +162,7 @@ def variant_options(name: str) -> tuple[str, Optional[dict]]:
 
 def uses_cache(name: str) -> bool:
     backend, options = variant_options(name)
-    return backend == "vsparse" and options.get("cache", "none") != "none"
+    return backend == "vsparse" and quality.resolve(options)["cache"] != "none"  # the default caches
 
 
 # ----------------------------------------------------------------------------------------------------------------

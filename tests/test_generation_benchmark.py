@@ -118,6 +118,10 @@ def test_variants_and_quality_settings_are_matched_by_what_they_compute(tmp_path
     assert generation.variant_options("sparsity=svg,density=0.1") == ("vsparse", {"sparsity": "svg", "density": 0.1})
     with pytest.raises(ValueError, match="unknown variant 'draft'"):
         generation.variant_options("draft")
+    # A variant that leaves the cache to the defaults caches (HunyuanVideo's "sparsity=svg" on the H100 was not
+    # projected nor given its head-and-tail call).
+    assert [generation.uses_cache(v) for v in ("sparsity=svg", "sparsity=svg,cache=none", "inductor")] == [
+        True, False, False]
     with pytest.raises(ValueError, match="density"):
         generation.variant_options("sparsity=draft,density=2")
 
