@@ -79,7 +79,7 @@ def test_head_tail_only_times_the_model_without_its_blocks(eager_pieces, tmp_pat
     assert row == report["variants"][0] and row["variant"] == CACHED and row["head_tail_ms"] > 0
     assert len(timed) == 1 and row["call_ms"] == {}
     with pytest.raises(ValueError, match="measures cache variants"):
-        generation.main(["--config", "small", "--head-tail-only", "--variants", "sparsity=draft,density=0.5"])
+        generation.main(["--config", "small", "--head-tail-only", "--variants", "sparsity=draft,density=0.5,cache=none"])
 
 
 def test_projection_saves_the_stack_of_each_further_skip():
