@@ -25,7 +25,7 @@ Sampling loops as diffusers' pipelines make them, random weights, batch 1:
   through, they make no speed claim (on a CPU the sparse op runs its pure-torch reference).
 
 Variants: `eager`, `inductor` (torch.compile, fullgraph), `vsparse-*` (backend="vsparse", fullgraph; vsparse's
-defaults otherwise: dense_steps 0.25, dense_layers 1, cache_threshold 0.05), or any vsparse options written
+defaults for what the name leaves open, the cache off unless named), or any vsparse options written
 `key=value,key=value`. Each runs in its own process (`--in-process`: all in this one, as the test does), with its
 own empty Inductor and Triton cache unless `--shared-cache [DIR]` gives the processes one (a fresh directory for
 this run, or DIR, kept for later runs): compiles then reuse what an earlier variant built, so "compile + first
@@ -129,11 +129,12 @@ CONFIGS["hunyuan-small"] = Config(
 VARIANTS = {
     "eager": ("eager", None),
     "inductor": ("inductor", None),
-    "vsparse-none": ("vsparse", {"sparsity": "none"}),
-    "vsparse-draft-0.25": ("vsparse", {"sparsity": "draft", "density": 0.25}),
-    "vsparse-draft-0.15": ("vsparse", {"sparsity": "draft", "density": 0.15}),
-    "vsparse-draft-0.1": ("vsparse", {"sparsity": "draft", "density": 0.1}),
-    "vsparse-svg-0.1": ("vsparse", {"sparsity": "svg", "density": 0.1}),
+    "vsparse-defaults": ("vsparse", {}),
+    "vsparse-none": ("vsparse", {"sparsity": "none", "cache": "none"}),
+    "vsparse-draft-0.25": ("vsparse", {"sparsity": "draft", "density": 0.25, "cache": "none"}),
+    "vsparse-draft-0.15": ("vsparse", {"sparsity": "draft", "density": 0.15, "cache": "none"}),
+    "vsparse-draft-0.1": ("vsparse", {"sparsity": "draft", "density": 0.1, "cache": "none"}),
+    "vsparse-svg-0.1": ("vsparse", {"sparsity": "svg", "density": 0.1, "cache": "none"}),
     "vsparse-easycache": ("vsparse", {"sparsity": "none", "cache": "easycache"}),
     "vsparse-draft-0.15+easycache": ("vsparse", {"sparsity": "draft", "density": 0.15, "cache": "easycache"}),
 }

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 import dit_compiler
-from dit_compiler.options import SPARSITY
+from dit_compiler.options import CACHE, SPARSITY, Options
 
 
 @dataclass
@@ -109,10 +109,11 @@ def parse_args(example: Example, argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup-steps", type=int, default=2,
                         help="steps of the untimed first generation that compiles (latents only, no decode)")
-    parser.add_argument("--sparsity", default="draft", choices=SPARSITY)
-    parser.add_argument("--density", type=float, default=0.25)
-    parser.add_argument("--cache", default="none", choices=["easycache", "none"])
-    parser.add_argument("--cache-threshold", type=float, default=0.05)
+    defaults = Options()  # vsparse's own, so that the example runs what a user's one line runs
+    parser.add_argument("--sparsity", default=defaults.sparsity, choices=SPARSITY)
+    parser.add_argument("--density", type=float, default=defaults.density)
+    parser.add_argument("--cache", default=defaults.cache, choices=CACHE)
+    parser.add_argument("--cache-threshold", type=float, default=defaults.cache_threshold)
     parser.add_argument("--compare", action="store_true",
                         help="also time the same pipeline with a plain torch.compile (Inductor) transformer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
