@@ -29,13 +29,14 @@ cache. On a CPU the host read stalls no device and the cache is kept; `force_cac
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
-import operator
+from dataclasses import dataclass
 from typing import Iterable, Optional
 
 import torch
 import torch.fx as fx
+
+from dit_compiler.patterns.graph import arg, op_name, tensor_of
 
 PAYS_BELOW = 0.8  # sparse must be estimated at most this share of dense
 
@@ -104,17 +105,8 @@ MATMUL_TFLOPS = 600.0  # bf16 matrix products and attention on an H100, a fast r
 CACHE_COST_US = {False: 3149.0, True: 375.0}  # CUDA graphs? -> the cache's cost a computed call (docstring)
 CACHE_PAYS_ABOVE = 20.0
 
-_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
-_PRODUCTS = (torch.matmul, torch.bmm, torch.mm, operator.matmul, "matmul", "bmm", "mm")
-_PRODUCTS_ADDED = (torch.addmm, torch.baddbmm, "addmm", "baddbmm")  # (bias, a, b)
-_ATTENTION = (torch._C._nn.scaled_dot_product_attention, torch.nn.functional.scaled_dot_product_attention)
-
-
-def _value(node: fx.Node, position: int, name: str) -> Optional[torch.Tensor]:
-    """The traced value of a node's argument, given by position or by keyword."""
-    arg = node.args[position] if len(node.args) > position else node.kwargs.get(name)
-    value = arg.meta.get("example_value") if isinstance(arg, fx.Node) else None
-    return value if isinstance(value, torch.Tensor) else None
+_PRODUCTS = {"matmul": ("input", 0), "bmm": ("input", 0), "mm": ("input", 0),  # (name, position) of the left
+             "addmm": ("mat1", 1), "baddbmm": ("batch1", 1)}                     # factor, whose last dim is summed
 
 
 def _numel(t: torch.Tensor) -> int:
@@ -123,19 +115,18 @@ def _numel(t: torch.Tensor) -> int:
 
 def node_flops(node: fx.Node) -> float:
     """FLOPs (2 per multiply-add) of one matrix product or attention call, from its traced shapes; 0 for others."""
-    out = node.meta.get("example_value")
-    if node.op not in ("call_function", "call_method") or not isinstance(out, torch.Tensor):
+    out, op = tensor_of(node), op_name(node)
+    if out is None:
         return 0.0
-    target = node.target
-    if target in _LINEAR:
-        weight = _value(node, 1, "weight")
+    if op == "linear":
+        weight = tensor_of(arg(node, 1, "weight"))
         return 0.0 if weight is None else 2.0 * _numel(out) * _traced_size(weight.shape[-1])
-    if target in _PRODUCTS or target in _PRODUCTS_ADDED:
-        first = (_value(node, 1, "batch1" if target in (torch.baddbmm, "baddbmm") else "mat1")
-                 if target in _PRODUCTS_ADDED else _value(node, 0, "input"))
-        return 0.0 if first is None else 2.0 * _numel(out) * _traced_size(first.shape[-1])
-    if target in _ATTENTION:
-        query, key = _value(node, 0, "query"), _value(node, 1, "key")
+    if op in _PRODUCTS:
+        name, position = _PRODUCTS[op]
+        left = tensor_of(arg(node, position, name))
+        return 0.0 if left is None else 2.0 * _numel(out) * _traced_size(left.shape[-1])
+    if op == "scaled_dot_product_attention":
+        query, key = tensor_of(arg(node, 0, "query")), tensor_of(arg(node, 1, "key"))
         if query is None or key is None:
             return 0.0
         return 2.0 * (_numel(query) + _numel(out)) * _traced_size(key.shape[-2])

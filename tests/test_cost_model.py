@@ -142,3 +142,32 @@ def test_the_cache_pays_on_wan_13b_and_not_on_the_small_model():
         reason, _ = why_cache_does_not_pay(small, cuda, cuda_graphs)
         assert "does not pay" in reason and "force_cache=True" in reason
     assert why_cache_does_not_pay(small, torch.device("cpu"), False) == (None, "")
+
+
+def test_every_counted_product_matches_torch_flop_counter():
+    """Each product form a model may trace (function, method, operator, keyword arguments) against torch's counter."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dit_compiler.passes.cost_model import node_flops
+
+    def products(x, w, b, q, k, v):
+        y = torch.matmul(x, w) + (x @ w) + x.matmul(w) + torch.bmm(x, w) + torch.baddbmm(b, batch1=x, batch2=w)
+        z = torch.addmm(b[0], x[0], w[0]) + x[0].addmm(x[0], w[0]) + torch.mm(x[0], w[0])
+        a = torch.nn.functional.scaled_dot_product_attention(query=q, key=k, value=v)
+        return torch.nn.functional.linear(y, w[0]).sum() + z.sum() + a.sum()
+
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(s, generator=g) for s in ((2, 6, 5), (2, 5, 5), (2, 6, 5), (1, 2, 7, 4), (1, 2, 9, 4),
+                                                    (1, 2, 9, 3))]
+    found = {}
+
+    def capture(gm, example_inputs):
+        found["flops"] = sum(map(node_flops, gm.graph.nodes))
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(products, backend=capture, fullgraph=True)(*inputs)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        products(*inputs)
+    assert found["flops"] == counter.get_total_flops() > 0
