@@ -7,8 +7,10 @@ Per shape (bf16, D=128, 128-token blocks): cuDNN and flash SDPA (dense), then fo
 row the same count; banded; optional ragged: per-pair coin flips, 10% empty rows) and density: ours (autotuned once,
 cached) and FlexAttention (torch.compile) with the identical BlockMask (listed blocks passed as full blocks).
 Effective TFLOP/s = 4 * sum over query rows of visible keys * D / time. A correctness line per case compares ours with
-FlexAttention's output (and, at density 1, with cuDNN's). Then the permutation kernel's GB/s against a device copy.
-Prints a table and writes JSON.
+FlexAttention's output (and, at density 1, with cuDNN's). Then the permutation kernel's GB/s against a device copy,
+and Sparse VideoGen's sampled-row measurement (`sampled_rows_attention`, 64 rows under the full, spatial and temporal
+masks) against the same arithmetic in torch compiled by Inductor (the formula svg used before the op). Prints a table
+and writes JSON.
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
-from dit_compiler.kernels import triton_block_sparse
-from dit_compiler.passes.planners.svg import position_major_permutation
+from dit_compiler.kernels import triton_block_sparse, triton_sampled_rows
+from dit_compiler.passes.planners.svg import position_major_permutation, svg_constants
 from dit_compiler.kernels.triton_permute import triton_permute_tokens
 from dit_compiler.kernels import block_mask
 from dit_compiler.kernels.masks.banded import banded_block_mask
@@ -35,6 +37,9 @@ SHAPES = {"wan1.3b": (1, 12, 32760, 128), "wan14b": (1, 40, 75600, 128)}
 # Wan's token grids (frames, height, width) behind those lengths, for the permutation benchmark.
 GRIDS = {"wan1.3b": (21, 30, 52), "wan14b": (21, 45, 80)}
 SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in triton_block_sparse.CONFIGS]
+# (BLOCK_M, BLOCK_N, warps, stages) of the sampled-row kernel tried with --sweep, the default first.
+SAMPLED_ROWS_SWEEP = [triton_sampled_rows.CONFIG, (64, 128, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 2),
+                      (32, 64, 4, 2)]
 
 
 def bench(fn, budget_ms: float) -> float:
@@ -151,6 +156,39 @@ def run_permutation(name, shape, budget_ms, rows):
         print(f"{name:8s} permute {case:16s} {ms:8.3f} ms {moved / ms / 1e6:8.0f} GB/s", flush=True)
 
 
+def torch_sampled_rows(q, k, v, rows, masks, scale):
+    """`sampled_rows_attention`'s arithmetic in torch (matrix products in the inputs' dtype over unnormalized
+    exponentials, each mask's output divided by its own sum): the peer, compiled by Inductor."""
+    scores = (q[:, :, rows] @ k.transpose(-1, -2)).float() * scale
+    weights = torch.exp(scores - scores.amax(-1, keepdim=True))[:, :, None] * masks  # [B, H, C, R, S]
+    sums = weights.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return (weights.to(v.dtype) @ v[:, :, None]).float() / sums
+
+
+def run_sampled_rows(name, shape, budget_ms, sweep, rows):
+    batch, heads, seq, dim = shape
+    frames, height, width = GRIDS[name]
+    constants = svg_constants((frames, height, width, 0, seq - frames * height * width), 128, 0.1, device="cuda")
+    sample, masks = constants["sample_rows"], constants["sample_masks"]
+    g = torch.Generator(device="cuda").manual_seed(2)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    scale = dim ** -0.5
+    peer = torch.compile(torch_sampled_rows, dynamic=False)
+    expect = peer(q, k, v, sample, masks, scale)
+    cases = {"inductor_formula": lambda: peer(q, k, v, sample, masks, scale),
+             "ours": lambda: torch.ops.vsparse.sampled_rows_attention(q, k, v, sample, masks, scale)}
+    for config in sweep:
+        cases[f"ours:{config}"] = (lambda c: lambda: triton_sampled_rows.triton_sampled_rows_attention(
+            q, k, v, sample, masks, scale, config=c))(config)
+    for case, fn in cases.items():
+        error = rel_err(fn(), expect)
+        ms = bench(fn, budget_ms)
+        rows.append(dict(shape=name, impl="sampled_rows:" + case, ms=ms, rel_err_vs_formula=error))
+        print(f"{name:8s} sampled rows {case:32s} {ms * 1000:8.1f} us  rel. error vs formula {error:.1e}", flush=True)
+    del q, k, v
+    torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -160,15 +198,21 @@ def main():
     parser.add_argument("--sweep", action="store_true",
                         help="also time each fixed config at densities 1 and 0.25 (first shape only)")
     parser.add_argument("--no-permute", action="store_true")
+    parser.add_argument("--no-sampled-rows", action="store_true")
+    parser.add_argument("--no-attention", action="store_true", help="skip the block-sparse attention cases")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     rows, checks = [], []
     for name in args.shapes:
         sweep = SWEEP if args.sweep and name == args.shapes[0] else []  # configs rank alike on both shapes
-        run_attention(name, SHAPES[name], args.densities, args.masks, args.budget_ms, sweep, rows, checks)
+        if not args.no_attention:
+            run_attention(name, SHAPES[name], args.densities, args.masks, args.budget_ms, sweep, rows, checks)
         if not args.no_permute:
             run_permutation(name, SHAPES[name], args.budget_ms, rows)
+        if not args.no_sampled_rows:
+            run_sampled_rows(name, SHAPES[name], args.budget_ms,
+                             SAMPLED_ROWS_SWEEP if args.sweep and name == args.shapes[0] else [], rows)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 host=platform.node())
@@ -176,7 +220,7 @@ def main():
     print("\n| shape | mask | density | ours ms | ours TF/s | flex ms | flex TF/s | cuDNN dense ms |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if r["impl"] != "ours":
+        if r.get("impl") != "ours":
             continue
         f = next(x for x in rows if x["impl"] == "flex" and x["shape"] == r["shape"] and x["mask"] == r["mask"]
                  and x["density"] == r["density"])

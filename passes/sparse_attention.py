@@ -49,7 +49,8 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
     """The one replacement of every planner: plan, permute, mask, fall back to the full mask in the dense phase,
     block-sparse attention, restore the order. Returns (output, kv_num_blocks, kv_indices)."""
     chosen = PLANNERS[planner]
-    plan = chosen.plan(q, k, v, constants, layout, block_size=block_size, density=density, scale=scale)
+    plan = chosen.plan(q, k, v, constants, layout, block_size=block_size, density=density, scale=scale,
+                       dense=dense)
     q, k, v = (_reorder(t, plan.perm) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)

@@ -139,6 +139,22 @@ def test_classify_heads_tells_spatial_from_temporal(layout):
     assert torch.equal(temporal, torch.stack([truth, truth.flip(0)]))
 
 
+def test_planner_skips_the_classification_in_the_dense_phase():
+    layout = (6, 10, 12, 8, 5, 16)
+    q, k, v = grid_qkv(layout, [SPATIAL, TEMPORAL], seed=0)
+    planner, grid = svg.SvgPlanner(), layout[:5]
+    constants = planner.constants(grid, 16, 0.25, q.device)
+    kwargs = dict(block_size=16, density=0.25, scale=q.shape[-1] ** -0.5)
+    classified = planner.plan(q, k, v, constants, grid, **kwargs)
+    for dense in (None, torch.tensor(False)):
+        assert torch.equal(planner.plan(q, k, v, constants, grid, **kwargs, dense=dense).perm, classified.perm)
+    # The dense phase runs the full mask whatever the plan says: the op computes nothing and every head reads as
+    # spatial (the identity order).
+    skipped = planner.plan(q, k, v, constants, grid, **kwargs, dense=torch.tensor(True))
+    assert not torch.equal(classified.perm[0, 1], skipped.perm[0, 1])
+    assert torch.equal(skipped.perm, torch.arange(q.shape[2]).expand(1, 2, -1))
+
+
 def test_classify_heads_reads_only_the_sampled_query_rows():
     layout = (6, 10, 12, 8, 5, 16)
     frames, height, width, text_before, text_after, block_size = layout
@@ -169,8 +185,10 @@ def test_sampled_errors_match_a_float64_softmax_per_mask(dtype, tolerance):
     def output(allowed):
         return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v.double()
 
-    full = output(torch.ones_like(constants["sample_spatial"]))
-    for got, mask in ((spatial, constants["sample_spatial"]), (temporal, constants["sample_temporal"])):
+    full_mask, spatial_mask, temporal_mask = constants["sample_masks"]
+    assert full_mask.all()
+    full = output(full_mask)
+    for got, mask in ((spatial, spatial_mask), (temporal, temporal_mask)):
         want = (output(mask) - full).square().mean(dim=(-2, -1))
         assert got.dtype == torch.float32 and got.shape == (2, 3)
         assert torch.allclose(got.double(), want, rtol=tolerance, atol=0), (got, want)

@@ -7,9 +7,11 @@ A planner is an object with a `name` (the `sparsity` option's value) and two met
       Once per static layout, at compile time: whatever depends on the layout and options alone (Draft's window
       order; Sparse VideoGen's position-major order, both head masks and the sampled rows' masks). They live in the
       compiled module as buffers, so no call recomputes them; with symbolic sizes the graph computes them per call.
-  plan(q, k, v, constants, layout, *, block_size, density, scale) -> Plan
-      Per call, traced into the graph (pure torch, no host reads): the order of this call (shared [S], or per-head
-      [B|1, H, S] orders), and whatever the order's choice already decided about the mask.
+  plan(q, k, v, constants, layout, *, block_size, density, scale, dense) -> Plan
+      Per call, traced into the graph (no host reads): the order of this call (shared [S], or per-head [B|1, H, S]
+      orders), and whatever the order's choice already decided about the mask. `dense` is the dense phase (a 0-dim
+      bool tensor, or None when no call is dense): the call then runs the full mask whatever the plan says, so a
+      planner whose own op can read the flag on the device skips its work there (svg's `sampled_rows_attention`).
   mask(q, k, plan, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
       Per call: the block mask (kernels/block_mask.py's format) for q, k already in the plan's order.
 
@@ -41,7 +43,8 @@ class Planner(Protocol):
 
     def constants(self, layout, block_size: int, density: float, device) -> dict: ...
 
-    def plan(self, q, k, v, constants: dict, layout, *, block_size: int, density: float, scale: float) -> Plan: ...
+    def plan(self, q, k, v, constants: dict, layout, *, block_size: int, density: float, scale: float,
+             dense: Optional[torch.Tensor] = None) -> Plan: ...
 
     def mask(self, q, k, plan: Plan, layout, *, block_size: int, density: float, scale: float): ...
 

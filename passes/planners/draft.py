@@ -145,7 +145,7 @@ class DraftPlanner:
         order = block_mask.heaviest_first(common.kept_counts(density, text)[None, None])
         return {"perm": perm, "inverse": inverse, "q_block_order": order}
 
-    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
         from dit_compiler.passes.planners import Plan
 
         return Plan(constants["perm"], constants["inverse"], q_block_order=constants["q_block_order"])

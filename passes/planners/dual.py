@@ -77,7 +77,7 @@ class DualPlanner:
                 "position_major_inverse": position_major_inverse,
                 "q_block_order": block_mask.heaviest_first(common.kept_counts(density, text)[None, None])}
 
-    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
         from dit_compiler.passes.planners import Plan
 
         plan = dual_plan(q, k, constants, layout, block_size=block_size, density=density, scale=scale)

@@ -96,7 +96,8 @@ def _sampled_rows(frames, height, width, text_before, num_sample_rows, device) -
 
 def svg_constants(layout, block_size: int, density: float, num_sample_rows: int = 64, device=None) -> dict:
     """Everything of a plan that depends on the layout alone: the position-major permutation, both head masks and,
-    for the sampled query rows, both masks at token level in the original (frame-major) order ([R, S] bool)."""
+    for the sampled query rows, the full, spatial and temporal masks at token level in the original (frame-major)
+    order ("sample_masks", [3, R, S] bool, the candidates of `sampled_errors`)."""
     _check_layout(*layout, block_size)
     common.check_sizes(1, num_sample_rows=num_sample_rows)
     frames, height, width, text_before, text_after = layout
@@ -110,8 +111,9 @@ def svg_constants(layout, block_size: int, density: float, num_sample_rows: int 
     spatial_num, spatial_indices = block_mask.from_block_bool(spatial_visit)
     temporal_num, temporal_indices = block_mask.from_block_bool(temporal_visit)
     return {"position_major": position_major, "position_major_inverse": inverse, "sample_rows": rows,
-            "sample_spatial": spatial_visit[rows // block_size][:, spatial_blocks],
-            "sample_temporal": temporal_visit[temporal_blocks[rows]][:, temporal_blocks],
+            "sample_masks": torch.stack([torch.ones(rows.shape[0], seq_len, dtype=torch.bool, device=device),
+                                         spatial_visit[rows // block_size][:, spatial_blocks],
+                                         temporal_visit[temporal_blocks[rows]][:, temporal_blocks]]),
             "spatial_num": spatial_num, "spatial_indices": spatial_indices,
             "spatial_order": block_mask.heaviest_first(spatial_num),
             "temporal_num": temporal_num, "temporal_indices": temporal_indices,
@@ -129,28 +131,21 @@ def _check_qkv(q, k, v, layout) -> None:
                          f"= {seq_len}")
 
 
-def sampled_errors(q, k, v, constants: dict, scale=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sampled_errors(q, k, v, constants: dict, scale=None, skip=None) -> tuple[torch.Tensor, torch.Tensor]:
     """([B, H], [B, H]) float32: mean squared error of the sampled rows' spatial-mask and temporal-mask outputs
-    against their full-attention output. The scores and the three outputs are two matrix products in the inputs'
-    dtype (tensor cores for bf16, float32 accumulation) over unnormalized exponentials, each output divided by its
-    own mask's sum afterwards: the [3, R, S] weights are written once, in the inputs' dtype, and never normalized in
-    place (on the Wan-1.3B shape that pass over them was most of the planner's time)."""
+    against their full-attention output, all three from one `sampled_rows_attention` call (one pass over K and V on
+    CUDA). `skip` (0-dim bool, the dense phase) set: zeros, computed by nothing."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    rows = constants["sample_rows"]
-    scores = (q[..., rows, :] @ k.transpose(-1, -2)).float() * scale  # [B, H, R, S]
-    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))
-    masked = torch.stack([weights, weights * constants["sample_spatial"], weights * constants["sample_temporal"]],
-                         dim=-3)  # [B, H, 3, R, S]
-    sums = masked.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)  # [B, H, 3, R, 1]
-    outputs = (masked.to(v.dtype).flatten(-3, -2) @ v).float().unflatten(-2, (3, rows.shape[0])) / sums
-    full, spatial, temporal = outputs.unbind(-3)
+    outputs = torch.ops.vsparse.sampled_rows_attention(q.detach(), k.detach(), v.detach(), constants["sample_rows"],
+                                                       constants["sample_masks"], scale, skip)
+    full, spatial, temporal = outputs.unbind(2)
     return (spatial - full).square().mean(dim=(-2, -1)), (temporal - full).square().mean(dim=(-2, -1))
 
 
-def classify_with(q, k, v, constants: dict, scale=None) -> torch.Tensor:
+def classify_with(q, k, v, constants: dict, scale=None, skip=None) -> torch.Tensor:
     """[B, H] bool, True where the temporal mask's sampled output is closer (MSE) to full attention's
-    (`sampled_errors`)."""
-    spatial_error, temporal_error = sampled_errors(q, k, v, constants, scale)
+    (`sampled_errors`; with `skip` set every head is spatial, and nothing is computed)."""
+    spatial_error, temporal_error = sampled_errors(q, k, v, constants, scale, skip)
     return temporal_error < spatial_error
 
 
@@ -204,11 +199,11 @@ class SvgPlanner:
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         return svg_constants(layout, block_size, density, device=device)
 
-    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
         from dit_compiler.passes.planners import Plan
 
         _check_qkv(q, k, v, layout)
-        return Plan(*plan_with(classify_with(q, k, v, constants, scale), constants, q.shape[-2]))
+        return Plan(*plan_with(classify_with(q, k, v, constants, scale, skip=dense), constants, q.shape[-2]))
 
     def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices
