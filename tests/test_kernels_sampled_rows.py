@@ -77,6 +77,17 @@ def test_triton_kernels_read_strided_inputs():
     assert_matches(out, q, k, v, rows, masks, scale)
 
 
+@interpreted
+def test_triton_kernels_normalize_a_mask_whose_keys_are_far_below_the_hidden_ones():
+    # The kernels weigh every mask against the row's maximum over all keys: a mask that hides the heavy keys must
+    # still come out normalized by its own (here ~2^-40 smaller) sum.
+    q, k, v, rows, masks, scale = make_case(5, 1, 1, 40, 96, 16, 2, 4, 1.0, torch.float32)
+    k[:, :, :32] = q[:, :, rows[0]][:, :, None] * 6  # keys 0..31 score far above the rest for row 0
+    masks[1, :, :32] = False
+    out = triton_sampled_rows.triton_sampled_rows_attention(q, k, v, rows, masks, scale, splits=3)
+    assert_matches(out, q, k, v, rows, masks, scale)
+
+
 @pytest.mark.parametrize("run", ["op", pytest.param("triton", marks=interpreted)])
 def test_skip_gives_zeros_and_its_absence_computes(run):
     q, k, v, rows, masks, scale = make_case(2, 1, 2, 50, 50, 16, 3, 4, 0.5, torch.float32)
