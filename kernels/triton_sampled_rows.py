@@ -1,12 +1,11 @@
 """Triton kernels of `sampled_rows_attention` (the op and its contract: sampled_rows.py).
 
-Few rows and many keys: one program per (key split, batch·head, tile of sampled rows) runs a flash-attention loop
-over its split of the keys and writes a partial (row max, and per mask the row sum and unnormalized output), and a
-second kernel merges the splits, so the launch fills the GPU although R is small. A key tile's scores and
-exponentials are computed once for every mask: the masks share the row's running maximum over all keys (so a mask
-whose visible keys all weigh under 2^-126 of the row's heaviest key gives zeros, as the op's contract says), and
-their outputs come from one batched product over [C, rows, keys] (C padded to a power of two). With `skip` set both
-kernels read it first: the first writes nothing, the second writes zeros.
+The C masks make C·R "virtual rows" (mask c, sampled row r), each its own masked softmax over the keys. Few rows and
+many keys: one program per (key split, batch·head, tile of virtual rows) runs a flash-attention loop over its split
+of the keys and writes a partial (row max, row sum, unnormalized output), and a second kernel merges the splits,
+so the launch fills the GPU although R is small. K and V are read once per row tile from memory (the row tiles of
+one split share them through L2); the masks are read as bytes. With `skip` set both kernels read it first: the
+first writes nothing, the second writes zeros.
 """
 from __future__ import annotations
 
@@ -20,7 +19,7 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _LOG2E = 1.4426950408889634
 # (BLOCK_M, BLOCK_N, warps, stages); under the interpreter a small tile keeps the tests quick.
-CONFIG = (32, 64, 8, 2)
+CONFIG = (64, 64, 4, 2)
 INTERPRETER_CONFIG = (16, 16, 1, 1)
 _SPLIT_WAVES = 4  # programs per SM the key splits aim for
 _sm_counts: dict = {}
@@ -30,9 +29,9 @@ _sm_counts: dict = {}
 def _sampled_rows_partial_kernel(
         q_ptr, k_ptr, v_ptr, rows_ptr, masks_ptr, skip_ptr, m_ptr, l_ptr, acc_ptr,
         stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-        heads, kv_len, num_rows, num_masks, keys_per_split, padded_rows, qk_scale,
-        HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, MASKS: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+        heads, kv_len, num_rows, num_virtual, keys_per_split, padded_virtual, qk_scale,
+        HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1)
     tile = tl.program_id(2)
@@ -41,21 +40,18 @@ def _sampled_rows_partial_kernel(
             return
     b = bh // heads
     h = bh % heads
-    row = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = row < num_rows
-    token = tl.load(rows_ptr + row, mask=row_ok, other=0)
+    virtual = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = virtual < num_virtual
+    mask_row = tl.where(row_ok, virtual, 0)  # row (c, r) of masks [C, R, Skv] is c * R + r
+    token = tl.load(rows_ptr + mask_row % num_rows)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + token[:, None] * stride_qs + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
     if DOT_FP32:  # the interpreter's bf16/fp16 dot is wrong (triton-lang/triton#11584)
         q = q.to(tl.float32)
-    masks = tl.arange(0, MASKS)
-    # [MASKS, BLOCK_M] offsets of (mask, row) in masks [C, R, Skv]; padded masks and rows read nothing
-    mask_rows = (masks[:, None] * num_rows + row[None, :]).to(tl.int64) * kv_len
-    mask_rows_ok = (masks[:, None] < num_masks) & row_ok[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([MASKS, BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([MASKS, BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     first = split * keys_per_split
     last = tl.minimum(first + keys_per_split, kv_len)
     for key_start in tl.range(first, last, BLOCK_N):
@@ -65,8 +61,8 @@ def _sampled_rows_partial_kernel(
                     mask=key_ok[:, None], other=0.0)
         v = tl.load(v_ptr + b * stride_vb + h * stride_vh + keys[:, None] * stride_vs + dims[None, :],
                     mask=key_ok[:, None], other=0.0)
-        visible = tl.load(masks_ptr + mask_rows[:, :, None] + keys[None, None, :],
-                          mask=mask_rows_ok[:, :, None] & key_ok[None, None, :], other=0) != 0
+        visible = tl.load(masks_ptr + mask_row[:, None].to(tl.int64) * kv_len + keys[None, :],
+                          mask=row_ok[:, None] & key_ok[None, :], other=0) != 0
         if DOT_FP32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -74,53 +70,49 @@ def _sampled_rows_partial_kernel(
             qk = tl.dot(q, k.T, input_precision="ieee")
         else:
             qk = tl.dot(q, k.T)
-        qk = tl.where(key_ok[None, :], qk * qk_scale, float("-inf"))
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row with no key in this split keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+        # A row that has seen no visible key keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_shift[:, None])
         alpha = tl.math.exp2(m_i - m_shift)
-        p = tl.where(visible, tl.math.exp2(qk - m_shift[:, None])[None, :, :], 0.0)  # [MASKS, BLOCK_M, BLOCK_N]
-        l_i = l_i * alpha[None, :] + tl.sum(p, 2)
-        values = tl.broadcast_to(v[None, :, :], [MASKS, BLOCK_N, HEAD_DIM])
+        l_i = l_i * alpha + tl.sum(p, 1)
         if IEEE:
-            acc = tl.dot(p, values, acc * alpha[None, :, None], input_precision="ieee")
+            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
         else:
-            acc = tl.dot(p.to(v.dtype), values, acc * alpha[None, :, None])
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
-    part = (bh * tl.num_programs(0) + split) * padded_rows + row  # [BLOCK_M] into [B*H, splits, padded rows]
-    tl.store(m_ptr + part, m_i)
-    masked_part = (part[None, :] * MASKS + masks[:, None])  # [MASKS, BLOCK_M] into [..., padded rows, MASKS]
-    tl.store(l_ptr + masked_part, l_i)
-    tl.store(acc_ptr + masked_part[:, :, None] * HEAD_DIM + dims[None, None, :], acc)
+    out = (bh * tl.num_programs(0) + split) * padded_virtual + virtual
+    tl.store(m_ptr + out, m_i)
+    tl.store(l_ptr + out, l_i)
+    tl.store(acc_ptr + out[:, None] * HEAD_DIM + dims[None, :], acc)
 
 
 @triton.jit
-def _sampled_rows_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, skip_ptr, splits, num_rows, num_masks, padded_rows,
-                               HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, MASKS: tl.constexpr,
-                               BLOCK_M: tl.constexpr):
+def _sampled_rows_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, skip_ptr, splits, num_virtual, padded_virtual,
+                               HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     bh = tl.program_id(0)
     tile = tl.program_id(1)
-    mask = tl.program_id(2)
-    row = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    virtual = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
-    out_ptrs = out_ptr + ((bh * num_masks + mask) * num_rows + row)[:, None] * HEAD_DIM + dims[None, :]
-    row_ok = (row < num_rows)[:, None]
+    out_ptrs = out_ptr + (bh * num_virtual + virtual)[:, None] * HEAD_DIM + dims[None, :]
+    row_ok = (virtual < num_virtual)[:, None]
     if HAS_SKIP:
         if tl.load(skip_ptr) != 0:
             tl.store(out_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=row_ok)
             return
     m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for split in range(splits):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh * splits + split) * padded_rows + row))
+        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh * splits + split) * padded_virtual + virtual))
     shift = tl.where(m_max == float("-inf"), 0.0, m_max)
     l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for split in range(splits):
-        part = (bh * splits + split) * padded_rows + row
+        part = (bh * splits + split) * padded_virtual + virtual
         weight = tl.math.exp2(tl.load(m_ptr + part) - shift)
-        l_sum += weight * tl.load(l_ptr + part * MASKS + mask)
-        acc += weight[:, None] * tl.load(acc_ptr + (part * MASKS + mask)[:, None] * HEAD_DIM + dims[None, :])
-    # Rows whose mask hides every key have l = 0 and acc = 0: they store zeros.
+        l_sum += weight * tl.load(l_ptr + part)
+        acc += weight[:, None] * tl.load(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :])
+    # Rows that may see no key have l = 0 and acc = 0: they store zeros.
     tl.store(out_ptrs, acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None], mask=row_ok)
 
 
@@ -141,9 +133,9 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
     batch, heads, _, head_dim = q.shape
     kv_len = k.shape[2]
     num_masks, num_rows = masks.shape[:2]
+    num_virtual = num_masks * num_rows
     block_m, block_n, warps, stages = config or (INTERPRETER_CONFIG if _INTERPRET else CONFIG)
-    padded_masks = triton.next_power_of_2(num_masks)
-    tiles = triton.cdiv(num_rows, block_m)
+    tiles = triton.cdiv(num_virtual, block_m)
     key_tiles = triton.cdiv(kv_len, block_n)
     if splits is None:
         splits = triton.cdiv(_SPLIT_WAVES * _sm_count(q.device), batch * heads * tiles)
@@ -152,9 +144,8 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
     splits = triton.cdiv(kv_len, keys_per_split)  # no split left empty
     padded = tiles * block_m
     partial_m = torch.empty(batch * heads, splits, padded, dtype=torch.float32, device=q.device)
-    partial_l = torch.empty(batch * heads, splits, padded, padded_masks, dtype=torch.float32, device=q.device)
-    partial_acc = torch.empty(batch * heads, splits, padded, padded_masks, head_dim, dtype=torch.float32,
-                              device=q.device)
+    partial_l = torch.empty_like(partial_m)
+    partial_acc = torch.empty(batch * heads, splits, padded, head_dim, dtype=torch.float32, device=q.device)
     shape = (batch, heads, num_masks, num_rows, head_dim)
     if out is None:
         out = torch.empty(shape, dtype=torch.float32, device=q.device)
@@ -164,10 +155,10 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
     masks = masks.contiguous().view(torch.uint8)
     _sampled_rows_partial_kernel[(splits, batch * heads, tiles)](
         q, k, v, rows, masks, flag, partial_m, partial_l, partial_acc, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], heads, kv_len, num_rows, num_masks, keys_per_split, padded, scale * _LOG2E,
-        HAS_SKIP=skip is not None, HEAD_DIM=head_dim, MASKS=padded_masks, BLOCK_M=block_m, BLOCK_N=block_n,
+        *v.stride()[:3], heads, kv_len, num_rows, num_virtual, keys_per_split, padded, scale * _LOG2E,
+        HAS_SKIP=skip is not None, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_FP32=_INTERPRET, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
-    _sampled_rows_merge_kernel[(batch * heads, tiles, num_masks)](
-        partial_m, partial_l, partial_acc, out, flag, splits, num_rows, num_masks, padded, HAS_SKIP=skip is not None,
-        HEAD_DIM=head_dim, MASKS=padded_masks, BLOCK_M=block_m, num_warps=4)
+    _sampled_rows_merge_kernel[(batch * heads, tiles)](
+        partial_m, partial_l, partial_acc, out, flag, splits, num_virtual, padded, HAS_SKIP=skip is not None,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, num_warps=4)
     return out

@@ -79,8 +79,8 @@ def test_triton_kernels_read_strided_inputs():
 
 @interpreted
 def test_triton_kernels_normalize_a_mask_whose_keys_are_far_below_the_hidden_ones():
-    # The kernels weigh every mask against the row's maximum over all keys: a mask that hides the heavy keys must
-    # still come out normalized by its own (here ~2^-40 smaller) sum.
+    # Each mask's softmax has its own maximum: a mask that hides the heavy keys (its own sum ~2^-40 of theirs) must
+    # still come out normalized.
     q, k, v, rows, masks, scale = make_case(5, 1, 1, 40, 96, 16, 2, 4, 1.0, torch.float32)
     k[:, :, :32] = q[:, :, rows[0]][:, :, None] * 6  # keys 0..31 score far above the rest for row 0
     masks[1, :, :32] = False
