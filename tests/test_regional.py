@@ -195,3 +195,32 @@ def test_inductor_compiles_the_sparse_blocks():
     ((names, calls),) = records(model)
     assert len(names) == 2 and calls[0][2:] == [1.0, 1.0]
     torch._dynamo.reset()
+
+
+def test_regional_compilation_holds_no_weak_reference_to_a_parameter(compiles):
+    # torch.utils.swap_tensors (Module.to() for tensor-subclass parameters and under
+    # set_swap_module_params_on_conversion) refuses a tensor with a weak reference: ours must hold none.
+    import weakref
+
+    model, inputs = wan()
+    dit_compiler.compile_repeated_blocks(model, density=0.5)
+    run(model, inputs)
+    ours = [r for p in model.parameters() for r in weakref.getweakrefs(p)
+            if getattr(r.__callback__, "__module__", "").startswith("dit_compiler")]
+    assert not ours
+
+
+def test_block_owners_tell_a_parameter_by_its_block_and_forget_the_block_when_it_goes():
+    from dit_compiler.runtime.regional import BlockOwners
+
+    owners, owner = BlockOwners(), object()
+    block = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    owners.add(block, owner, "blocks.0")
+    weight = block[0].weight
+    assert owners.get(weight) == (owner, "blocks.0")
+    assert owners.get(torch.nn.Parameter(torch.zeros(2))) is None
+    block[0].weight = torch.nn.Parameter(torch.zeros(2, 2))  # the block no longer holds that object
+    assert owners.get(weight) is None and owners.get(block[0].weight) is None
+    del block
+    gc.collect()
+    assert not owners._entries

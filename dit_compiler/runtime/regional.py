@@ -1,9 +1,9 @@
 """Run-time state of regional compilation (`dit_compiler.compile_repeated_blocks`): one compiled block graph serves
 every block of a model, and every model of that block class with the same options and layout.
 
-- `BlockOwners`: which model and block path a block's parameters belong to (identity, held weakly). A block runner
-  tells the calling model from its graph inputs, as `DiTRunner` does: state is never shared between two models of
-  one class.
+- `BlockOwners`: which model and block path a block's parameters belong to (by identity; the block is held weakly,
+  never the parameters, which `Module.to()` may swap). A block runner tells the calling model from its graph
+  inputs, as `DiTRunner` does: state is never shared between two models of one class.
 - `ModelCall`: what the model's forward pre-hook computed for one call (the dense phase, a 0-dim bool on the device,
   from the model's timestep: no host read) and what the blocks report during it (visited-block fractions).
 - `BlockRunner`: the callable a sparse block backend returns; feeds the call's dense phase to the block graph as its
@@ -23,27 +23,48 @@ from dit_compiler.runtime.runner import CallRecord, GraphOutputs, ModelStates, t
 
 
 class BlockOwners:
-    """(owner, block path) for each parameter of a registered block, keyed by the parameter's identity."""
+    """(owner, block path) for each parameter of a registered block, keyed by the parameter's identity.
+
+    The entry holds the block weakly and the parameter's name in it, never the parameter: `torch.utils.swap_tensors`
+    (`Module.to()` for tensor-subclass parameters and under `set_swap_module_params_on_conversion(True)`) refuses a
+    tensor with a weak reference. A lookup checks that the block still holds that very object under that name (an
+    id may be reused once a parameter is gone); the entries go with the block."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[weakref.ref, object, str]] = {}
+        self._entries: dict[int, tuple[weakref.ref, str, object, str]] = {}
 
     def add(self, block: torch.nn.Module, owner: object, path: str) -> None:
-        for param in block.parameters():
-            slot = id(param)
-            ref = weakref.ref(param, lambda r, slot=slot: self._entries.pop(slot)
-                              if self._entries.get(slot, (None,))[0] is r else None)
-            self._entries[slot] = (ref, owner, path)
+        slots = [id(param) for param in block.parameters()]
+
+        def forget(ref, slots=slots):
+            for slot in slots:
+                if self._entries.get(slot, (None,))[0] is ref:
+                    del self._entries[slot]
+
+        ref = weakref.ref(block, forget)
+        for name, param in block.named_parameters():
+            self._entries[id(param)] = (ref, name, owner, path)
 
     def remove(self, owner: object) -> None:
-        for slot in [s for s, (_, o, _) in self._entries.items() if o is owner]:
+        for slot in [s for s, entry in self._entries.items() if entry[2] is owner]:
             del self._entries[slot]
 
     def get(self, param) -> Optional[tuple[object, str]]:
         entry = self._entries.get(id(param))
-        if entry is None or entry[0]() is not param:
+        if entry is None:
             return None
-        return entry[1], entry[2]
+        block = entry[0]()
+        if block is None or _parameter(block, entry[1]) is not param:
+            return None
+        return entry[2], entry[3]
+
+
+def _parameter(block: torch.nn.Module, name: str):
+    """`block.get_parameter(name)`, or None where the name no longer leads to a parameter."""
+    try:
+        return block.get_parameter(name)
+    except AttributeError:
+        return None
 
 
 OWNERS = BlockOwners()
