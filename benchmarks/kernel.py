@@ -40,6 +40,7 @@ SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in
 # (BLOCK_M, BLOCK_N, warps, stages) of the sampled-row kernel tried with --sweep, the default first.
 SAMPLED_ROWS_SWEEP = [triton_sampled_rows.CONFIG, (64, 128, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 2),
                       (32, 64, 4, 2)]
+SAMPLED_ROWS_SPLITS = [4, 8, 12, 22, 33, 44, 66]  # key splits tried with --sweep (default: ~4 programs per SM)
 
 
 def bench(fn, budget_ms: float) -> float:
@@ -180,6 +181,9 @@ def run_sampled_rows(name, shape, budget_ms, sweep, rows):
     for config in sweep:
         cases[f"ours:{config}"] = (lambda c: lambda: triton_sampled_rows.triton_sampled_rows_attention(
             q, k, v, sample, masks, scale, config=c))(config)
+    for splits in SAMPLED_ROWS_SPLITS if sweep else []:
+        cases[f"ours:splits={splits}"] = (lambda n: lambda: triton_sampled_rows.triton_sampled_rows_attention(
+            q, k, v, sample, masks, scale, splits=n))(splits)
     for case, fn in cases.items():
         error = rel_err(fn(), expect)
         ms = bench(fn, budget_ms)
