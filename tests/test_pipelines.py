@@ -264,6 +264,8 @@ def test_model_cpu_offload_on_cuda_moves_the_compiled_transformer(tmp_path, orde
     step tracking and its sparse graph across the moves."""
     model, _ = wan(frames=2, height=8, width=8, head_dim=64)
     pipe, args = wan_pipeline(model, steps=3)
+    # Given prompt embeddings are used where they are: a pipeline on CUDA needs them there.
+    args = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in args.items()}
     expected = generate(pipe.to("cuda"), args)
     pipe.to("cpu")
     key = next(model.parameters())
