@@ -6,9 +6,9 @@ the Triton kernels that serve CUDA are in triton_sampled_rows.py.
 Contract: q, k, v `[B, H, Sq|Skv, D]` (last dim contiguous, fp16 / bf16 / fp32; on CUDA the block-sparse op's
 head dims), `rows` int64 `[R]` (query rows), `masks` bool `[C, R, Skv]` (True = the row may see that key).
 Returns float32 `[B, H, C, R, D]`: per candidate c, softmax(q[rows] kᵀ·scale over the keys masks[c] allows) v; a
-row that may see no key gives zeros. `skip` (a 0-dim
-bool tensor on q's device) set means the caller will not use the result this call (a planner in the dense phase):
-the op returns zeros without computing them, and reads the flag on the device, so there is no host sync.
+row that may see no key gives zeros. `skip` (a 0-dim bool tensor on q's device) set means the caller will not use
+the result this call (a planner in the dense phase): the op returns zeros without computing them, and reads the flag
+on the device, so there is no host sync.
 """
 from __future__ import annotations
 

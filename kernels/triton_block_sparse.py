@@ -29,11 +29,39 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dit_compiler.kernels import block_mask
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_LOG2E = 1.4426950408889634
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
 # Triton versions whose `CompiledKernel.__getitem__(grid)` runner was checked to be the tail of `JITFunction.run`
 # (3.6.0 and 3.7.1: the same launch_metadata + run(grid, stream, function, packed_metadata, ..., *args) call).
 DIRECT_LAUNCH_VERSIONS = ("3.6", "3.7")
+
+
+@triton.jit
+def scores(q, k, IEEE: tl.constexpr):
+    """q·kᵀ of a tile, float32 accumulation (exact `ieee` products for float32 inputs)."""
+    if IEEE:
+        return tl.dot(q, k.T, input_precision="ieee")
+    return tl.dot(q, k.T)
+
+
+@triton.jit
+def fold_scores(acc, l_i, m_i, qk, v, qk_scale, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """The online-softmax step: fold a key tile's raw scores `qk` (-inf where hidden) and values `v` into the running
+    (acc, l_i, m_i) of a query tile; m_i is kept in log2 units of the scaled scores. Shared by every kernel here."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    # A row that has seen only hidden keys keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if DOT_FP32:  # the interpreter's bf16/fp16 dot is wrong (triton-lang/triton#11584)
+        acc = tl.dot(p, v.to(tl.float32), acc)
+    elif IEEE:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
 
 
 @triton.jit
@@ -45,29 +73,13 @@ def _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limi
     (kernels/NOTES.md, run 3)."""
     k = k_desc.load([b, h, key_start, 0]).reshape(BLOCK_N, HEAD_DIM)
     v = v_desc.load([b, h, key_start, 0]).reshape(BLOCK_N, HEAD_DIM)
-    if DOT_FP32:  # the interpreter's bf16/fp16 dot is wrong (triton-lang/triton#11584)
+    if DOT_FP32:
         k = k.to(tl.float32)
-    if IEEE:
-        qk = tl.dot(q, k.T, input_precision="ieee")
-    else:
-        qk = tl.dot(q, k.T)
+    qk = scores(q, k, IEEE)
     if key_start + BLOCK_N > key_limit:  # tile reaches past S or kv_lengths: hide those keys
         offs_n = tl.arange(0, BLOCK_N)
         qk = tl.where((key_start + offs_n < key_limit)[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    # A row that has seen only hidden keys keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    if DOT_FP32:
-        acc = tl.dot(p, v.to(tl.float32), acc)
-    elif IEEE:
-        acc = tl.dot(p, v, acc, input_precision="ieee")
-    else:
-        acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_new
+    return fold_scores(acc, l_i, m_i, qk, v, qk_scale, DOT_FP32, IEEE)
 
 
 @triton.jit
@@ -160,7 +172,7 @@ def direct_launch_supported(version: str = triton.__version__) -> bool:
     return ".".join(version.split(".")[:2]) in DIRECT_LAUNCH_VERSIONS
 
 
-_direct_launch = (direct_launch_supported() and not _INTERPRET
+_direct_launch = (direct_launch_supported() and not INTERPRET
                   and os.environ.get("VSPARSE_DIRECT_LAUNCH", "1") == "1")
 _current_device = torch.cuda.current_device
 _launches: dict = {}  # launch_key -> _DirectLaunch
@@ -217,7 +229,7 @@ class _DirectLaunch:
         fq, fk, fv, fo = self.fields
         self.runner(_descriptor(fq, q), _descriptor(fk, k), _descriptor(fv, v), _descriptor(fo, out), kv_num_blocks,
                     kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths, *self.mask_args,
-                    scale * _LOG2E, *self.constexprs)
+                    scale * LOG2E, *self.constexprs)
         return out
 
 
@@ -257,7 +269,7 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     mask_args = (*broadcast_strides(kv_num_blocks), *broadcast_strides(kv_indices), kv_indices.stride(2),
                  *broadcast_strides(order), heads, kv_len)
     args = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
-            *mask_args, scale * _LOG2E)
+            *mask_args, scale * LOG2E)
     consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_KV_LENGTHS=kv_lengths is not None,
                   IEEE=q.dtype == torch.float32)
 
@@ -270,11 +282,11 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         return _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n,
                                                     DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages)
 
-    if _INTERPRET and config is None:
+    if INTERPRET and config is None:
         kernel = launch(64, 64, 4, 1, dot_fp32=True)
     elif config is not None:
         kernel = launch(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"],
-                        dot_fp32=_INTERPRET)
+                        dot_fp32=INTERPRET)
     elif _autotune:
         kernel = _tuned(q.dtype)[grid](*args, **consts, DOT_FP32=False)
     else:

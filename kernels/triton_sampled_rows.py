@@ -9,15 +9,13 @@ first writes nothing, the second writes zeros.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_LOG2E = 1.4426950408889634
+from dit_compiler.kernels.triton_block_sparse import INTERPRET, LOG2E, fold_scores, scores
 # (BLOCK_M, BLOCK_N, warps, stages); under the interpreter a small tile keeps the tests quick.
 CONFIG = (64, 64, 4, 2)
 INTERPRETER_CONFIG = (16, 16, 1, 1)
@@ -65,23 +63,8 @@ def _sampled_rows_partial_kernel(
                           mask=row_ok[:, None] & key_ok[None, :], other=0) != 0
         if DOT_FP32:
             k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        if IEEE:
-            qk = tl.dot(q, k.T, input_precision="ieee")
-        else:
-            qk = tl.dot(q, k.T)
-        qk = tl.where(visible, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # A row that has seen no visible key keeps m = -inf; subtract 0 there so exp2 gives 0, not NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = tl.dot(p, v, acc * alpha[:, None], input_precision="ieee")
-        else:
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
+        qk = tl.where(visible, scores(q, k, IEEE), float("-inf"))
+        acc, l_i, m_i = fold_scores(acc, l_i, m_i, qk, v, qk_scale, DOT_FP32, IEEE)
     out = (bh * tl.num_programs(0) + split) * padded_virtual + virtual
     tl.store(m_ptr + out, m_i)
     tl.store(l_ptr + out, l_i)
@@ -117,7 +100,7 @@ def _sampled_rows_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, skip_ptr, splits,
 
 
 def _sm_count(device: torch.device) -> int:
-    if _INTERPRET:
+    if INTERPRET:
         return 1  # a few splits, so the tests exercise the merge
     if device not in _sm_counts:
         _sm_counts[device] = torch.cuda.get_device_properties(device).multi_processor_count
@@ -134,7 +117,7 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
     kv_len = k.shape[2]
     num_masks, num_rows = masks.shape[:2]
     num_virtual = num_masks * num_rows
-    block_m, block_n, warps, stages = config or (INTERPRETER_CONFIG if _INTERPRET else CONFIG)
+    block_m, block_n, warps, stages = config or (INTERPRETER_CONFIG if INTERPRET else CONFIG)
     tiles = triton.cdiv(num_virtual, block_m)
     key_tiles = triton.cdiv(kv_len, block_n)
     if splits is None:
@@ -155,9 +138,9 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
     masks = masks.contiguous().view(torch.uint8)
     _sampled_rows_partial_kernel[(splits, batch * heads, tiles)](
         q, k, v, rows, masks, flag, partial_m, partial_l, partial_acc, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], heads, kv_len, num_rows, num_virtual, keys_per_split, padded, scale * _LOG2E,
+        *v.stride()[:3], heads, kv_len, num_rows, num_virtual, keys_per_split, padded, scale * LOG2E,
         HAS_SKIP=skip is not None, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_FP32=_INTERPRET, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
+        DOT_FP32=INTERPRET, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     _sampled_rows_merge_kernel[(batch * heads, tiles)](
         partial_m, partial_l, partial_acc, out, flag, splits, num_virtual, padded, HAS_SKIP=skip is not None,
         HEAD_DIM=head_dim, BLOCK_M=block_m, num_warps=4)

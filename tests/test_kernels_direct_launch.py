@@ -44,7 +44,7 @@ class FakeCompiledKernel:
 def fake_triton(monkeypatch):
     jit = FakeJIT()
     monkeypatch.setattr(tbs, "_block_sparse_attention_kernel", jit)
-    monkeypatch.setattr(tbs, "_INTERPRET", False)
+    monkeypatch.setattr(tbs, "INTERPRET", False)
     monkeypatch.setattr(tbs, "_direct_launch", True)
     monkeypatch.setattr(tbs, "_autotune", False)
     monkeypatch.setattr(tbs, "_current_device", lambda: 0)
@@ -213,7 +213,7 @@ def test_gpu_direct_launch_matches_the_normal_launch(monkeypatch, order):
     assert len(direct) == 1  # seed 1 repeats seed 0's key; seed 2 adds kv_lengths, a new key
 
 
-@pytest.mark.skipif(not tbs._INTERPRET, reason="needs TRITON_INTERPRET=1")
+@pytest.mark.skipif(not tbs.INTERPRET, reason="needs TRITON_INTERPRET=1")
 def test_triton_kernel_copies_a_misaligned_contiguous_base():
     """`contiguous()` returned such a tensor as it was, and TensorDescriptor refused the base."""
     q, k, v, num, idx, scale, block_size, _, order = case(dtype=torch.float32)
