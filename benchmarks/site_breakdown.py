@@ -24,6 +24,7 @@ op's direct launches off (Triton's JITFunction.run / autotuner binding every cal
     python benchmarks/site_breakdown.py --out site.json
     python benchmarks/site_breakdown.py --planners draft --densities 0.1
     python benchmarks/site_breakdown.py --host-only --out host.json   # the op host cost alone (seconds)
+    python benchmarks/site_breakdown.py --planners draft --densities 0.1 --profile   # + each variant's kernels
     TRITON_INTERPRET=1 python benchmarks/site_breakdown.py --device cpu --grid 1 16 32 --planners draft \\
         --densities 0.5 --budget-ms 1   # smoke run
 """
@@ -143,6 +144,26 @@ def compiled_layer(layer: torch.nn.Module, latent: torch.Tensor, **how):
     return compiled
 
 
+def kernel_table(fn, device: torch.device, iterations: int = 5, top: int = 40) -> list:
+    """What one call of `fn` runs, from torch.profiler: [name, launches per call, µs per call] of the costliest
+    kernels (GPU time on CUDA, self CPU time of the ops on a CPU), so the differences between variants (planning,
+    permutation) can be read kernel by kernel."""
+    activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
+    with torch.no_grad():
+        fn()
+        with torch.profiler.profile(activities=[activity]) as prof:
+            for _ in range(iterations):
+                fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
+        if us > 0 and (device.type != "cuda" or event.device_type == torch.autograd.DeviceType.CUDA):
+            rows.append([event.key, round(event.count / iterations, 2), round(us / iterations, 1)])
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
 def host_us_per_call(fn, calls: int = 2000) -> float:
     for _ in range(50):
         fn()
@@ -185,7 +206,7 @@ def op_host_cost() -> dict:
 
 
 def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple, budget_ms: float,
-                 dense_ms: float) -> dict:
+                 dense_ms: float, profile: bool = False) -> dict:
     device, seq, layout = latent.device, math.prod(grid), (*grid, 0, 0)
     chosen = PLANNERS[planner]
     constants = chosen.constants(layout, BLOCK, density, device)
@@ -197,12 +218,14 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         qp, kp, vp = (_reorder(t, plan.perm).contiguous() for t in (q, k, v))
         num, idx = chosen.mask(qp, kp, plan, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
     fixed = {"perm": plan.perm, "inverse": plan.inverse, "num": num, "idx": idx}
-    times = {}
+    times, kernels = {}, {}
     for variant in ("site", "fixed", "unpermuted"):
         layer.attention = Attention(variant, planner, density, grid, constants, fixed)
         compiled = compiled_layer(layer, latent)
         with torch.no_grad():
             times[variant] = bench(lambda: compiled(latent), budget_ms, device)
+        if profile:
+            kernels[variant] = kernel_table(lambda: compiled(latent), device)
     op = torch.ops.vsparse.block_sparse_attention
     kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None), budget_ms, device)
     flex_ms = flex_error = None
@@ -227,6 +250,12 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
            "site_share": round((planning + permutation) / kernel, 3),
            "layer_speedup": round(dense_ms / times["site"], 3)}
     print(json.dumps(row), flush=True)
+    if profile:
+        row["kernels"] = kernels
+        for variant, table in kernels.items():
+            print(f"{planner} {density} {variant}: launches and µs per layer call", flush=True)
+            for name, launches, us in table:
+                print(f"  {us:9.1f} {launches:6.2f}  {name[:150]}", flush=True)
     return row
 
 
@@ -243,6 +272,8 @@ def main() -> None:
     parser.add_argument("--grid", nargs=3, type=int, default=list(GRID), metavar=("F", "H", "W"),
                         help="token grid (the latent is [1, 16, F, 2H, 2W])")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (wall-clock timings, no op host cost)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also record each layer variant's kernels (torch.profiler) in the report")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -263,7 +294,8 @@ def main() -> None:
     with torch.no_grad():
         dense_ms = bench(lambda: dense_layer(latent), args.budget_ms, device)
     print(f"dense layer {dense_ms:.3f} ms", flush=True)
-    rows = [measure_site(p, d, latent, grid, args.budget_ms, dense_ms) for p in args.planners for d in args.densities]
+    rows = [measure_site(p, d, latent, grid, args.budget_ms, dense_ms, args.profile)
+            for p in args.planners for d in args.densities]
     host = op_host_cost() if device.type == "cuda" else None
     if host:
         print(json.dumps({k: v for k, v in host.items() if k != "profile"}), flush=True)

@@ -18,7 +18,7 @@ def test_a_cpu_smoke_run_attributes_planning_and_permutation_from_its_layers(tmp
     out = tmp_path / "site.json"
     # 1 x 16 x 32 tokens in 128-token blocks: Draft's window order is no identity there.
     monkeypatch.setattr(sys, "argv", ["site_breakdown", "--device", "cpu", "--grid", "1", "16", "32", "--planners",
-                                      "draft", "--densities", "0.5", "--budget-ms", "1", "--out", str(out)])
+                                      "draft", "--densities", "0.5", "--budget-ms", "1", "--profile", "--out", str(out)])
     site_breakdown.main()
     (row,) = json.loads(out.read_text())["sites"]
     assert row["planner"] == "draft" and 0 < row["visited"] <= 1
@@ -28,5 +28,10 @@ def test_a_cpu_smoke_run_attributes_planning_and_permutation_from_its_layers(tmp
     assert row["permutation_us"] == pytest.approx((row["layer_fixed_ms"] - row["layer_unpermuted_ms"]) * 1e3,
                                                   abs=0.2)
     assert row["kernel_us"] > 0 and row["flex_us"] is None  # no FlexAttention peer on a CPU
+    # --profile: each variant's ops; only the site plans (its argsort), every variant runs the op.
+    tables = {variant: {name for name, _, _ in table} for variant, table in row["kernels"].items()}
+    assert set(tables) == {"site", "fixed", "unpermuted"}
+    assert all("vsparse::block_sparse_attention" in names for names in tables.values())
+    assert any("sort" in name for name in tables["site"]) and not any("sort" in n for n in tables["fixed"])
     assert row["site_share"] == pytest.approx((row["planning_us"] + row["permutation_us"]) / row["kernel_us"],
                                               abs=1e-3)
