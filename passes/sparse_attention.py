@@ -38,10 +38,20 @@ def _with_dense_fallback(dense: Optional[torch.Tensor], kv_num_blocks, kv_indice
 
 
 def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, D] gathered along S by a shared [S] or per-head [B|1, H, S] index."""
+    """x [B, H, S, D] gathered along S by a shared [S] or per-head [B|1, H, S] index: x[..., index, :]."""
     if index.dim() == 1:
         return x.index_select(2, index)
     return torch.gather(x, 2, index.unsqueeze(-1).expand(x.shape))
+
+
+def _reorder_by_inverse(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """`_reorder(x, perm)` written as a scatter of x's rows to `inverse` (perm's inverse): a store at indexed rows
+    fuses into the kernel that produces x (q and k: the RMS norm and RoPE), where a gather needs x written out first
+    and copied again."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if inverse.dim() == 1:
+        return out.index_copy(2, inverse, x)
+    return out.scatter(2, inverse.unsqueeze(-1).expand(x.shape), x)
 
 
 def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: str, density: float, block_size: int,
@@ -51,7 +61,7 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
     chosen = PLANNERS[planner]
     plan = chosen.plan(q, k, v, constants, layout, block_size=block_size, density=density, scale=scale,
                        dense=dense)
-    q, k, v = (_reorder(t, plan.perm) for t in (q, k, v))
+    q, k, v = (_reorder_by_inverse(t, plan.inverse) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,

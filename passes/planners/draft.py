@@ -102,10 +102,14 @@ def pooled_attention_map(q: torch.Tensor, k: torch.Tensor, block_size: int, scal
 
 
 def pooled_map(q_means: torch.Tensor, k_means: torch.Tensor, k_counts: torch.Tensor, scale: float) -> torch.Tensor:
-    """softmax(q̄ k̄ᵀ · scale) over key blocks from block means. A key block's logit gains log(its token count), so a
-    partial last block weighs what its tokens would (each of n equal keys adds exp(score) to the softmax sum)."""
-    logits = q_means @ k_means.transpose(-1, -2) * scale + k_counts.float().log()
-    return logits.softmax(dim=-1)
+    """softmax(q̄ k̄ᵀ · scale) over key blocks from block means (`pooled_logits`)."""
+    return pooled_logits(q_means, k_means, k_counts, scale).softmax(dim=-1)
+
+
+def pooled_logits(q_means: torch.Tensor, k_means: torch.Tensor, k_counts: torch.Tensor, scale: float) -> torch.Tensor:
+    """The pooled map's logits q̄ k̄ᵀ · scale. A key block's logit gains log(its token count), so a partial last block
+    weighs what its tokens would (each of n equal keys adds exp(score) to the softmax sum)."""
+    return q_means @ k_means.transpose(-1, -2) * scale + k_counts.float().log()
 
 
 def draft_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int, density: float, text_before,
@@ -127,9 +131,12 @@ def draft_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int, densi
     common.check_sizes(0, text_before=text_before, text_after=text_after)
     if text_before + text_after > seq_len:
         raise ValueError(f"text_before + text_after = {text_before + text_after} exceeds the sequence ({seq_len})")
-    scores = pooled_attention_map(q, k, block_size, scale)
+    # Softmax keeps each row's order, so ranking the logits ranks the pooled map without computing it.
+    q_means, _ = block_means(q, block_size)
+    k_means, k_counts = block_means(k, block_size)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     text = common.text_blocks(seq_len, text_before, text_after, block_size, q.device)
-    return common.strongest_blocks(scores, density, text)
+    return common.strongest_blocks(pooled_logits(q_means, k_means, k_counts, scale), density, text)
 
 
 class DraftPlanner:
