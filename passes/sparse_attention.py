@@ -51,7 +51,10 @@ def _reorder_by_inverse(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if inverse.dim() == 1:
         return out.index_copy(2, inverse, x)
-    return out.scatter(2, inverse.unsqueeze(-1).expand(x.shape), x)
+    # Per head: one index per row (b, h, s), not per element as `scatter` would load it.
+    batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
+    heads = torch.arange(x.shape[1], device=x.device)[None, :, None]
+    return out.index_put((batch, heads, inverse), x)
 
 
 def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: str, density: float, block_size: int,
