@@ -9,8 +9,9 @@ cached) and FlexAttention (torch.compile) with the identical BlockMask (listed b
 Effective TFLOP/s = 4 * sum over query rows of visible keys * D / time. A correctness line per case compares ours with
 FlexAttention's output (and, at density 1, with cuDNN's). Then the permutation kernel's GB/s against a device copy,
 and Sparse VideoGen's sampled-row measurement (`sampled_rows_attention`, 64 rows under the full, spatial and temporal
-masks) against the same arithmetic in torch compiled by Inductor (the formula svg used before the op). Prints a table
-and writes JSON.
+masks) against the same arithmetic in torch compiled by Inductor (the formula svg used before the op), and the
+planners' block ranking (`descending_order` over Draft's pooled logits, [H, n, n] with n the shape's blocks) against
+Inductor's and ATen's stable sorts. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -193,6 +194,27 @@ def run_sampled_rows(name, shape, budget_ms, sweep, rows):
     torch.cuda.empty_cache()
 
 
+def descending_argsort(x):
+    return x.argsort(dim=-1, descending=True, stable=True)
+
+
+def run_row_order(name, shape, budget_ms, rows):
+    batch, heads, seq, _ = shape
+    n = block_mask.num_blocks(seq, 128)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = torch.randn(batch, heads, n, n, device="cuda", generator=g)
+    logits.diagonal(dim1=-2, dim2=-1).fill_(torch.finfo(torch.float32).max)  # forced blocks tie at the top
+    expect = descending_argsort(logits).to(torch.int32)
+    cases = {"ours": lambda: torch.ops.vsparse.descending_order(logits),
+             "inductor_sort": (lambda f: lambda: f(logits))(torch.compile(descending_argsort, dynamic=False)),
+             "aten_sort": lambda: descending_argsort(logits)}
+    for case, fn in cases.items():
+        assert torch.equal(fn().to(torch.int32), expect), case
+        ms = bench(fn, budget_ms)
+        rows.append(dict(shape=name, impl="row_order:" + case, ms=ms, rows=batch * heads * n, n=n))
+        print(f"{name:8s} row order {case:16s} {ms * 1000:8.1f} us  ({batch * heads * n} rows of {n})", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -204,6 +226,7 @@ def main():
     parser.add_argument("--no-permute", action="store_true")
     parser.add_argument("--no-sampled-rows", action="store_true")
     parser.add_argument("--no-attention", action="store_true", help="skip the block-sparse attention cases")
+    parser.add_argument("--no-row-order", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -217,6 +240,8 @@ def main():
         if not args.no_sampled_rows:
             run_sampled_rows(name, SHAPES[name], args.budget_ms,
                              SAMPLED_ROWS_SWEEP if args.sweep and name == args.shapes[0] else [], rows)
+        if not args.no_row_order:
+            run_row_order(name, SHAPES[name], args.budget_ms, rows)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 host=platform.node())

@@ -48,7 +48,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
 from dit_compiler.kernels import block_mask, triton_block_sparse
 from dit_compiler.passes.planners import PLANNERS
-from dit_compiler.passes.sparse_attention import _reorder, _reorder_by_inverse, sparse_attention
+from dit_compiler.passes.sparse_attention import _reorder, _to_plan_order, sparse_attention
 
 HEADS, HEAD_DIM, CHANNELS, BLOCK, GRID = 12, 128, 16, 128, (21, 30, 52)
 
@@ -72,7 +72,7 @@ class Attention(torch.nn.Module):
             return sparse_attention(q, k, v, None, None, constants, (*self.grid, 0, 0), planner=self.planner,
                                     density=self.density, block_size=BLOCK, scale=scale)[0]
         if self.variant == "fixed":
-            q, k, v = (_reorder_by_inverse(t, self.inverse) for t in (q, k, v))
+            q, k, v = (_to_plan_order(t, self.perm, self.inverse) for t in (q, k, v))
         out = torch.ops.vsparse.block_sparse_attention(q, k, v, self.num, self.idx, scale, BLOCK, None)
         return _reorder(out, self.inverse) if self.variant == "fixed" else out
 

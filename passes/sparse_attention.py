@@ -44,17 +44,14 @@ def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, index.unsqueeze(-1).expand(x.shape))
 
 
-def _reorder_by_inverse(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
-    """`_reorder(x, perm)` written as a scatter of x's rows to `inverse` (perm's inverse): a store at indexed rows
+def _to_plan_order(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """`_reorder(x, perm)`. A shared order is written as a scatter of x's rows to `inverse`: a store at indexed rows
     fuses into the kernel that produces x (q and k: the RMS norm and RoPE), where a gather needs x written out first
-    and copied again."""
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if inverse.dim() == 1:
-        return out.index_copy(2, inverse, x)
-    # Per head: one index per row (b, h, s), not per element as `scatter` would load it.
-    batch = torch.arange(x.shape[0], device=x.device)[:, None, None]
-    heads = torch.arange(x.shape[1], device=x.device)[None, :, None]
-    return out.index_put((batch, heads, inverse), x)
+    and copied again. Per-head orders stay a gather: their scatter, fused there, more than doubled that kernel's
+    time (H100, results/h100-2026-11-25/site-profile-e60ab47.txt)."""
+    if perm.dim() != 1:
+        return _reorder(x, perm)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).index_copy(2, inverse, x)
 
 
 def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: str, density: float, block_size: int,
@@ -64,7 +61,7 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
     chosen = PLANNERS[planner]
     plan = chosen.plan(q, k, v, constants, layout, block_size=block_size, density=density, scale=scale,
                        dense=dense)
-    q, k, v = (_reorder_by_inverse(t, plan.inverse) for t in (q, k, v))
+    q, k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,

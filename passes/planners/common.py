@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse (descending_order)
 from dit_compiler.kernels.block_mask import invert_permutation, num_blocks, to_block_bool
 
 
@@ -36,23 +37,9 @@ def strongest_blocks(scores: torch.Tensor, density: float, text: torch.Tensor) -
     ids = torch.arange(n, device=scores.device)
     forced = (ids[:, None] == ids) | text
     top = torch.finfo(scores.dtype).max if scores.is_floating_point() else torch.iinfo(scores.dtype).max
-    order = stable_descending_order(scores.masked_fill(forced, top))
+    order = torch.ops.vsparse.descending_order(scores.masked_fill(forced, top))
     # Materialized: the kernel reads kv_num_blocks with unit stride along query blocks.
-    return kept_counts(density, text).expand(order.shape[:-1]).contiguous(), order.to(torch.int32)
-
-
-def stable_descending_order(x: torch.Tensor) -> torch.Tensor:
-    """int64 [..., n]: `x.argsort(-1, descending=True, stable=True)` computed by counting, for each entry, the
-    entries ranked ahead of it (larger, or equal with a smaller id), then placing it at that rank (NaN ranks
-    last). Inductor fuses the count into one reduction kernel; eager, it builds the [..., n, n] comparisons."""
-    n = x.shape[-1]
-    ids = torch.arange(n, device=x.device)
-    if x.is_floating_point():  # NaN compares false with everything: as -inf every row stays a permutation
-        x = x.nan_to_num(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    entry, other = x.unsqueeze(-1), x.unsqueeze(-2)  # [..., n, 1] against [..., 1, n]
-    ahead = (other > entry) | ((other == entry) & (ids < ids[:, None]))
-    rank = ahead.sum(-1)
-    return torch.empty_like(rank).scatter_(-1, rank, ids.expand_as(rank))
+    return kept_counts(density, text).expand(order.shape[:-1]).contiguous(), order
 
 
 def kept_counts(density: float, text: torch.Tensor) -> torch.Tensor:
