@@ -32,6 +32,9 @@ def test_a_cpu_smoke_run_attributes_planning_and_permutation_from_its_layers(tmp
     tables = {variant: {name for name, _, _ in table} for variant, table in row["kernels"].items()}
     assert set(tables) == {"site", "fixed", "unpermuted"}
     assert all("vsparse::block_sparse_attention" in names for names in tables.values())
-    assert any("sort" in name for name in tables["site"]) and not any("sort" in n for n in tables["fixed"])
+    assert any("descending_order" in name for name in tables["site"])
+    assert not any("descending_order" in name for name in tables["fixed"])
+    assert row["site_share_by_kernels"] == pytest.approx(
+        (row["planning_us_by_kernels"] + row["permutation_us_by_kernels"]) / row["kernel_us"], abs=1e-3)
     assert row["site_share"] == pytest.approx((row["planning_us"] + row["permutation_us"]) / row["kernel_us"],
                                               abs=1e-3)
