@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
-from dit_compiler.kernels import triton_block_sparse, triton_sampled_rows
+from dit_compiler.kernels import triton_block_sparse, triton_row_order, triton_sampled_rows
 from dit_compiler.passes.planners.svg import position_major_permutation, svg_constants
 from dit_compiler.kernels.triton_permute import triton_permute_tokens
 from dit_compiler.kernels import block_mask
@@ -198,7 +198,10 @@ def descending_argsort(x):
     return x.argsort(dim=-1, descending=True, stable=True)
 
 
-def run_row_order(name, shape, budget_ms, rows):
+ROW_ORDER_WARPS = [1, 2, 4, 8, 16]  # tried with --sweep
+
+
+def run_row_order(name, shape, budget_ms, sweep, rows):
     batch, heads, seq, _ = shape
     n = block_mask.num_blocks(seq, 128)
     g = torch.Generator(device="cuda").manual_seed(3)
@@ -208,11 +211,13 @@ def run_row_order(name, shape, budget_ms, rows):
     cases = {"ours": lambda: torch.ops.vsparse.descending_order(logits),
              "inductor_sort": (lambda f: lambda: f(logits))(torch.compile(descending_argsort, dynamic=False)),
              "aten_sort": lambda: descending_argsort(logits)}
+    for warps in sweep:
+        cases[f"ours:warps={warps}"] = (lambda w: lambda: triton_row_order.triton_descending_order(logits, w))(warps)
     for case, fn in cases.items():
         assert torch.equal(fn().to(torch.int32), expect), case
         ms = bench(fn, budget_ms)
         rows.append(dict(shape=name, impl="row_order:" + case, ms=ms, rows=batch * heads * n, n=n))
-        print(f"{name:8s} row order {case:16s} {ms * 1000:8.1f} us  ({batch * heads * n} rows of {n})", flush=True)
+        print(f"{name:8s} row order {case:18s} {ms * 1000:8.1f} us  ({batch * heads * n} rows of {n})", flush=True)
 
 
 def main():
@@ -241,7 +246,7 @@ def main():
             run_sampled_rows(name, SHAPES[name], args.budget_ms,
                              SAMPLED_ROWS_SWEEP if args.sweep and name == args.shapes[0] else [], rows)
         if not args.no_row_order:
-            run_row_order(name, SHAPES[name], args.budget_ms, rows)
+            run_row_order(name, SHAPES[name], args.budget_ms, ROW_ORDER_WARPS if args.sweep else [], rows)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 host=platform.node())

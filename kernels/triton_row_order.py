@@ -7,6 +7,8 @@ power of two with keys below every real one.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -27,8 +29,9 @@ def _descending_order_kernel(x_ptr, out_ptr, n, N: tl.constexpr):
     tl.store(out_ptr + row * n + ids, (N - 1 - (key & 0xFFFFFFFF)).to(tl.int32), mask=inside)
 
 
-def triton_descending_order(x: torch.Tensor) -> torch.Tensor:
-    """Launch on float32 x [..., n] (n <= row_order.TRITON_MAX_ROW; checked by the op)."""
+def triton_descending_order(x: torch.Tensor, num_warps: Optional[int] = None) -> torch.Tensor:
+    """Launch on float32 x [..., n] (n <= row_order.TRITON_MAX_ROW; checked by the op); `num_warps` overrides the
+    choice below (benchmarks)."""
     x = x.contiguous()
     n = x.shape[-1]
     out = torch.empty(x.shape, dtype=torch.int32, device=x.device)
@@ -36,5 +39,7 @@ def triton_descending_order(x: torch.Tensor) -> torch.Tensor:
     if rows:
         padded = triton.next_power_of_2(n)
         # One warp measured fastest for 256-entry rows on the H100 (NOTES.md); longer rows spread over more warps.
-        _descending_order_kernel[(rows,)](x, out, n, N=padded, num_warps=max(1, min(8, padded // 256)))
+        if num_warps is None:
+            num_warps = max(1, min(8, padded // 256))
+        _descending_order_kernel[(rows,)](x, out, n, N=padded, num_warps=num_warps)
     return out
