@@ -38,8 +38,7 @@ def triton_descending_order(x: torch.Tensor, num_warps: Optional[int] = None) ->
     rows = x.numel() // n if n else 0
     if rows:
         padded = triton.next_power_of_2(n)
-        # One warp measured fastest for 256-entry rows on the H100 (NOTES.md); longer rows spread over more warps.
-        if num_warps is None:
-            num_warps = max(1, min(8, padded // 256))
-        _descending_order_kernel[(rows,)](x, out, n, N=padded, num_warps=num_warps)
+        # One warp measured fastest at 256 and at 1024 padded entries on the H100; more warps took up to 3.5x
+        # longer (kernels/NOTES.md).
+        _descending_order_kernel[(rows,)](x, out, n, N=padded, num_warps=num_warps or 1)
     return out
