@@ -9,6 +9,7 @@ one cache (later variants compile warm: the forward table in less GPU time, comp
     python benchmarks/end_to_end.py --out results.json                 # all variants, Wan2.1-1.3B on the GPU
     python benchmarks/end_to_end.py --config small --variants inductor,vsparse-none,vsparse-draft-0.25
     python benchmarks/end_to_end.py --variant inductor                 # one, in this process
+    python benchmarks/end_to_end.py --variants inductor,vsparse-draft-0.1 --profile   # + each forward's kernels
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def build_wan(model_args: dict, device, dtype):
     return cast_like_from_pretrained(model, dtype).eval()
 
 
-def measure(variant: str, config: str, repeats: int) -> dict:
+def measure(variant: str, config: str, repeats: int, profile: bool = False) -> dict:
     import torch
 
     model_args, (frames, height, width), text, device = CONFIGS[config]
@@ -104,9 +105,15 @@ def measure(variant: str, config: str, repeats: int) -> dict:
             times.append(time.perf_counter() - start)
     times.sort()
     error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
-    return {"variant": variant, "first_call_s": round(first, 2), "forward_ms": round(1e3 * times[len(times) // 2], 1),
-            "rel_error_vs_eager": round(error, 5), "tokens": frames * height * width // 4, "config": config,
-            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
+    row = {"variant": variant, "first_call_s": round(first, 2), "forward_ms": round(1e3 * times[len(times) // 2], 1),
+           "rel_error_vs_eager": round(error, 5), "tokens": frames * height * width // 4, "config": config,
+           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
+    if profile:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
+        from profiling import kernel_table
+
+        row["kernels"] = kernel_table(lambda: fn(**inputs), torch.device(device), iterations=2, top=60)
+    return row
 
 
 def main() -> None:
@@ -116,10 +123,11 @@ def main() -> None:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="wan-1.3b")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--shared-cache", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="also record each forward's kernels (torch.profiler)")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(measure(args.variant, args.config, args.repeats)))
+        print(json.dumps(measure(args.variant, args.config, args.repeats, args.profile)))
         return
     rows = []
     shared = tempfile.mkdtemp(prefix="inductor-shared-") if args.shared_cache else None
@@ -127,14 +135,17 @@ def main() -> None:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=shared or tempfile.mkdtemp(prefix=f"inductor-{variant}-"),
                    TRITON_CACHE_DIR=os.path.join(shared, "triton") if shared else tempfile.mkdtemp(
                        prefix=f"triton-{variant}-"))
-        proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--config", args.config, "--repeats", str(args.repeats)],
+        proc = subprocess.run([sys.executable, __file__, "--variant", variant, "--config", args.config, "--repeats",
+                               str(args.repeats)] + (["--profile"] if args.profile else []),
                               capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             rows.append({"variant": variant, "error": proc.stderr[-2000:]})
             print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "kernels"}), flush=True)
+            for name, launches, us in rows[-1].get("kernels", []):
+                print(f"  {us:9.1f} µs {launches:6.1f}x  {name[:140]}", flush=True)
         if args.out:  # after every variant: a run cut short keeps what it measured
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=2)

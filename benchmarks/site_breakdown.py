@@ -39,7 +39,9 @@ import math
 import platform
 import pstats
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,9 @@ import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
 from dit_compiler.kernels import block_mask, triton_block_sparse
 from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.passes.sparse_attention import _reorder, _to_plan_order, sparse_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is no package: its siblings by name
+from profiling import kernel_table  # noqa: E402
 
 HEADS, HEAD_DIM, CHANNELS, BLOCK, GRID = 12, 128, 16, 128, (21, 30, 52)
 ATTENTION_KERNELS = ("_block_sparse_attention_kernel", "vsparse::block_sparse_attention")  # CUDA, CPU profiles
@@ -144,26 +149,6 @@ def compiled_layer(layer: torch.nn.Module, latent: torch.Tensor, **how):
     with torch.no_grad():
         compiled(latent)
     return compiled
-
-
-def kernel_table(fn, device: torch.device, iterations: int = 5, top: int = 40) -> list:
-    """What one call of `fn` runs, from torch.profiler: [name, launches per call, µs per call] of the costliest
-    kernels (GPU time on CUDA, self CPU time of the ops on a CPU), so the differences between variants (planning,
-    permutation) can be read kernel by kernel."""
-    activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
-    with torch.no_grad():
-        fn()
-        with torch.profiler.profile(activities=[activity]) as prof:
-            for _ in range(iterations):
-                fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-    rows = []
-    for event in prof.key_averages():
-        us = event.self_device_time_total if device.type == "cuda" else event.self_cpu_time_total
-        if us > 0 and (device.type != "cuda" or event.device_type == torch.autograd.DeviceType.CUDA):
-            rows.append([event.key, round(event.count / iterations, 2), round(us / iterations, 1)])
-    return sorted(rows, key=lambda r: -r[2])[:top]
 
 
 def host_us_per_call(fn, calls: int = 2000) -> float:
