@@ -51,8 +51,7 @@ def _to_plan_order(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -
     time (H100, results/h100-2026-11-25/site-profile-e60ab47.txt)."""
     if perm.dim() != 1:
         return _reorder(x, perm)
-    # In x's own layout ([B, S, H, D] memory as the projections leave it): each token's heads are stored together.
-    return torch.empty_like(x).index_copy(2, inverse, x)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device).index_copy(2, inverse, x)
 
 
 def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: str, density: float, block_size: int,
