@@ -49,7 +49,7 @@ def main() -> None:
         validate_shapes=block_mask.validate_shapes,
         validate_order=lambda *args, values: block_mask.validate_order(*args, values=False))
     tbs._block_sparse_attention_kernel = _StubKernel()
-    tbs._INTERPRET, tbs._autotune, tbs._current_device = False, False, lambda: 0
+    tbs.INTERPRET, tbs._autotune, tbs._current_device = False, False, lambda: 0
     lib = torch.library.Library("vsparse", "IMPL")
     lib.impl("block_sparse_attention", attention_op._cuda_kernel, "CPU")  # CPU tensors take the CUDA path
 
