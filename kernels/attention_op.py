@@ -110,12 +110,11 @@ def check_q_rows(q_rows, batch: int, heads: int, q_len: int, device, values: boo
 
 def output_like(q: torch.Tensor, q_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The op's output buffer (its fake's too): contiguous [B, H, S, D]; with `q_rows`, in q's own memory layout
-    (empty_like) when those strides suit TMA, so a q that is a head view of [B, S, H, D] projections gives an output
-    the output projection reads as it is. Reads metadata only."""
-    like = torch.empty_like(q) if q_rows is not None else None
-    if like is None or any((stride * q.element_size()) % 16 for stride in like.stride()[:-1]):
+    (`empty_like`: the kernel stores those rows by pointer), so a q that is a head view of [B, S, H, D] projections
+    gives an output the output projection reads as it is."""
+    if q_rows is None:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return like
+    return torch.empty_like(q)
 
 
 def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,

@@ -231,20 +231,23 @@ class _DirectLaunch:
     only on the key; a call supplies the data, allocates the output and launches through Triton's runner, which
     reads the current stream and builds the TMA descriptors from the bases as JITFunction.run's launch would."""
 
-    def __init__(self, kernel, grid, descs, mask_args: tuple, constexprs: tuple, sorts: bool):
+    def __init__(self, kernel, grid, descs, out: torch.Tensor, mask_args: tuple, constexprs: tuple, sorts: bool,
+                 rows: bool):
         self.runner = kernel[grid]
         self.fields = [{**d.__dict__, "base": None} for d in descs]
-        out = descs[3].base
         self.out_shape, self.out_stride = out.shape, out.stride()
         self.out_dtype, self.out_device = out.dtype, out.device
-        self.mask_args, self.constexprs, self.sorts = mask_args, constexprs, sorts
+        self.mask_args, self.constexprs, self.sorts, self.rows = mask_args, constexprs, sorts, rows
 
     def __call__(self, q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order, q_rows):
         out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.out_dtype, device=self.out_device)
         order = block_mask.heaviest_first(kv_num_blocks) if self.sorts else q_block_order
         fq, fk, fv, fo = self.fields
-        self.runner(_descriptor(fq, q), _descriptor(fk, k), _descriptor(fv, v), _descriptor(fo, out), kv_num_blocks,
-                    kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths, q, out,
+        q_desc = _descriptor(fq, q)
+        if q_rows is not None and q_rows.dim() == 1:
+            q_rows = q_rows.view(1, 1, -1)
+        self.runner(q_desc, _descriptor(fk, k), _descriptor(fv, v), q_desc if self.rows else _descriptor(fo, out),
+                    kv_num_blocks, kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths, q, out,
                     kv_num_blocks if q_rows is None else q_rows, *self.mask_args, scale * LOG2E, *self.constexprs)
         return out
 
@@ -286,7 +289,10 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     def broadcast_strides(t):  # a mask dim of size 1 is shared by every batch element / head
         return [t.stride(d) if t.shape[d] > 1 else 0 for d in (0, 1)]
 
-    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim]) for t in (q, k, v, out)]
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim]) for t in (q, k, v)]
+    # With q_rows the output is stored by pointer and may have any strides: q's descriptor holds the unused slot.
+    descs.append(descs[0] if q_rows is not None else
+                 TensorDescriptor(out, list(out.shape), list(out.stride()), [1, 1, 16, head_dim]))
     mask_args = (*q.stride()[:3], *out.stride()[:3], *(broadcast_strides(rows) if q_rows is not None else (0, 0)),
                  *broadcast_strides(kv_num_blocks), *broadcast_strides(kv_indices), kv_indices.stride(2),
                  *broadcast_strides(order), heads, q_len, kv_len)
@@ -318,16 +324,15 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     # copied or made contiguous here. The descriptors now carry the launched config's tiles (BLOCK_M, BLOCK_N),
     # which the constexprs must match.
     if (record is not None and _direct_launch and config is None and kernel is not None and record[-1]
-            and all(a is b for a, b in zip((q, k, v, kv_num_blocks, kv_indices, order, rows), given)
-                    if b is not None)
-            and (q_rows is None or q_rows.dim() == 3)):
+            and all(a is b for a, b in zip((q, k, v, kv_num_blocks, kv_indices, order), given) if b is not None)
+            and (q_rows is None or rows is q_rows or rows._base is q_rows)):
         if len(_launches) >= _MAX_LAUNCHES:
             _launches.clear()
         block_m, block_n = descs[0].block_shape[2], descs[1].block_shape[2]
         constexprs = (head_dim, block_size, block_m, block_n, kv_lengths is not None, q_rows is not None, False,
                       consts["IEEE"])
-        _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, mask_args, constexprs,
-                                          sorts=q_block_order is None)
+        _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, out, mask_args,
+                                          constexprs, sorts=q_block_order is None, rows=q_rows is not None)
     return out
 
 

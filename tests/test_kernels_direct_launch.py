@@ -63,7 +63,11 @@ def case(seed=0, dtype=torch.bfloat16, dim=64, block_size=64, kv_lengths=False, 
     num, idx = random_block_mask(1, 2, 150, 150, block_size, 0.5, ragged=True, generator=g)
     kvl = torch.tensor([120], dtype=torch.int32) if kv_lengths else None
     schedule = block_mask.heaviest_first(num) if order else None
-    q_rows = torch.randperm(150, generator=g)[None, None].expand(1, 2, 150) if rows else None
+    # rows: per head ([1, H, S], an expanded view) or shared ([S], which the launcher views as [1, 1, S])
+    q_rows = None
+    if rows:
+        q_rows = torch.randperm(150, generator=g)
+        q_rows = q_rows if rows == "shared" else q_rows[None, None].expand(1, 2, 150)
     return (q, k, v, num, idx, 1 / math.sqrt(dim), block_size, kvl, schedule, q_rows)
 
 
@@ -84,7 +88,7 @@ def same_argument(name, a, b):
 
 
 @pytest.mark.parametrize("order, rows, heads_major", [(True, False, False), (False, False, False),
-                                                       (True, True, True)])
+                                                       (True, True, True), (True, "shared", True)])
 def test_direct_launch_passes_what_the_normal_launch_binds(fake_triton, monkeypatch, order, rows, heads_major):
     call(case(seed=1, order=order, rows=rows, heads_major=heads_major))
     assert len(fake_triton.launches) == 1 and not fake_triton.direct
@@ -106,7 +110,7 @@ def test_direct_launch_passes_what_the_normal_launch_binds(fake_triton, monkeypa
 
 @pytest.mark.parametrize("change", [dict(dtype=torch.float16), dict(dim=32), dict(block_size=128),
                                     dict(kv_lengths=True), dict(order=False), dict(heads_major=True),
-                                    dict(rows=True)])
+                                    dict(rows=True), dict(rows="shared")])
 def test_a_changed_key_launches_normally_once_then_directly(fake_triton, change):
     call(case())
     call(case(seed=1))
