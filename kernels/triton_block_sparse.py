@@ -4,8 +4,9 @@ the kernel, the launcher.
 
 Hopper path: Q/K/V/O move through rank-4 TMA tensor descriptors over [B, H, S, D] made on the host and passed by
 value (no per-program descriptor set-up; any strides with a contiguous last dim), so tails past S are zero-filled on
-load and clipped on store with no masks; matrix products are wgmma through `tl.dot`. Tile shapes, warps and stages
-are autotuned once per (head dim, dtype, block size) and cached by Triton's autotuner.
+load and clipped on store with no masks; matrix products are wgmma through `tl.dot`. With `q_rows` a program loads
+its query rows and stores its output rows by pointer instead (once each, outside the key loop). Tile shapes, warps
+and stages are autotuned once per (head dim, dtype, block size) and cached by Triton's autotuner.
 
 Host cost: after the first launch for a key (`launch_key`: every shape, stride, dtype, device and alignment the
 launch depends on), later calls with that key launch the recorded compiled kernel through Triton's own
@@ -259,9 +260,10 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs).
     `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks of one
     variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list. Under
-    TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (contiguous, like q), if
-    given, receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
-    checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is."""
+    TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (with `output_like`'s strides),
+    if given, receives the result. `q_rows` (see the op) reads q and writes the output at those rows.
+    `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its checked inputs' `launch_key`)
+    keeps this launch for `recorded_launch` when it can be repeated as is."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     given = (q, k, v, kv_num_blocks, kv_indices, q_block_order, q_rows)
