@@ -134,7 +134,7 @@ def run_attention(name, shape, densities, families, budget_ms, sweep, rows, chec
             error = rel_err(torch.gather(by_rows, 2, q_rows[None, None, :, None].expand(q.shape)), ref)
             add("ours+q_rows", family, density,
                 bench(lambda: op(q_tokens, k, v, num, idx, scale, bs, None, None, q_rows), budget_ms), flops,
-                f"vs flex {error:.1e}")
+                f"vs flex {error:.1e} {triton_block_sparse.tuned_config(dim, bs, q.dtype, has_q_rows=True) or ''}")
             del q_tokens, by_rows
             checks.append(dict(shape=name, mask=family, density=density, ours_vs_flex=rel_err(ours, ref)))
             if density == 1.0:

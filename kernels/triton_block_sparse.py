@@ -164,7 +164,7 @@ def _tuned(dtype: torch.dtype):
     """One autotuner per dtype: descriptors carry no dtype Triton's autotuner could key on."""
     if dtype not in _tuned_kernels:
         _tuned_kernels[dtype] = triton.autotune(
-            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "HAS_KV_LENGTHS"],
+            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "HAS_KV_LENGTHS", "HAS_Q_ROWS"],
             prune_configs_by={"early_config_prune": _prune})(_block_sparse_attention_kernel)
     return _tuned_kernels[dtype]
 
@@ -344,10 +344,11 @@ def set_autotune(enabled: bool) -> None:
     _autotune = bool(enabled)
 
 
-def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False) -> Optional[str]:
+def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False,
+                 has_q_rows: bool = False) -> Optional[str]:
     """The config the autotuner chose for a key, for benchmark reports (None before the first call)."""
     tuner = _tuned_kernels.get(dtype)
     for key, cfg in (tuner.cache.items() if tuner else ()):
-        if tuple(key[:3]) == (head_dim, block_size, has_kv_lengths):
+        if tuple(key[:4]) == (head_dim, block_size, has_kv_lengths, has_q_rows):
             return str(cfg)
     return None
