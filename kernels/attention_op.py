@@ -6,10 +6,11 @@ microseconds of Python and never syncs with the GPU. Checks that read mask *valu
 device-to-host copy, so on CUDA they run only when `VSPARSE_CHECK_MASKS=1` is set (or `set_mask_value_checks(True)`);
 on CPU they always run. An out-of-range block id on CUDA without the flag reads memory outside K/V.
 
-Registration: a `torch.library.Library` fragment with one kernel per dispatch key (CPU: the reference, CUDA: the
-Triton launcher) rather than `torch.library.custom_op`, whose per-call Python wrappers (pytree walks, aliasing
-checks) cost more than the whole launch should. On CUDA a call whose `launch_key` was seen before skips the checks
-(the key holds every property they read) and Triton's per-call binding (triton_block_sparse.recorded_launch).
+Registration (kernels/registration.py): a `torch.library.Library` fragment with one kernel per dispatch key (CPU:
+the reference, CUDA: the Triton launcher) rather than `torch.library.custom_op`, whose per-call Python wrappers
+(pytree walks, aliasing checks) cost more than the whole launch should. On CUDA a call whose `launch_key` was seen
+before skips the checks (the key holds every property they read) and Triton's per-call binding
+(triton_block_sparse.recorded_launch).
 The op has no backward: with grad enabled and an input that requires grad, the output requires grad and its
 backward raises.
 """
@@ -21,6 +22,7 @@ from typing import Optional
 import torch
 
 from dit_compiler.kernels import block_mask
+from dit_compiler.kernels.registration import register_op
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
@@ -241,13 +243,7 @@ def _fake_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengt
     return output_like(q, q_rows)
 
 
-_lib = torch.library.Library("vsparse", "FRAGMENT")
-_lib.define(SCHEMA)
-# torch._disable_dynamo (as custom_op does): Dynamo never traces into the launch, wherever the kernel is called from.
-_lib.impl("block_sparse_attention", torch._disable_dynamo(_cpu_kernel), "CPU")
-_lib.impl("block_sparse_attention", torch._disable_dynamo(_cuda_kernel), "CUDA")
-_lib.impl("block_sparse_attention", _autograd_kernel, "Autograd", with_keyset=True)
-torch.library.register_fake("vsparse::block_sparse_attention", _fake_kernel, lib=_lib)
+_lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel, autograd=_autograd_kernel)
 _op = torch.ops.vsparse.block_sparse_attention.default
 # softmax(q kᵀ·scale + block mask) v over the key blocks each query block lists; see docs/DESIGN.md.
 # `q_block_order` (int32 [B|1, H|1, nq], a permutation per row) only schedules the kernel's programs; without it the

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from dit_compiler.kernels.registration import register_op
+
 TRITON_MAX_ROW = 1024  # the kernel sorts a whole row in one warp's registers; measured up to 1024 padded entries
 SCHEMA = "descending_order(Tensor x) -> Tensor"
 
@@ -53,9 +55,5 @@ def _fake_kernel(x):
 
 
 # No autograd kernel: ids are not differentiable (PyTorch's fallback raises at backward if an input requires grad).
-_lib = torch.library.Library("vsparse", "FRAGMENT")
-_lib.define(SCHEMA)
-_lib.impl("descending_order", torch._disable_dynamo(_cpu_kernel), "CPU")
-_lib.impl("descending_order", torch._disable_dynamo(_cuda_kernel), "CUDA")
-torch.library.register_fake("vsparse::descending_order", _fake_kernel, lib=_lib)
+_lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel)
 descending_order = torch.ops.vsparse.descending_order

@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from dit_compiler.kernels.attention_op import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, check_bhsd
+from dit_compiler.kernels.registration import register_op
 
 SCHEMA = "sampled_rows_attention(Tensor q, Tensor k, Tensor v, Tensor rows, Tensor masks, float scale, " \
          "Tensor? skip=None) -> Tensor"
@@ -92,9 +93,5 @@ def _fake_kernel(q, k, v, rows, masks, scale, skip=None):
 
 # No autograd kernel: the result chooses among masks, nothing differentiates through it (callers pass detached
 # inputs; PyTorch's fallback raises at backward if one does not).
-_lib = torch.library.Library("vsparse", "FRAGMENT")
-_lib.define(SCHEMA)
-_lib.impl("sampled_rows_attention", torch._disable_dynamo(_cpu_kernel), "CPU")
-_lib.impl("sampled_rows_attention", torch._disable_dynamo(_cuda_kernel), "CUDA")
-torch.library.register_fake("vsparse::sampled_rows_attention", _fake_kernel, lib=_lib)
+_lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel)
 sampled_rows_attention = torch.ops.vsparse.sampled_rows_attention
