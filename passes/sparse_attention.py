@@ -47,8 +47,8 @@ def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _to_plan_order(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """`_reorder(x, perm)`. A shared order is written as a scatter of x's rows to `inverse`: a store at indexed rows
-    fuses into the kernel that produces x (q and k: the RMS norm and RoPE), where a gather needs x written out first
-    and copied again. Per-head orders stay a gather: their scatter, fused there, more than doubled that kernel's
+    fuses into the kernel that produces x (for k, and q where a mask reads it: the RMS norm and RoPE), where a gather
+    needs x written out first and copied again. Per-head orders stay a gather: their scatter, fused there, more than doubled that kernel's
     time (H100, results/h100-2026-11-24/site-profile-e60ab47.txt)."""
     if perm.dim() != 1:
         return _reorder(x, perm)

@@ -93,12 +93,17 @@ def block_counts(seq_len, block_size: int, device=None) -> torch.Tensor:
 
 
 def pooled_attention_map(q: torch.Tensor, k: torch.Tensor, block_size: int, scale=None) -> torch.Tensor:
-    """[B, H, nq, nkv] float32: the low-resolution attention map, softmax over key blocks of the scaled scores of
-    block-averaged q and k (`pooled_map`)."""
+    """[B, H, nq, nkv] float32: the low-resolution attention map, softmax over key blocks of
+    `pooled_attention_logits`."""
+    return pooled_attention_logits(q, k, block_size, scale).softmax(dim=-1)
+
+
+def pooled_attention_logits(q: torch.Tensor, k: torch.Tensor, block_size: int, scale=None) -> torch.Tensor:
+    """[B, H, nq, nkv] float32: the scaled scores of block-averaged q and k (`pooled_logits`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     q_means, _ = block_means(q, block_size)
     k_means, k_counts = block_means(k, block_size)
-    return pooled_map(q_means, k_means, k_counts, scale)
+    return pooled_logits(q_means, k_means, k_counts, scale)
 
 
 def pooled_map(q_means: torch.Tensor, k_means: torch.Tensor, k_counts: torch.Tensor, scale: float) -> torch.Tensor:
@@ -133,11 +138,9 @@ def draft_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int, densi
     if text_before + text_after > seq_len:
         raise ValueError(f"text_before + text_after = {text_before + text_after} exceeds the sequence ({seq_len})")
     # Softmax keeps each row's order, so ranking the logits ranks the pooled map without computing it.
-    q_means, _ = block_means(q, block_size)
-    k_means, k_counts = block_means(k, block_size)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = pooled_attention_logits(q, k, block_size, scale)
     text = common.text_blocks(seq_len, text_before, text_after, block_size, q.device)
-    return common.strongest_blocks(pooled_logits(q_means, k_means, k_counts, scale), density, text)
+    return common.strongest_blocks(scores, density, text)
 
 
 class DraftPlanner:
