@@ -28,6 +28,23 @@ def expected(x):
     return x.argsort(dim=-1, descending=True, stable=True).to(torch.int32)
 
 
+def assert_descending_order(x, order):
+    """The contract checked without argsort: int32, every row a permutation, and along it NaN first, then values
+    non-increasing, equal values (-0.0 and 0.0 too) by ascending id."""
+    assert order.dtype == torch.int32 and order.shape == x.shape
+    ids = order.long()
+    assert torch.equal(ids.sort(-1).values, torch.arange(x.shape[-1]).expand_as(ids).to(ids.device))
+    values = torch.gather(x, -1, ids).double()
+    nan = values.isnan()
+    values = values.nan_to_num(nan=0.0)
+    head, tail = (slice(None, -1), slice(1, None))
+    first_nan, second_nan = nan[..., head], nan[..., tail]
+    first, second = values[..., head], values[..., tail]
+    ahead = (first_nan & ~second_nan) | ((first_nan == second_nan) & (
+        (first > second) | ((first == second) & (ids[..., head] < ids[..., tail]))))
+    assert ahead.all(), "entries out of order"
+
+
 shapes = st.lists(st.integers(1, 4), min_size=0, max_size=2).flatmap(
     lambda lead: st.integers(1, 300).map(lambda n: (*lead, n)))
 
@@ -37,9 +54,7 @@ shapes = st.lists(st.integers(1, 4), min_size=0, max_size=2).flatmap(
        dtype=st.sampled_from([torch.float32, torch.float64, torch.int32, torch.int64]))
 def test_op_cpu_is_a_stable_descending_argsort(seed, shape, levels, specials, dtype):
     x = make_rows(seed, shape, levels, specials and dtype.is_floating_point, dtype)
-    out = torch.ops.vsparse.descending_order(x)
-    assert out.dtype == torch.int32 and out.shape == x.shape
-    assert torch.equal(out, expected(x))
+    assert_descending_order(x, torch.ops.vsparse.descending_order(x))
 
 
 @interpreted
@@ -49,7 +64,9 @@ def test_triton_kernel_interpreted_matches_argsort(seed, shape, levels, specials
     from dit_compiler.kernels.triton_row_order import triton_descending_order
 
     x = make_rows(seed, shape, levels, specials)
-    assert torch.equal(triton_descending_order(x), expected(x))
+    out = triton_descending_order(x)
+    assert_descending_order(x, out)
+    assert torch.equal(out, expected(x))
 
 
 @interpreted
@@ -88,4 +105,5 @@ def test_op_on_gpu_matches_argsort(seed, shape, levels, specials, n):
         shape = (*shape[:-1], n)
     x = make_rows(seed, shape, levels, specials, device="cuda")
     out = torch.ops.vsparse.descending_order(x)
-    assert out.dtype == torch.int32 and torch.equal(out, expected(x))
+    assert_descending_order(x, out)
+    assert torch.equal(out, expected(x))
