@@ -6,13 +6,12 @@
 Per shape (bf16, D=128, 128-token blocks): cuDNN and flash SDPA (dense), then for each mask family (random: every
 row the same count; banded; optional ragged: per-pair coin flips, 10% empty rows) and density: ours (autotuned once,
 cached) and FlexAttention (torch.compile) with the identical BlockMask (listed blocks passed as full blocks).
-Effective TFLOP/s = 4 * sum over query rows of visible keys * D / time. A correctness line per case compares ours
-with FlexAttention's output (and, at density 1, with cuDNN's). "ours+q_rows" is the call as the rewrite makes it: q
-a head view of [B, S, H, D] memory, the query order given as `q_rows`. Then the permutation kernel's GB/s against a
-device copy, and Sparse VideoGen's sampled-row measurement (`sampled_rows_attention`, 64 rows under the full,
-spatial and temporal masks) against the same arithmetic in torch compiled by Inductor (the formula svg used before
-the op), and the planners' block ranking (`descending_order` over Draft's pooled logits, [H, n, n] with n the
-shape's blocks) against Inductor's and ATen's stable sorts. Prints a table and writes JSON.
+Effective TFLOP/s = 4 * sum over query rows of visible keys * D / time. A correctness line per case compares ours with
+FlexAttention's output (and, at density 1, with cuDNN's). Then the permutation kernel's GB/s against a device copy,
+and Sparse VideoGen's sampled-row measurement (`sampled_rows_attention`, 64 rows under the full, spatial and temporal
+masks) against the same arithmetic in torch compiled by Inductor (the formula svg used before the op), and the
+planners' block ranking (`descending_order` over Draft's pooled logits, [H, n, n] with n the shape's blocks) against
+Inductor's and ATen's stable sorts. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
@@ -125,17 +124,6 @@ def run_attention(name, shape, densities, families, budget_ms, sweep, rows, chec
             if density == 1.0:  # the same call timed again: the spread between runs of one version
                 add("ours(again)", family, density, bench(lambda: op(q, k, v, num, idx, scale, bs), budget_ms),
                     flops)
-            # As the site calls it: q a head view of [B, S, H, D] memory and a query order as q_rows (pointer loads
-            # and stores of the query rows; the output back in token order, in q's layout).
-            q_rows = torch.randperm(seq, device="cuda", generator=g)
-            q_tokens = torch.empty_like(q.transpose(1, 2)).transpose(1, 2).index_copy_(
-                2, q_rows, q)  # q_tokens[..., q_rows[i], :] = q[..., i, :]
-            by_rows = op(q_tokens, k, v, num, idx, scale, bs, None, None, q_rows)
-            error = rel_err(torch.gather(by_rows, 2, q_rows[None, None, :, None].expand(q.shape)), ref)
-            add("ours+q_rows", family, density,
-                bench(lambda: op(q_tokens, k, v, num, idx, scale, bs, None, None, q_rows), budget_ms), flops,
-                f"vs flex {error:.1e} {triton_block_sparse.tuned_config(dim, bs, q.dtype, has_q_rows=True) or ''}")
-            del q_tokens, by_rows
             checks.append(dict(shape=name, mask=family, density=density, ours_vs_flex=rel_err(ours, ref)))
             if density == 1.0:
                 checks[-1]["ours_vs_cudnn"] = rel_err(ours, outs["cudnn_sdpa"])

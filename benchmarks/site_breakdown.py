@@ -7,10 +7,9 @@ projections -> RMS norm of q and k across heads -> RoPE (float32 tables) -> atte
 h + gate * out. Compiled with Inductor (fullgraph) in this process with each attention variant:
 
   dense       F.scaled_dot_product_attention (PyTorch's backend choice for these shapes)
-  site        the rewrite's `sparse_attention`: plan, permute k and v, mask, kernel (q and output at the rows)
-  fixed       the same plan's order and mask computed once beforehand: permute k and v, kernel (q's order as q_rows)
-  unpermuted  the same mask with tokens left in place (q_rows the identity): the kernel alone in the layer (timing
-              only)
+  site        the rewrite's `sparse_attention`: plan, permute, mask, kernel, restore the order
+  fixed       the same plan's order and mask computed once beforehand: permute, kernel, restore
+  unpermuted  the same mask with tokens left in place: the kernel alone in the layer (timing only)
 
 planning = site - fixed; permutation = fixed - unpermuted (a gather Inductor fuses into the RoPE or the output's
 transpose is charged only what it adds to that kernel). kernel: the op alone on the planned inputs; FlexAttention
@@ -79,13 +78,10 @@ class Attention(torch.nn.Module):
             constants = {n: getattr(self, f"c_{n}") for n in self.constant_names}
             return sparse_attention(q, k, v, None, None, constants, (*self.grid, 0, 0), planner=self.planner,
                                     density=self.density, block_size=BLOCK, scale=scale)[0]
-        # Both pass the query order to the kernel (`q_rows`), as the site does; unpermuted with the identity.
-        rows = self.perm
         if self.variant == "fixed":
-            k, v = (_to_plan_order(t, self.perm, self.inverse) for t in (k, v))
-        else:
-            rows = torch.arange(q.shape[2], device=q.device)
-        return torch.ops.vsparse.block_sparse_attention(q, k, v, self.num, self.idx, scale, BLOCK, None, None, rows)
+            q, k, v = (_to_plan_order(t, self.perm, self.inverse) for t in (q, k, v))
+        out = torch.ops.vsparse.block_sparse_attention(q, k, v, self.num, self.idx, scale, BLOCK, None)
+        return _reorder(out, self.inverse) if self.variant == "fixed" else out
 
 
 class Layer(torch.nn.Module):

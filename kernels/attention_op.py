@@ -32,8 +32,7 @@ _REFERENCE_CHUNK_ELEMENTS = 1 << 24
 
 _check_mask_values_on_cuda = os.environ.get("VSPARSE_CHECK_MASKS", "0") == "1"
 SCHEMA = ("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
-          "float scale, SymInt block_size, Tensor? kv_lengths=None, Tensor? q_block_order=None, "
-          "Tensor? q_rows=None) -> Tensor")
+          "float scale, SymInt block_size, Tensor? kv_lengths=None, Tensor? q_block_order=None) -> Tensor")
 
 
 def set_mask_value_checks(enabled: bool) -> None:
@@ -50,8 +49,7 @@ def check_bhsd(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a contiguous last (head) dim, got strides {t.stride()}")
 
 
-def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order=None,
-                 q_rows=None) -> None:
+def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order=None) -> None:
     """Raise TypeError / ValueError naming what is wrong. Reads values only on CPU or with the debug flag."""
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
         if not isinstance(t, torch.Tensor):
@@ -91,32 +89,6 @@ def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengt
         if q_block_order.device != q.device:
             raise ValueError(f"q_block_order is on {q_block_order.device}, q on {q.device}")
         block_mask.validate_order(q_block_order, batch, heads, q_len, block_size, values=read_values)
-    if q_rows is not None:
-        check_q_rows(q_rows, batch, heads, q_len, q.device, values=read_values)
-
-
-def check_q_rows(q_rows, batch: int, heads: int, q_len: int, device, values: bool) -> None:
-    """q_rows: int64 [S] or [B|1, H|1, S] on q's device, and (with `values`, which reads it) a permutation of
-    range(S) in every row: each output row is written once."""
-    if not isinstance(q_rows, torch.Tensor) or q_rows.dtype != torch.int64 or q_rows.dim() not in (1, 3) or \
-            q_rows.shape[-1] != q_len or (q_rows.dim() == 3 and (q_rows.shape[0] not in (1, batch)
-                                                                 or q_rows.shape[1] not in (1, heads))):
-        shape = tuple(q_rows.shape) if isinstance(q_rows, torch.Tensor) else q_rows
-        raise ValueError(f"q_rows must be int64 [S={q_len}] or [B|1, H|1, {q_len}], got "
-                         f"{getattr(q_rows, 'dtype', type(q_rows).__name__)} {shape}")
-    if q_rows.device != device:
-        raise ValueError(f"q_rows is on {q_rows.device}, q on {device}")
-    if values and not torch.equal(q_rows.sort(-1).values, torch.arange(q_len, device=device).expand_as(q_rows)):
-        raise ValueError("q_rows must list every query row once in each row")
-
-
-def output_like(q: torch.Tensor, q_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The op's output buffer (its fake's too): contiguous [B, H, S, D]; with `q_rows`, in q's own memory layout
-    (`empty_like`: the kernel stores those rows by pointer), so a q that is a head view of [B, S, H, D] projections
-    gives an output the output projection reads as it is."""
-    if q_rows is None:
-        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return torch.empty_like(q)
 
 
 def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
@@ -173,39 +145,25 @@ def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: 
     return out.view(batch, heads, nq * block_size, head_dim)[:, :, :q_len].to(q.dtype).contiguous()
 
 
-def reference_with_q_rows(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
-                          kv_lengths: Optional[torch.Tensor] = None, q_rows: Optional[torch.Tensor] = None):
-    """The reference under the op's `q_rows` contract: query row i of the mask is token q_rows[..., i] of q and of
-    the output, which comes back in q's order (in `output_like`'s layout)."""
-    if q_rows is None:
-        return reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
-    rows = q_rows.expand(*q.shape[:2], q.shape[2]).unsqueeze(-1).expand(q.shape)
-    ordered = reference_block_sparse_attention(torch.gather(q, 2, rows), k, v, kv_num_blocks, kv_indices, scale,
-                                               block_size, kv_lengths)
-    return output_like(q, q_rows).scatter_(2, rows, ordered)
-
-
-def _cpu_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None,
-                q_rows=None):
-    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order, q_rows)
-    return reference_with_q_rows(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_rows)
+def _cpu_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
+    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order)
+    return reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
 
 
 _triton = None  # dit_compiler.kernels.triton_block_sparse, imported on the first CUDA call (CPU installs need no Triton)
 
 
-def _cuda_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None,
-                 q_rows=None):
+def _cuda_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
     global _triton
     if _triton is None:
         from dit_compiler.kernels import triton_block_sparse as _triton
-    key = _triton.launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths, q_block_order, q_rows)
+    key = _triton.launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths, q_block_order)
     launch = None if _check_mask_values_on_cuda else _triton.recorded_launch(key)
     if launch is not None:
-        return launch(q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order, q_rows)
-    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order, q_rows)
+        return launch(q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order)
+    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order)
     return _triton.triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
-                                                 q_block_order=q_block_order, q_rows=q_rows, record=key)
+                                                 q_block_order=q_block_order, record=key)
 
 
 class _NoBackward(torch.autograd.Function):
@@ -231,8 +189,7 @@ def _autograd_kernel(keyset, *args):
         return _op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
-def _fake_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None,
-                 q_rows=None):
+def _fake_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
     # Only checks that need no shape arithmetic: comparing symbolic sizes here would add guards to the graph.
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype in {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -240,15 +197,12 @@ def _fake_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengt
         raise ValueError("q, k, v must be [B, H, S, D]")
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
-    return output_like(q, q_rows)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 _lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel, autograd=_autograd_kernel)
 _op = torch.ops.vsparse.block_sparse_attention.default
 # softmax(q kᵀ·scale + block mask) v over the key blocks each query block lists; see docs/DESIGN.md.
 # `q_block_order` (int32 [B|1, H|1, nq], a permutation per row) only schedules the kernel's programs; without it the
-# kernel sorts the query blocks heaviest first on every call (`block_mask.heaviest_first`). `q_rows` (int64 [S] or
-# [B|1, H|1, S], a permutation per row) folds a query-side token order into the kernel: the mask's query row i is
-# token q_rows[i] of q, and its output row goes back to that token (`reference_with_q_rows`), so q needs no gather
-# and the output no inverse gather.
+# kernel sorts the query blocks heaviest first on every call (`block_mask.heaviest_first`).
 block_sparse_attention = torch.ops.vsparse.block_sparse_attention

@@ -4,9 +4,8 @@ the kernel, the launcher.
 
 Hopper path: Q/K/V/O move through rank-4 TMA tensor descriptors over [B, H, S, D] made on the host and passed by
 value (no per-program descriptor set-up; any strides with a contiguous last dim), so tails past S are zero-filled on
-load and clipped on store with no masks; matrix products are wgmma through `tl.dot`. With `q_rows` a program loads
-its query rows and stores its output rows by pointer instead (once each, outside the key loop). Tile shapes, warps
-and stages are autotuned once per (head dim, dtype, block size) and cached by Triton's autotuner.
+load and clipped on store with no masks; matrix products are wgmma through `tl.dot`. Tile shapes, warps and stages
+are autotuned once per (head dim, dtype, block size) and cached by Triton's autotuner.
 
 Host cost: after the first launch for a key (`launch_key`: every shape, stride, dtype, device and alignment the
 launch depends on), later calls with that key launch the recorded compiled kernel through Triton's own
@@ -29,7 +28,6 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dit_compiler.kernels import block_mask
-from dit_compiler.kernels.attention_op import output_like
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -87,10 +85,9 @@ def _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limi
 @triton.jit
 def _block_sparse_attention_kernel(
         q_desc, k_desc, v_desc, o_desc, num_ptr, idx_ptr, order_ptr, kv_lengths_ptr,
-        q_ptr, o_ptr, rows_ptr, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os, stride_rb, stride_rh,
-        stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb, stride_orh, heads, q_len, kv_len, qk_scale,
+        stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb, stride_orh, heads, kv_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_KV_LENGTHS: tl.constexpr, HAS_Q_ROWS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+        HAS_KV_LENGTHS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     M_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_M
     N_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
     slot = tl.program_id(0)
@@ -109,15 +106,7 @@ def _block_sparse_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    if HAS_Q_ROWS:  # row i of the tile is token rows[q_start + i] of q and of the output (pointer loads, once)
-        offs = q_start + tl.arange(0, BLOCK_M)
-        inside = offs < q_len
-        tokens = tl.load(rows_ptr + b * stride_rb + h * stride_rh + offs, mask=inside, other=0).to(tl.int64)
-        dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + tokens[:, None] * stride_qs + dims[None, :],
-                    mask=inside[:, None], other=0.0)
-    else:
-        q = q_desc.load([b, h, q_start, 0]).reshape(BLOCK_M, HEAD_DIM)
+    q = q_desc.load([b, h, q_start, 0]).reshape(BLOCK_M, HEAD_DIM)
     if DOT_FP32:
         q = q.to(tl.float32)
     for t in tl.range(0, count * N_TILES):
@@ -126,11 +115,7 @@ def _block_sparse_attention_kernel(
                                          HEAD_DIM, BLOCK_N, DOT_FP32, IEEE)
     # Rows that saw no visible key have l = 0 and acc = 0: they store zeros.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    if HAS_Q_ROWS:
-        tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + tokens[:, None] * stride_os + dims[None, :],
-                 acc.to(o_ptr.dtype.element_ty), mask=inside[:, None])
-    else:
-        o_desc.store([b, h, q_start, 0], acc.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    o_desc.store([b, h, q_start, 0], acc.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
 def _set_block_shapes(args):
@@ -164,7 +149,7 @@ def _tuned(dtype: torch.dtype):
     """One autotuner per dtype: descriptors carry no dtype Triton's autotuner could key on."""
     if dtype not in _tuned_kernels:
         _tuned_kernels[dtype] = triton.autotune(
-            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "HAS_KV_LENGTHS", "HAS_Q_ROWS"],
+            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "HAS_KV_LENGTHS"],
             prune_configs_by={"early_config_prune": _prune})(_block_sparse_attention_kernel)
     return _tuned_kernels[dtype]
 
@@ -194,8 +179,7 @@ _launches: dict = {}  # launch_key -> _DirectLaunch
 _MAX_LAUNCHES = 512  # many distinct shapes (dynamic lengths) start the record afresh rather than grow it
 
 
-def launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths=None, q_block_order=None,
-               q_rows=None) -> tuple:
+def launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths=None, q_block_order=None) -> tuple:
     """What a launch depends on besides the data: shape, strides, dtype and device of every tensor (all that
     attention_op's metadata checks read, so a key seen after a checked call needs no checks again), whether every
     base is 16-byte aligned (Triton specializes pointers on it, TMA requires it), the current device (Triton's
@@ -203,7 +187,7 @@ def launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths=None, 
     heads, kv_len) on == 1 and % 16: the exact shapes and strides here cover that."""
     key = [block_size, _autotune, _current_device()]
     bases = 0
-    for t in (q, k, v, kv_num_blocks, kv_indices, kv_lengths, q_block_order, q_rows):
+    for t in (q, k, v, kv_num_blocks, kv_indices, kv_lengths, q_block_order):
         if t is None:
             key.append(None)
         else:
@@ -232,46 +216,41 @@ class _DirectLaunch:
     only on the key; a call supplies the data, allocates the output and launches through Triton's runner, which
     reads the current stream and builds the TMA descriptors from the bases as JITFunction.run's launch would."""
 
-    def __init__(self, kernel, grid, descs, out: torch.Tensor, mask_args: tuple, constexprs: tuple, sorts: bool,
-                 rows: bool):
+    def __init__(self, kernel, grid, descs, mask_args: tuple, constexprs: tuple, sorts: bool):
         self.runner = kernel[grid]
         self.fields = [{**d.__dict__, "base": None} for d in descs]
-        self.out_shape, self.out_stride = out.shape, out.stride()
-        self.out_dtype, self.out_device = out.dtype, out.device
-        self.mask_args, self.constexprs, self.sorts, self.rows = mask_args, constexprs, sorts, rows
+        out = descs[3].base
+        self.out_shape, self.out_dtype, self.out_device = out.shape, out.dtype, out.device
+        self.mask_args, self.constexprs, self.sorts = mask_args, constexprs, sorts
 
-    def __call__(self, q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order, q_rows):
-        out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.out_dtype, device=self.out_device)
+    def __call__(self, q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order):
+        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.out_device)
         order = block_mask.heaviest_first(kv_num_blocks) if self.sorts else q_block_order
         fq, fk, fv, fo = self.fields
-        q_desc = _descriptor(fq, q)
-        if q_rows is not None and q_rows.dim() == 1:
-            q_rows = q_rows.view(1, 1, -1)
-        self.runner(q_desc, _descriptor(fk, k), _descriptor(fv, v), q_desc if self.rows else _descriptor(fo, out),
-                    kv_num_blocks, kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths, q, out,
-                    kv_num_blocks if q_rows is None else q_rows, *self.mask_args, scale * LOG2E, *self.constexprs)
+        self.runner(_descriptor(fq, q), _descriptor(fk, k), _descriptor(fv, v), _descriptor(fo, out), kv_num_blocks,
+                    kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths, *self.mask_args,
+                    scale * LOG2E, *self.constexprs)
         return out
 
 
 def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
                                   kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None,
                                   out: Optional[torch.Tensor] = None, q_block_order: Optional[torch.Tensor] = None,
-                                  q_rows: Optional[torch.Tensor] = None, record: Optional[tuple] = None):
+                                  record: Optional[tuple] = None):
     """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs).
     `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks of one
     variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list. Under
-    TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (with `output_like`'s strides),
-    if given, receives the result. `q_rows` (see the op) reads q and writes the output at those rows.
-    `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its checked inputs' `launch_key`)
-    keeps this launch for `recorded_launch` when it can be repeated as is."""
+    TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (contiguous, like q), if
+    given, receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
+    checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
-    given = (q, k, v, kv_num_blocks, kv_indices, q_block_order, q_rows)
-    if out is None:
-        out = output_like(q, q_rows)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride() != output_like(q, q_rows).stride():
-        raise ValueError("out must have q's shape and dtype, and the op's output strides (`output_like`)")
+    given = (q, k, v, kv_num_blocks, kv_indices, q_block_order)
     q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
+    if out is None:
+        out = torch.empty(batch, heads, q_len, head_dim, dtype=q.dtype, device=q.device)
+    elif not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
+        raise ValueError("out must be contiguous with q's shape and dtype")
     # The kernel walks the last dim of both mask tensors with unit stride (other dims may broadcast with stride 0).
     if kv_num_blocks.stride(-1) != 1:
         kv_num_blocks = kv_num_blocks.contiguous()
@@ -282,26 +261,17 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     order = block_mask.heaviest_first(kv_num_blocks) if q_block_order is None else q_block_order
     if order.stride(-1) != 1:
         order = order.contiguous()
-    rows = kv_num_blocks  # a placeholder pointer without q_rows
-    if q_rows is not None:
-        rows = q_rows if q_rows.dim() == 3 else q_rows.view(1, 1, -1)
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
 
     def broadcast_strides(t):  # a mask dim of size 1 is shared by every batch element / head
         return [t.stride(d) if t.shape[d] > 1 else 0 for d in (0, 1)]
 
-    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim]) for t in (q, k, v)]
-    # With q_rows the output is stored by pointer and may have any strides: q's descriptor holds the unused slot.
-    descs.append(descs[0] if q_rows is not None else
-                 TensorDescriptor(out, list(out.shape), list(out.stride()), [1, 1, 16, head_dim]))
-    mask_args = (*q.stride()[:3], *out.stride()[:3], *(broadcast_strides(rows) if q_rows is not None else (0, 0)),
-                 *broadcast_strides(kv_num_blocks), *broadcast_strides(kv_indices), kv_indices.stride(2),
-                 *broadcast_strides(order), heads, q_len, kv_len)
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim]) for t in (q, k, v, out)]
+    mask_args = (*broadcast_strides(kv_num_blocks), *broadcast_strides(kv_indices), kv_indices.stride(2),
+                 *broadcast_strides(order), heads, kv_len)
     args = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
-            q, out, rows, *mask_args, scale * LOG2E)
+            *mask_args, scale * LOG2E)
     consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_KV_LENGTHS=kv_lengths is not None,
-                  HAS_Q_ROWS=q_rows is not None, IEEE=q.dtype == torch.float32)
+                  IEEE=q.dtype == torch.float32)
 
     def grid(meta):
         return (num_q_blocks * (block_size // meta["BLOCK_M"]), batch * heads)
@@ -326,15 +296,13 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     # copied or made contiguous here. The descriptors now carry the launched config's tiles (BLOCK_M, BLOCK_N),
     # which the constexprs must match.
     if (record is not None and _direct_launch and config is None and kernel is not None and record[-1]
-            and all(a is b for a, b in zip((q, k, v, kv_num_blocks, kv_indices, order), given) if b is not None)
-            and (q_rows is None or rows is q_rows or rows._base is q_rows)):
+            and all(a is b for a, b in zip((q, k, v, kv_num_blocks, kv_indices, order), given) if b is not None)):
         if len(_launches) >= _MAX_LAUNCHES:
             _launches.clear()
         block_m, block_n = descs[0].block_shape[2], descs[1].block_shape[2]
-        constexprs = (head_dim, block_size, block_m, block_n, kv_lengths is not None, q_rows is not None, False,
-                      consts["IEEE"])
-        _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, out, mask_args,
-                                          constexprs, sorts=q_block_order is None, rows=q_rows is not None)
+        constexprs = (head_dim, block_size, block_m, block_n, kv_lengths is not None, False, consts["IEEE"])
+        _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, mask_args, constexprs,
+                                          sorts=q_block_order is None)
     return out
 
 
@@ -344,11 +312,10 @@ def set_autotune(enabled: bool) -> None:
     _autotune = bool(enabled)
 
 
-def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False,
-                 has_q_rows: bool = False) -> Optional[str]:
+def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False) -> Optional[str]:
     """The config the autotuner chose for a key, for benchmark reports (None before the first call)."""
     tuner = _tuned_kernels.get(dtype)
     for key, cfg in (tuner.cache.items() if tuner else ()):
-        if tuple(key[:4]) == (head_dim, block_size, has_kv_lengths, has_q_rows):
+        if tuple(key[:3]) == (head_dim, block_size, has_kv_lengths):
             return str(cfg)
     return None

@@ -4,9 +4,8 @@ Pattern: an attention site the recognizers marked eligible (self-attention over 
 mask or a key-padding mask), outside the leading `dense_layers` blocks.
 Replacement: one call of `sparse_attention` below with the planner the `sparsity` option names (passes/planners/),
 traced into the graph by AOTAutograd when Inductor compiles it. It plans the token order and block mask in the graph
-from q and k (no host sync), permutes k and v so the pattern is contiguous, and calls
-`torch.ops.vsparse.block_sparse_attention` with the order as `q_rows`: the kernel reads q and writes the output at
-those rows, so the output comes back in token order. A planner's constants (what depends on the
+from q and k (no host sync), permutes tokens so the pattern is contiguous, calls
+`torch.ops.vsparse.block_sparse_attention` and restores token order. A planner's constants (what depends on the
 layout alone: Draft's window order; Sparse VideoGen's orders and head masks) are computed here, once per static
 layout, and kept as module buffers. The dense phase
 (a 0-dim bool computed in the graph from the timestep, passes/call_record.py) chooses the full mask at run time, so
@@ -47,9 +46,9 @@ def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _to_plan_order(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """`_reorder(x, perm)`. A shared order is written as a scatter of x's rows to `inverse`: a store at indexed rows
-    fuses into the kernel that produces x (for k, and q where a mask reads it: the RMS norm and RoPE), where a gather
-    needs x written out first and copied again. Per-head orders stay a gather: their scatter, fused there, more than doubled that kernel's
-    time (H100, results/h100-2026-11-24/site-profile-e60ab47.txt)."""
+    fuses into the kernel that produces x (for q and k: the RMS norm and RoPE), where a gather needs x written out
+    first and copied again. Per-head orders stay a gather: their scatter, fused there, more than doubled that
+    kernel's time (H100, results/h100-2026-11-24/site-profile-e60ab47.txt)."""
     if perm.dim() != 1:
         return _reorder(x, perm)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).index_copy(2, inverse, x)
@@ -62,17 +61,12 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
     chosen = PLANNERS[planner]
     plan = chosen.plan(q, k, v, constants, layout, block_size=block_size, density=density, scale=scale,
                        dense=dense)
-    k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (k, v))
-    # The kernel reads q and writes the output at the plan's rows (`q_rows`): neither is gathered, and the output
-    # keeps q's layout, which the output projection reads as it is. q in the plan's order is only for a mask that
-    # reads it (Draft's block means); where none does, Inductor drops it.
-    q_planned = _to_plan_order(q, plan.perm, plan.inverse)
-    kv_num_blocks, kv_indices = chosen.mask(q_planned, k, plan, layout, block_size=block_size, density=density,
-                                            scale=scale)
+    q, k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (q, k, v))
+    kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
-                                                   plan.q_block_order, plan.perm)
-    return out, kv_num_blocks, kv_indices
+                                                   plan.q_block_order)
+    return _reorder(out, plan.inverse), kv_num_blocks, kv_indices
 
 
 @dataclass

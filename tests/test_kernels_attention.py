@@ -172,72 +172,6 @@ def test_banded_mask_under_op_matches_sdpa():
     assert_matches(out, q, k, v, num, idx, 0.09, 128, None)
 
 
-def with_q_rows(case, q, seed, shared, head_view):
-    """q as drawn or as a head view of [B, S, H, D] memory (as diffusers hands it), and q_rows: one permutation of
-    the queries shared by every head ([S]) or one per head ([B|1, H, S])."""
-    g = torch.Generator().manual_seed(seed)
-    batch, heads, q_len, dim = q.shape
-    if head_view:
-        q = q.transpose(1, 2).contiguous().transpose(1, 2)
-    if shared:
-        rows = torch.randperm(q_len, generator=g)
-    else:
-        rows = torch.stack([torch.randperm(q_len, generator=g) for _ in range(heads)])[None]
-    return q, rows.to(q.device)
-
-
-def assert_matches_in_row_order(out, q, rows, k, v, num, idx, scale, block_size, kv_lengths):
-    """The mask's query row i is token rows[i]: gathered by rows, out must match attention of q gathered alike."""
-    assert out.shape == q.shape and out.dtype == q.dtype
-    index = rows.expand(*q.shape[:3]).unsqueeze(-1).expand(q.shape)
-    assert_matches(torch.gather(out, 2, index), torch.gather(q, 2, index), k, v, num, idx, scale, block_size,
-                   kv_lengths)
-
-
-q_rows_cases = dict(shared=st.booleans(), head_view=st.booleans())
-
-
-@settings(max_examples=15, deadline=None)
-@given(**cases(max_len=600, dims=[16, 64, 128], block_sizes=[64, 128]), **q_rows_cases)
-def test_op_cpu_with_q_rows_matches_float64_sdpa(shared, head_view, **case):
-    q, k, v, num, idx, scale, kvl = make_case(**case)
-    q, rows = with_q_rows(case, q, case["seed"], shared, head_view)
-    out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, None, rows)
-    assert out.stride() == bsa.output_like(q, rows).stride()
-    assert_matches_in_row_order(out, q, rows, k, v, num, idx, scale, case["block_size"], kvl)
-
-
-@interpreted
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(**cases(max_len=300, dims=[16, 64], block_sizes=[64, 128]), **q_rows_cases)
-def test_triton_kernel_with_q_rows_matches_float64_sdpa(shared, head_view, **case):
-    """q loaded and the output stored at the rows q_rows names; every output row written (poisoned first)."""
-    q, k, v, num, idx, scale, kvl = make_case(**case)
-    q, rows = with_q_rows(case, q, case["seed"], shared, head_view)
-    out = bsa.output_like(q, rows).fill_(float("nan"))
-    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, out=out,
-                                                      q_rows=rows)
-    assert_matches_in_row_order(out, q, rows, k, v, num, idx, scale, case["block_size"], kvl)
-
-
-def test_q_rows_output_keeps_the_head_view_layout_under_compile():
-    """With q a head view of [B, S, H, D], the output comes back in that layout, eager and compiled (the fake
-    agrees), so the output projection's transpose is a view."""
-    g = torch.Generator().manual_seed(5)
-    q, k, v = (torch.randn(1, 150, 2, 64, generator=g).transpose(1, 2) for _ in range(3))
-    num, idx = random_block_mask(1, 2, 150, 150, 64, 0.5, generator=g)
-    rows = torch.randperm(150, generator=g)
-
-    def attend(q, k, v, num, idx, rows):
-        out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, 0.125, 64, None, None, rows)
-        return out.transpose(1, 2).flatten(2)
-
-    eager = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, 0.125, 64, None, None, rows)
-    assert eager.stride() == q.stride()
-    torch.testing.assert_close(torch.compile(attend, fullgraph=True, dynamic=True)(q, k, v, num, idx, rows),
-                               attend(q, k, v, num, idx, rows))
-
-
 def test_bad_inputs_raise_naming_the_problem():
     q = torch.randn(1, 2, 100, 64)
     num, idx = block_mask.full(1, 2, 100, 100, 64)
@@ -267,12 +201,6 @@ def test_bad_inputs_raise_naming_the_problem():
         op(q, q, q, num, idx, 0.1, 64, None, torch.tensor([[[0, 1]]]))
     with pytest.raises(ValueError, match="every query block once"):
         op(q, q, q, num, idx, 0.1, 64, None, torch.tensor([[[1, 1]]], dtype=torch.int32))
-    with pytest.raises(ValueError, match="q_rows must be int64"):
-        op(q, q, q, num, idx, 0.1, 64, None, None, torch.arange(100, dtype=torch.int32))
-    with pytest.raises(ValueError, match="q_rows must be int64"):
-        op(q, q, q, num, idx, 0.1, 64, None, None, torch.arange(99))
-    with pytest.raises(ValueError, match="every query row once"):
-        op(q, q, q, num, idx, 0.1, 64, None, None, torch.zeros(100, dtype=torch.int64))
 
 
 def test_op_stays_one_opaque_call_under_compile_with_symbolic_shapes():
@@ -331,18 +259,6 @@ def test_gpu_op_matches_float64_sdpa(fixed_config, config, **case):
     poison_cuda_allocator(q)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl)
     assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
-
-
-@pytest.mark.gpu
-@settings(max_examples=15, deadline=None)
-@given(**cases(max_len=2100, dims=[64, 128], block_sizes=[64, 128]), **q_rows_cases)
-def test_gpu_op_with_q_rows_matches_float64_sdpa(shared, head_view, **case):
-    q, k, v, num, idx, scale, kvl = make_case(**case, device="cuda")
-    q, rows = with_q_rows(case, q, case["seed"], shared, head_view)
-    poison_cuda_allocator(q)
-    out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, None, rows)
-    assert out.stride() == bsa.output_like(q, rows).stride()
-    assert_matches_in_row_order(out, q, rows, k, v, num, idx, scale, case["block_size"], kvl)
 
 
 @pytest.mark.gpu

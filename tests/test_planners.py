@@ -57,29 +57,3 @@ def test_planner_contract(name, layout, density, seed):
                                      block_size=BLOCK, scale=scale)
         torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale),
                                    rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", sorted(PLANNERS))
-def test_the_replacement_folds_the_query_order_into_the_op(name):
-    """q reaches the op as given with the plan's order as `q_rows`, and the op's output is the site's output: no
-    gather of q before it and none of the output after it (a head view of [B, S, H, D] gives an output in that
-    layout, which the output projection reads as it is)."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    layout = (3, 4, 8, 0, 0)
-    seq_len = 3 * 4 * 8
-    constants = PLANNERS[name].constants(layout, BLOCK, 0.5, None)
-    q, k, v = (torch.randn(1, seq_len, 2, 16).transpose(1, 2) for _ in range(3))
-
-    def site(q, k, v):
-        return sparse_attention(q, k, v, None, None, constants, layout, planner=name, density=0.5, block_size=BLOCK,
-                                scale=0.25)[0]
-
-    graph = make_fx(site)(q, k, v).graph
-    (op,) = graph.find_nodes(op="call_function", target=torch.ops.vsparse.block_sparse_attention.default)
-    q_node = next(n for n in graph.nodes if n.op == "placeholder")
-    assert op.args[0] is q_node and op.args[9] is not None, "q must reach the op as given, with its order as q_rows"
-    (output,) = graph.find_nodes(op="output")
-    assert output.args[0] is op, "the op's output must be the site's output, not gathered back"
-    out = site(q, k, v)
-    assert out.stride() == q.stride()

@@ -111,8 +111,7 @@ def pooled_map(q_means: torch.Tensor, k_means: torch.Tensor, k_counts: torch.Ten
     return pooled_logits(q_means, k_means, k_counts, scale).softmax(dim=-1)
 
 
-def pooled_logits(q_means: torch.Tensor, k_means: torch.Tensor, k_counts: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+def pooled_logits(q_means: torch.Tensor, k_means: torch.Tensor, k_counts: torch.Tensor, scale: float) -> torch.Tensor:
     """The pooled map's logits q̄ k̄ᵀ · scale. A key block's logit gains log(its token count), so a partial last block
     weighs what its tokens would (each of n equal keys adds exp(score) to the softmax sum)."""
     return q_means @ k_means.transpose(-1, -2) * scale + k_counts.float().log()
