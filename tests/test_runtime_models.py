@@ -314,3 +314,73 @@ def test_a_cache_that_does_not_pay_is_left_off_unless_forced(monkeypatch, tmp_pa
         assert any(r.reused for r in records) and "cache kept: estimated (force_cache)" in notes
     else:
         assert records == [None] * 4 and "cache disabled: cache does not pay at this size: estimated" in notes
+
+
+def _count_classifications(monkeypatch) -> list:
+    """Counts the sampled-row attentions that compute (not told to skip) on the CPU op."""
+    from dit_compiler.kernels import sampled_rows
+
+    computed, reference = [], sampled_rows.reference_sampled_rows_attention
+
+    def counting(q, k, v, rows, masks, scale, skip=None):
+        if skip is None or not bool(skip):
+            computed.append(1)
+        return reference(q, k, v, rows, masks, scale, skip)
+
+    monkeypatch.setattr(sampled_rows, "reference_sampled_rows_attention", counting)
+    return computed
+
+
+def test_svg_head_classes_serve_plan_refresh_steps_per_branch_and_generation(monkeypatch):
+    """plan_refresh=3: each CFG branch classifies its heads on its first computed step and every third after, the
+    sampled-row op computes only then, and a new generation starts every branch afresh."""
+    model, inputs = wan(frames=2, height=8, width=8, head_dim=64)
+    options = dict(sparsity="svg", density=0.5, block_size=64, dense_layers=0, dense_steps=0, cache="easycache",
+                   cache_threshold=1e-9)
+    compiled = vsparse(model, plan_refresh=3, **options)
+    computed = _count_classifications(monkeypatch)
+    negative = dict(encoder_hidden_states=-inputs["encoder_hidden_states"])
+    ages, previous = {0: [], 1: []}, {}
+    for t in (900, 800, 700, 600, 500):
+        for branch, changes in ((0, {}), (1, negative)):
+            call(compiled, inputs, t, **changes)
+            (state,) = model_states(model)
+            assert state.history[-1].position.branch == branch and not state.history[-1].cache.reused
+            plans = state.plans[branch]
+            assert plans.shape == (2, 1, 2) and plans.dtype == torch.int32  # [sites, B, H]
+            assert (plans // 2 == plans[0, 0, 0] // 2).all()  # one age per site, the same for every site
+            ages[branch].append(int(plans[0, 0, 0]) // 2)
+            if ages[branch][-1] > 1:  # served again: the classes are the ones chosen before
+                torch.testing.assert_close(plans % 2, previous[branch] % 2)
+            previous[branch] = plans
+    assert ages == {0: [1, 2, 3, 1, 2], 1: [1, 2, 3, 1, 2]}
+    assert len(computed) == 2 * 2 * 2  # sites x branches x classifying steps
+    call(compiled, inputs, 950)  # the timestep rises: a new generation
+    (state,) = model_states(model)
+    assert list(state.plans) == [0] and int(state.plans[0][0, 0, 0]) // 2 == 1 and len(computed) == 10
+
+
+def test_plan_refresh_leaves_a_classifying_step_as_it_was(monkeypatch):
+    """A step that classifies gives what plan_refresh=1 (classify every call) gives."""
+    model, inputs = wan(frames=2, height=8, width=8, head_dim=64)
+    options = dict(sparsity="svg", density=0.5, block_size=64, dense_layers=0, dense_steps=0, cache="easycache",
+                   cache_threshold=1e-9)
+    every, reusing = vsparse(model, **options), vsparse(model, plan_refresh=2, **options)
+    for t in (900, 800, 700):
+        expected, got = call(every, inputs, t), call(reusing, inputs, t)
+        if t != 800:
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("options, why", [
+    (dict(sparsity="svg", cache="none"), "the plan state lives in the cached block stack"),
+    (dict(sparsity="draft", cache="easycache"), "draft's planning cannot be skipped on the device"),
+])
+def test_plan_refresh_says_why_it_is_unused(tmp_path, options, why):
+    model, inputs = wan(frames=2, height=8, width=8, head_dim=64)
+    compiled = vsparse(model, density=0.5, block_size=64, dense_layers=0, plan_refresh=2, dump_dir=str(tmp_path),
+                       **options)
+    call(compiled, inputs, 900)
+    (graph_dir,) = graph_dirs(tmp_path)
+    notes = json.loads((graph_dir / "analysis.json").read_text())["notes"]
+    assert any(note.startswith("plan_refresh=2 unused: " + why) for note in notes), notes

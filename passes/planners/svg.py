@@ -149,6 +149,22 @@ def classify_with(q, k, v, constants: dict, scale=None, skip=None) -> torch.Tens
     return temporal_error < spatial_error
 
 
+def reuse_or_classify(q, k, v, constants: dict, state: torch.Tensor, refresh: int, scale=None, dense=None):
+    """(temporal [B, H] bool, next state int32 [B, H]) from a state of 2 * age + temporal (0: no classes yet).
+    Classes older than `refresh` computed steps (or none) are made again (`classify_with`); else the sampled-row op
+    is told to skip (on the device) and the state's classes serve once more. The dense phase chooses nothing and
+    keeps the state as it is."""
+    age = state // 2
+    stale = ((age == 0) | (age >= refresh)).any()  # one age per site: every head's class is as old
+    skip = ~stale if dense is None else dense | ~stale
+    fresh = classify_with(q, k, v, constants, scale, skip)
+    temporal = torch.where(stale, fresh, state % 2 == 1)
+    following = torch.where(stale, 2 + fresh.int(), state + 2)
+    if dense is not None:
+        following = torch.where(dense, state, following)
+    return temporal, following.to(torch.int32)
+
+
 def plan_with(temporal: torch.Tensor, constants: dict, seq_len):
     """(perm, inverse, kv_num_blocks, kv_indices, q_block_order) per head from the head classes: spatial heads keep
     the identity order and the spatial mask, temporal heads take the position-major order and the temporal mask."""
@@ -195,15 +211,20 @@ class SvgPlanner:
     constants of the layout; per call, the sampled-row classification picks one per head."""
 
     name = "svg"
+    reusable = True  # the head classes (`reuse_or_classify`)
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         return svg_constants(layout, block_size, density, device=device)
 
-    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None,
+             state=None, refresh: int = 1):
         from dit_compiler.passes.planners import Plan
 
         _check_qkv(q, k, v, layout)
-        return Plan(*plan_with(classify_with(q, k, v, constants, scale, skip=dense), constants, q.shape[-2]))
+        if state is None:
+            return Plan(*plan_with(classify_with(q, k, v, constants, scale, skip=dense), constants, q.shape[-2]))
+        temporal, state = reuse_or_classify(q, k, v, constants, state, refresh, scale, dense)
+        return Plan(*plan_with(temporal, constants, q.shape[-2]), state=state)
 
     def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices
