@@ -229,7 +229,8 @@ def _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes,
     split = split_block_stack(gm, partition)
     examples = list(inputs)
     if plan_states is not None:  # the parent's last input; the runner passes none, CachedStack gives the stack one
-        examples.append(torch.zeros(plan_states.shape, dtype=torch.int32, device=_device_of(inputs)))
+        examples.append(_static_example(torch.zeros(plan_states.shape, dtype=torch.int32, device=_device_of(inputs)),
+                                        inputs))
     piece_inputs = piece_example_inputs(split.parent, examples)
     interface = stack_interface(split.pieces["stack"], analysis.stacks[0].entry[0], piece_inputs["stack"],
                                 plan_states)
@@ -242,6 +243,14 @@ def _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes,
                   else _Compiled(fn))
         setattr(split.parent, f"submod_{name}", module)
     return split.parent
+
+
+def _static_example(t: torch.Tensor, example_inputs) -> torch.Tensor:
+    """`t` as a fake tensor of Dynamo's fake mode with static sizes: converted like an input it would get size
+    symbols with no source in the frame, and a guard Inductor puts on one (32-bit indexing) failed Dynamo's guard
+    building on the H100 (IndexError in produce_guards)."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    return t if fake_mode is None else fake_mode.from_tensor(t, static_shapes=True)
 
 
 class _Compiled(torch.nn.Module):

@@ -384,3 +384,20 @@ def test_plan_refresh_says_why_it_is_unused(tmp_path, options, why):
     (graph_dir,) = graph_dirs(tmp_path)
     notes = json.loads((graph_dir / "analysis.json").read_text())["notes"]
     assert any(note.startswith("plan_refresh=2 unused: " + why) for note in notes), notes
+
+
+def test_the_plan_states_reach_the_stack_piece_with_static_sizes(monkeypatch):
+    """The stack piece's example plan states were converted like a graph input, so they got size symbols no frame
+    input carries; Inductor guarded one (32-bit indexing) and Dynamo failed building its guards (H100 harness,
+    d34c1d8: IndexError in produce_guards)."""
+    import dit_compiler.backend as backend
+
+    seen = []
+    monkeypatch.setattr(backend, "compile_piece", lambda gm, example_inputs, config: seen.append(
+        ([n.name for n in gm.graph.find_nodes(op="placeholder")], example_inputs)) or gm)
+    model, inputs = wan(frames=2, height=8, width=8, head_dim=64, layers=3)
+    call(vsparse(model, sparsity="svg", density=0.5, block_size=64, dense_layers=0, dense_steps=0,
+                 cache="easycache", plan_refresh=2), inputs, 900)
+    (states,) = [examples[names.index("vsparse_plan_states")] for names, examples in seen
+                 if "vsparse_plan_states" in names]
+    assert tuple(states.shape) == (3, 1, 2) and all(type(size) is int for size in states.shape)
