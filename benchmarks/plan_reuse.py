@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.15)
     parser.add_argument("--refresh", type=int, default=2, help="plan_refresh of the reusing variant")
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--profile", action="store_true",
+                        help="also each vsparse variant's kernel table over two further calls (for plan_refresh=2: "
+                             "one classifying, one reusing)")
     parser.add_argument("--out")
     args = parser.parse_args()
 
@@ -84,9 +87,20 @@ def main() -> None:
         row["speedup_vs_inductor"] = round(dense_ms / row["forward_ms"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
+    kernels = {}
+    if args.profile:
+        from profiling import kernel_table
+
+        later = iter(torch.linspace(timesteps[-1] - 1, 1, 16).tolist())
+        for name, fn in variants.items():
+            if name != "inductor":
+                with torch.no_grad():
+                    kernels[name] = kernel_table(lambda: fn(**inputs, timestep=torch.tensor([next(later)],
+                                                                                         device=device)),
+                                                 torch.device(device), iterations=2, top=60)
     report = {"config": args.config, "density": args.density, "refresh": args.refresh, "rounds": args.rounds,
               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "rows": rows}
+              "rows": rows, "kernels": kernels}
     print(f"\n{report['device']}, torch {report['torch']}, {args.config}, svg density {args.density}, "
           f"{args.rounds} interleaved rounds\n")
     print("| variant | forward ms (median) | vs Inductor | classifying calls: ms | reusing calls: ms | "
@@ -95,6 +109,10 @@ def main() -> None:
     for r in rows:
         print(f"| {r['variant']} | {r['forward_ms']} | {r['speedup_vs_inductor']:.3f}x | "
               f"{_cell(r, 'classifying')} | {_cell(r, 'reusing')} | {r['compile_and_first_call_s']} |")
+    for name, table in kernels.items():
+        print(f"\n{name}: launches and µs per call (two calls)")
+        for kernel, launches, us in table:
+            print(f"  {us:9.1f} {launches:6.2f}  {kernel[:150]}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 
