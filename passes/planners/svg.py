@@ -157,16 +157,13 @@ def reuse_or_classify(q, k, v, constants: dict, state: torch.Tensor, refresh: in
     age = state // 2
     stale = ((age == 0) | (age >= refresh)).any()  # one age per site: every head's class is as old
     skip = ~stale if dense is None else dense | ~stale
-    spatial_error, temporal_error = sampled_errors(q, k, v, constants, scale, skip)
-    # The kept classes enter as errors that compare the same way, so the classes are one comparison of two [B, H]
-    # tensors as without a state: selecting the classes themselves, Inductor recomputed the selection inside the
-    # per-head output gather, which took 2.4x as long (H100, plan_reuse --profile).
-    kept = (state % 2).float()
-    temporal = torch.where(stale, temporal_error, 1 - kept) < torch.where(stale, spatial_error, kept)
-    following = torch.where(stale, 2 + temporal.int(), state + 2)
-    if dense is not None:
-        following = torch.where(dense, state, following)
-    return temporal, following.to(torch.int32)
+    fresh = classify_with(q, k, v, constants, scale, skip)
+    chosen = torch.where(stale, 2 + fresh.int(), state + 2).to(torch.int32)
+    following = chosen if dense is None else torch.where(dense, state, chosen)
+    # The classes are read back from the stored next state (a graph output): computed from the selection itself,
+    # Inductor recomputed the selection inside the per-head output gather, per element, which took 2.4x as long
+    # (H100, benchmarks/plan_reuse.py --profile).
+    return following % 2 == 1, following
 
 
 def plan_with(temporal: torch.Tensor, constants: dict, seq_len):
