@@ -8,12 +8,10 @@ h + gate * out. Compiled with Inductor (fullgraph) in this process with each att
 
   dense       F.scaled_dot_product_attention (PyTorch's backend choice for these shapes)
   site        the rewrite's `sparse_attention`: plan, permute, mask, kernel, restore the order
-  reused      (reusable planners: svg) the same, on a step whose plan state says the last choice serves again
-              (`plan_refresh`): what planning costs between two choices
   fixed       the same plan's order and mask computed once beforehand: permute, kernel, restore
   unpermuted  the same mask with tokens left in place: the kernel alone in the layer (timing only)
 
-planning = site - fixed (reused planning = reused - fixed); permutation = fixed - unpermuted (a gather Inductor fuses into the RoPE or the output's
+planning = site - fixed; permutation = fixed - unpermuted (a gather Inductor fuses into the RoPE or the output's
 transpose is charged only what it adds to that kernel). kernel: the op alone on the planned inputs; FlexAttention
 with the identical block mask as a peer. "site share" is (planning + permutation) / kernel, the figure the planning
 target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per call of
@@ -76,13 +74,10 @@ class Attention(torch.nn.Module):
         scale = HEAD_DIM ** -0.5
         if self.variant == "dense":
             return F.scaled_dot_product_attention(q, k, v)
-        if self.variant in ("site", "reused"):
+        if self.variant == "site":
             constants = {n: getattr(self, f"c_{n}") for n in self.constant_names}
-            # reused: one site whose classes are one computed step old, refreshed every second step
-            states = (2 * torch.ones(1, *q.shape[:2], dtype=torch.int32, device=q.device)
-                      if self.variant == "reused" else None)
-            return sparse_attention(q, k, v, None, None, constants, (*self.grid, 0, 0), states, planner=self.planner,
-                                    density=self.density, block_size=BLOCK, scale=scale, refresh=2)[0]
+            return sparse_attention(q, k, v, None, None, constants, (*self.grid, 0, 0), planner=self.planner,
+                                    density=self.density, block_size=BLOCK, scale=scale)[0]
         if self.variant == "fixed":
             q, k, v = (_to_plan_order(t, self.perm, self.inverse) for t in (q, k, v))
         out = torch.ops.vsparse.block_sparse_attention(q, k, v, self.num, self.idx, scale, BLOCK, None)
@@ -211,7 +206,7 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         num, idx = chosen.mask(qp, kp, plan, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
     fixed = {"perm": plan.perm, "inverse": plan.inverse, "num": num, "idx": idx}
     times, kernels = {}, {}
-    for variant in ("site", "fixed", "unpermuted") + (("reused",) if chosen.reusable else ()):
+    for variant in ("site", "fixed", "unpermuted"):
         layer.attention = Attention(variant, planner, density, grid, constants, fixed)
         compiled = compiled_layer(layer, latent)
         with torch.no_grad():
@@ -241,9 +236,6 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
            "flex_vs_ours_rel_error": flex_error,
            "site_share": round((planning + permutation) / kernel, 3),
            "layer_speedup": round(dense_ms / times["site"], 3)}
-    if "reused" in times:
-        row["layer_reused_ms"] = round(times["reused"], 4)
-        row["planning_reused_us"] = round((times["reused"] - times["fixed"]) * 1e3, 1)
     print(json.dumps(row), flush=True)
     if profile:
         # The same attribution from GPU time summed over every kernel but the attention kernel, whose time differs
@@ -253,8 +245,6 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         row["planning_us_by_kernels"] = round(others["site"] - others["fixed"], 1)
         row["permutation_us_by_kernels"] = round(others["fixed"] - others["unpermuted"], 1)
         row["site_share_by_kernels"] = round((others["site"] - others["unpermuted"]) / (kernel * 1e3), 3)
-        if "reused" in others:
-            row["planning_reused_us_by_kernels"] = round(others["reused"] - others["fixed"], 1)
         row["kernels"] = kernels
         for variant, table in kernels.items():
             print(f"{planner} {density} {variant}: launches and µs per layer call", flush=True)
@@ -319,16 +309,6 @@ def main() -> None:
         for r in rows:
             print(f"| {r['planner']} | {r['density']} | {r['planning_us_by_kernels']} | "
                   f"{r['permutation_us_by_kernels']} | {r['site_share_by_kernels']:.1%} |")
-    reused = [r for r in rows if "planning_reused_us" in r]
-    if reused:
-        print("\nOn a step whose plan state serves again (plan_refresh; planning µs, layer time and kernel tables):\n")
-        print("| planner | density | planning µs | by kernels | (planning + permutation) / kernel, by kernels |")
-        print("|---|---|---|---|---|")
-        for r in reused:
-            by_kernels = r.get("planning_reused_us_by_kernels")
-            share = "" if by_kernels is None else \
-                f"{(by_kernels + r['permutation_us_by_kernels']) / r['kernel_us']:.1%}"
-            print(f"| {r['planner']} | {r['density']} | {r['planning_reused_us']} | {by_kernels} | {share} |")
     if host:
         print(f"\nop host cost per call: block_sparse_attention {host['block_sparse_attention_us']} µs with the "
               f"schedule given ({host['block_sparse_attention_sorting_us']} µs sorting it itself, "

@@ -24,10 +24,9 @@ from torch._inductor.compile_fx import compile_fx
 from dit_compiler import patterns
 from dit_compiler.dump import Dump, DumpObserver, render_report
 from dit_compiler.options import Options, parse_options
-from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.passes.call_record import add_call_record, insert_dense_phase
 from dit_compiler.passes.cost_model import why_cache_does_not_pay
-from dit_compiler.passes.sparse_attention import expose_plan_states, rewrite_sparse_attention
+from dit_compiler.passes.sparse_attention import rewrite_sparse_attention
 from dit_compiler.passes.split_block_stack import piece_example_inputs, split_block_stack, stack_interface
 from dit_compiler.runtime.cache import make_policy
 from dit_compiler.runtime.runner import CachedStack, DiTRunner
@@ -183,24 +182,13 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
 
     timestep = next((n for n in gm.graph.find_nodes(op="placeholder") if n.name == analysis.timestep_input), None)
     dense, t_max = insert_dense_phase(gm, timestep, opts.dense_steps)
-    decisions, densities, masks, plan_states = [], [], [], None
+    decisions, densities, masks = [], [], []
     if opts.rewrites_attention:
-        stack_nodes = None if partition is None else {name for name, piece in partition.items() if piece == "stack"}
-        decisions, densities, masks, plan_states = rewrite_sparse_attention(
+        decisions, densities, masks = rewrite_sparse_attention(
             gm, analysis, opts, dense if 0 < opts.dense_steps < 1 else None, _device_of(inputs),
-            collect_masks=dump is not None, cuda_graphs=bool(config.get("triton.cudagraphs")), stack_nodes=stack_nodes)
+            collect_masks=dump is not None, cuda_graphs=bool(config.get("triton.cudagraphs")))
     site_names = [d.node for d in decisions if d.rewritten]
     outputs = add_call_record(gm, t_max, dense, site_names, densities, masks)
-    if plan_states is not None:
-        outputs.plan_states = expose_plan_states(gm, plan_states)
-        notes.append(f"plan_refresh={opts.plan_refresh}: {plan_states.shape[0]} sites in the block stack reuse "
-                     f"{opts.sparsity}'s choice for up to {opts.plan_refresh} computed steps per CFG branch")
-    elif opts.plan_refresh > 1:
-        notes.append(f"plan_refresh={opts.plan_refresh} unused: " + (
-            f"{opts.sparsity}'s planning cannot be skipped on the device" if opts.rewrites_attention
-            and not PLANNERS[opts.sparsity].reusable else
-            "the plan state lives in the cached block stack (cache on, a stack recognized, static shapes)"
-            if partition is None else "no sparse site inside the block stack"))
     if dump:
         dump.write_text("rewritten.py", gm.print_readable(print_output=False))
     carry_dynamo_metadata(gm, gm)  # sources for the constants the rewrite registered
@@ -212,7 +200,7 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     if partition is None:
         runner.compiled = compile_piece(gm, inputs, config)
     else:
-        runner.compiled = _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes, plan_states)
+        runner.compiled = _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes)
     if dump:
         _write_analysis(dump, graph_name, analysis, opts, {d.node: d for d in decisions}, notes,
                         time.perf_counter() - started)
@@ -224,33 +212,19 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     return runner
 
 
-def _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes, plan_states
-                   ) -> torch.fx.GraphModule:
+def _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes) -> torch.fx.GraphModule:
     split = split_block_stack(gm, partition)
-    examples = list(inputs)
-    if plan_states is not None:  # the parent's last input; the runner passes none, CachedStack gives the stack one
-        examples.append(_static_example(torch.zeros(plan_states.shape, dtype=torch.int32, device=_device_of(inputs)),
-                                        inputs))
-    piece_inputs = piece_example_inputs(split.parent, examples)
-    interface = stack_interface(split.pieces["stack"], analysis.stacks[0].entry[0], piece_inputs["stack"],
-                                plan_states)
+    piece_inputs = piece_example_inputs(split.parent, inputs)
+    interface = stack_interface(split.pieces["stack"], analysis.stacks[0].entry[0], piece_inputs["stack"])
     notes.extend(interface.notes)
     policy = make_policy(opts.cache, opts.cache_threshold)
     for name, piece in split.pieces.items():
         carry_dynamo_metadata(gm, piece)
         fn = compile_piece(piece, piece_inputs[name], config)
-        module = (CachedStack(fn, runner, policy, interface, start=opts.cache_start) if name == "stack"
-                  else _Compiled(fn))
+        module = (CachedStack(fn, runner, policy, interface.entry_index, interface.like_entry,
+                              interface.single_output, start=opts.cache_start) if name == "stack" else _Compiled(fn))
         setattr(split.parent, f"submod_{name}", module)
     return split.parent
-
-
-def _static_example(t: torch.Tensor, example_inputs) -> torch.Tensor:
-    """`t` as a fake tensor of Dynamo's fake mode with static sizes: converted like an input it would get size
-    symbols with no source in the frame, and a guard Inductor puts on one (32-bit indexing) failed Dynamo's guard
-    building on the H100 (IndexError in produce_guards)."""
-    fake_mode = torch._guards.detect_fake_mode(example_inputs)
-    return t if fake_mode is None else fake_mode.from_tensor(t, static_shapes=True)
 
 
 class _Compiled(torch.nn.Module):

@@ -29,7 +29,6 @@ class Options:
     cache: str = "easycache"
     cache_threshold: float = 0.25
     cache_start: float = 0.05  # leading share of the timestep scale in which the cache reuses nothing
-    plan_refresh: int = 1  # computed steps a planner's reusable choice serves per CFG branch (svg: head classes)
     force_sparse: bool = False  # rewrite every eligible site whatever the cost model estimates
     force_cache: bool = False  # cache the block stack whatever the cost model estimates
     dump_dir: Optional[str] = None
@@ -92,10 +91,6 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
         elif key == "dense_layers":
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"vsparse option 'dense_layers' must be an int >= 0, got {value!r}")
-            parsed[key] = value
-        elif key == "plan_refresh":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"vsparse option 'plan_refresh' must be an int >= 1, got {value!r}")
             parsed[key] = value
         elif key == "cache_threshold":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

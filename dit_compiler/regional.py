@@ -323,7 +323,7 @@ class BlockBackend:
         analysis.sites = _carry_plan(analysis.sites, self.sites)
         device = _backend._device_of(inputs)
         dense, dense_example = _add_dense_input(gm, device)
-        decisions, densities, _, _ = rewrite_sparse_attention(
+        decisions, densities, _ = rewrite_sparse_attention(
             gm, analysis, opts, dense if 0 < opts.dense_steps < 1 else None, device,
             cuda_graphs=bool(config.get("triton.cudagraphs")))
         rewritten = [i for i, d in enumerate(decisions) if d.rewritten]

@@ -24,7 +24,6 @@ import torch
 from dit_compiler.kernels import block_mask  # importing the package registers torch.ops.vsparse
 from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.options import Options
-from dit_compiler.passes.call_record import EXTRA_OUTPUT
 from dit_compiler.passes.cost_model import why_sparse_does_not_pay
 from dit_compiler.patterns import key_padding_lengths
 from dit_compiler.patterns.types import AttentionSite, GraphAnalysis
@@ -55,22 +54,19 @@ def _to_plan_order(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).index_copy(2, inverse, x)
 
 
-def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, plan_states=None, *, planner: str,
-                     density: float, block_size: int, scale: float, site: int = 0, refresh: int = 1):
+def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: str, density: float, block_size: int,
+                     scale: float):
     """The one replacement of every planner: plan, permute, mask, fall back to the full mask in the dense phase,
-    block-sparse attention, restore the order. `plan_states` (int32 [sites, B, H], a reusable planner's states of
-    every site that has one) gives the plan `plan_states[site]`. Returns (output, kv_num_blocks, kv_indices, the
-    plan's next state or None)."""
+    block-sparse attention, restore the order. Returns (output, kv_num_blocks, kv_indices)."""
     chosen = PLANNERS[planner]
-    state = None if plan_states is None else plan_states[site]
     plan = chosen.plan(q, k, v, constants, layout, block_size=block_size, density=density, scale=scale,
-                       dense=dense, state=state, refresh=refresh)
+                       dense=dense)
     q, k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
                                                    plan.q_block_order)
-    return _reorder(out, plan.inverse), kv_num_blocks, kv_indices, plan.state
+    return _reorder(out, plan.inverse), kv_num_blocks, kv_indices
 
 
 @dataclass
@@ -119,40 +115,17 @@ def _constant_nodes(gm: torch.fx.GraphModule, planner: str, layout: list, block_
     return gm.graph.call_function(_planner_constants, (planner, tuple(layout), block_size, density, device))
 
 
-@dataclass
-class PlanStates:
-    """The reusable planner's states as graph values: `placeholder` (int32 `shape` = [sites, B, H], given by the
-    runtime: defaults to None, which the block stack's runner replaces) and `output` (the next states, one graph
-    output). Only sites inside the block stack have one: the stack piece is where the runtime knows the CFG branch."""
-    placeholder: torch.fx.Node
-    output: torch.fx.Node
-    shape: tuple
-
-
-PLAN_STATES = "vsparse_plan_states"  # the placeholder's name, and the output node's meta key
-
-
-def _plan_states_placeholder(gm: torch.fx.GraphModule) -> torch.fx.Node:
-    last = list(gm.graph.find_nodes(op="placeholder"))[-1]
-    with gm.graph.inserting_after(last):
-        return gm.graph.placeholder(PLAN_STATES, default_value=None)
-
-
 def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, opts: Options,
                              dense_flag: Optional[torch.fx.Node], device: torch.device, collect_masks: bool = False,
-                             cuda_graphs: bool = False, stack_nodes: Optional[set] = None):
+                             cuda_graphs: bool = False):
     """Rewrite every eligible site where the cost model says sparse pays (every eligible site with `force_sparse`)
-    in place; `dense_flag` None when no call is ever dense (dense_steps=0). With `stack_nodes` (the block stack's
-    node names, when the graph is split for the cache), `plan_refresh` > 1 and a reusable planner, the sites inside
-    the stack of one [B, H] take their plan state from a new input and return the next one (`PlanStates`).
+    in place; `dense_flag` None when no call is ever dense (dense_steps=0).
 
-    Returns the decision per site, per rewritten site the node of its visited block fraction (for the call record)
-    and, with `collect_masks` (dumping), of its block-bool mask, and the `PlanStates` or None.
+    Returns the decision per site and, per rewritten site, the node of its visited block fraction (for the call
+    record) and, with `collect_masks` (dumping), of its block-bool mask.
     """
     nodes = {n.name: n for n in gm.graph.nodes}
     decisions, densities, masks, constants = [], [], [], {}
-    reuses = stack_nodes is not None and opts.plan_refresh > 1 and PLANNERS[opts.sparsity].reusable
-    states, next_states, state_shape = None, [], None
     for site in analysis.sites:
         reason = _why_dense(site, opts)
         estimate = ""
@@ -174,18 +147,11 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
                 kv_lengths = gm.graph.call_function(key_padding_lengths, (nodes[site.mask_node],))
             scale = site.scale if site.scale is not None else 1.0 / math.sqrt(site.head_dim)
             constants_node = _constant_nodes(gm, opts.sparsity, sizes, opts.block_size, opts.density, device, constants)
-            batch_heads = tuple(nodes[site.query].meta["example_value"].shape[:2])
-            stateful = reuses and site.node in stack_nodes and batch_heads == (state_shape or batch_heads)
-            if stateful and states is None:
-                states, state_shape = _plan_states_placeholder(gm), batch_heads
             call = gm.graph.call_function(
                 sparse_attention,
                 (nodes[site.query], nodes[site.key], nodes[site.value], dense_flag, kv_lengths, constants_node,
-                 tuple(sizes), states if stateful else None),
-                {"planner": opts.sparsity, "density": opts.density, "block_size": opts.block_size, "scale": scale,
-                 "site": len(next_states), "refresh": opts.plan_refresh})
-            if stateful:
-                next_states.append(gm.graph.call_function(operator.getitem, (call, 3)))
+                 tuple(sizes)),
+                {"planner": opts.sparsity, "density": opts.density, "block_size": opts.block_size, "scale": scale})
             out = gm.graph.call_function(operator.getitem, (call, 0))
             count, indices = (gm.graph.call_function(operator.getitem, (call, i)) for i in (1, 2))
             densities.append(gm.graph.call_function(block_mask.visited_fraction, (count, indices)))
@@ -197,27 +163,9 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
         decisions.append(SiteDecision(site.node, site.module_path, True,
                                       f"{opts.sparsity} block-sparse, density {opts.density}, block {opts.block_size}"
                                       f" ({estimate})"))
-    plan_states = None
-    if next_states:
-        output = gm.graph.output_node()
-        with gm.graph.inserting_before(output):
-            stacked = gm.graph.call_function(torch.stack, (next_states,))
-        stacked.meta[PLAN_STATES] = True
-        plan_states = PlanStates(states, stacked, (len(next_states), *state_shape))
     gm.graph.lint()
     gm.recompile()
-    return decisions, densities, masks, plan_states
-
-
-def expose_plan_states(gm: torch.fx.GraphModule, plan_states: PlanStates) -> int:
-    """Append the next plan states to the graph's outputs (after the model's own and the call record); returns
-    their output index."""
-    output = gm.graph.output_node()
-    values = tuple(output.args[0])
-    plan_states.output.meta[EXTRA_OUTPUT] = True
-    output.args = (values + (plan_states.output,),)
-    gm.recompile()
-    return len(values)
+    return decisions, densities, masks
 
 
 def _size_arg(graph: torch.fx.Graph, nodes, site: AttentionSite, key: str):

@@ -11,7 +11,6 @@ stack's residual entry is among the piece's inputs and which outputs are provabl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 from torch.fx.passes.split_module import split_module
@@ -35,11 +34,6 @@ class StackInterface:
     like_entry: list[bool]  # per stack output: shaped like the entry (a residual can be added to it)
     single_output: bool  # the piece returns one value, not a tuple
     notes: list[str] = field(default_factory=list)
-    # The reusable planner's states (passes/sparse_attention.PlanStates): their position among the piece's inputs
-    # and outputs, and their shape; None without them.
-    plan_states_input: Optional[int] = None
-    plan_states_output: Optional[int] = None
-    plan_states_shape: Optional[tuple] = None
 
 
 def complete_partition(gm: torch.fx.GraphModule, partition: dict[str, str]) -> dict[str, str]:
@@ -227,10 +221,9 @@ def piece_example_inputs(parent: torch.fx.GraphModule, example_inputs: list) -> 
             for node in parent.graph.nodes if node.op == "call_module"}
 
 
-def stack_interface(stack: torch.fx.GraphModule, entry: str, stack_inputs: list, plan_states=None) -> StackInterface:
-    """Where the residual `entry` (a node name of the original graph) enters the stack piece, which outputs are
-    shaped like it, and where the plan states (`plan_states`, passes/sparse_attention.PlanStates) go in and come out.
-    Read before compiling: Inductor rewrites a single output into a tuple."""
+def stack_interface(stack: torch.fx.GraphModule, entry: str, stack_inputs: list) -> StackInterface:
+    """Where the residual `entry` (a node name of the original graph) enters the stack piece, and which outputs
+    are shaped like it. Read before compiling: Inductor rewrites a single output into a tuple."""
     names = [n.name for n in stack.graph.nodes if n.op == "placeholder"]
     if entry not in names:
         raise RuntimeError(f"stack entry {entry} is not an input of the stack piece ({names[:8]}...)")
@@ -246,16 +239,7 @@ def stack_interface(stack: torch.fx.GraphModule, entry: str, stack_inputs: list,
              f"{_shape_text(entry_shape)}: a skipped step reuses it as last computed"
              for o, shape, like in zip(outputs, shapes, like_entry)
              if shape is not None and not like and not o.meta.get(EXTRA_OUTPUT)]
-    interface = StackInterface(entry_index, like_entry, single_output, notes)
-    if plan_states is not None:
-        output_names = [o.name for o in outputs]
-        if plan_states.placeholder.name not in names or plan_states.output.name not in output_names:
-            raise RuntimeError(f"the plan states do not pass through the stack piece (inputs {names[:8]}..., "
-                               f"outputs {output_names[:8]}...)")
-        interface.plan_states_input = names.index(plan_states.placeholder.name)
-        interface.plan_states_output = output_names.index(plan_states.output.name)
-        interface.plan_states_shape = plan_states.shape
-    return interface
+    return StackInterface(entry_index, like_entry, single_output, notes)
 
 
 def _provably_equal(shape, other) -> bool:

@@ -38,12 +38,3 @@ def test_a_cpu_smoke_run_attributes_planning_and_permutation_from_its_layers(tmp
         (row["planning_us_by_kernels"] + row["permutation_us_by_kernels"]) / row["kernel_us"], abs=1e-3)
     assert row["site_share"] == pytest.approx((row["planning_us"] + row["permutation_us"]) / row["kernel_us"],
                                               abs=1e-3)
-
-
-def test_a_reusable_planner_is_also_timed_on_a_step_that_reuses_its_plan(tmp_path, monkeypatch):
-    out = tmp_path / "site.json"
-    monkeypatch.setattr(sys, "argv", ["site_breakdown", "--device", "cpu", "--grid", "2", "8", "16", "--planners",
-                                      "svg", "--densities", "0.5", "--budget-ms", "1", "--out", str(out)])
-    site_breakdown.main()
-    (row,) = json.loads(out.read_text())["sites"]
-    assert row["planning_reused_us"] == pytest.approx((row["layer_reused_ms"] - row["layer_fixed_ms"]) * 1e3, abs=0.2)

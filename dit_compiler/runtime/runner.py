@@ -41,7 +41,6 @@ class ModelState:
     index: int  # 0, 1, ... in the order models first called this graph (dumps name them so)
     tracker: StepTracker = field(default_factory=StepTracker)
     branches: dict = field(default_factory=dict)  # cache policy state per CFG branch of the current generation
-    plans: dict = field(default_factory=dict)  # the block stack's plan states per CFG branch of the generation
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     calls: int = 0
 
@@ -106,7 +105,6 @@ class GraphOutputs:
     record: Optional[int] = None  # index of the call record vector
     site_names: list = field(default_factory=list)  # rewritten sites, in the record's density order
     masks: Optional[int] = None  # index of the first per-site block mask (dumping only)
-    plan_states: Optional[int] = None  # index of the next plan states (passes/sparse_attention.PlanStates)
 
 
 class Observer(Protocol):
@@ -171,16 +169,15 @@ def _timestep_value(vector: torch.Tensor) -> Optional[float]:
 class CachedStack(torch.nn.Module):
     """Stands in for the compiled stack piece inside the split parent graph and applies the cache policy."""
 
-    def __init__(self, compiled: Callable, runner: DiTRunner, policy: CachePolicy, interface, *,
-                 start: float = 0.0):
+    def __init__(self, compiled: Callable, runner: DiTRunner, policy: CachePolicy, entry_index: int,
+                 like_entry: list[bool], single_output: bool, *, start: float = 0.0):
         super().__init__()
         self.compiled = compiled
         self.runner = runner
         self.policy = policy
-        self.interface = interface  # passes/split_block_stack.StackInterface
-        self.entry_index = interface.entry_index
-        self.like_entry = interface.like_entry
-        self.single_output = interface.single_output  # the piece returns one value, not a tuple
+        self.entry_index = entry_index
+        self.like_entry = like_entry
+        self.single_output = single_output  # the piece returns one value, not a tuple
         self.start = start  # `cache_start`: no reuse while the timestep is in this leading share of its scale
 
     def forward(self, *args):
@@ -196,23 +193,10 @@ class CachedStack(torch.nn.Module):
         if decision.reused:
             outputs = self.policy.reuse(branch, entry, self.like_entry)
         else:
-            result = self.compiled(*self._with_plan_states(args, state, position.branch, entry.device))
+            result = self.compiled(*args)
             outputs = [result] if self.single_output else list(result)
-            if self.interface.plan_states_output is not None:
-                state.plans[position.branch] = self.runner.own(outputs[self.interface.plan_states_output])
             self.policy.record(branch, entry, [self.runner.own(o) for o in outputs], self.like_entry)
         return outputs[0] if self.single_output else tuple(outputs)
-
-    def _with_plan_states(self, args, state: ModelState, branch: int, device) -> tuple:
-        """The piece's inputs with this branch's plan states in their slot (the parent passes None there): the
-        states its last computed call returned in this generation, else states that have chosen nothing."""
-        index = self.interface.plan_states_input
-        if index is None:
-            return args
-        plans = state.plans.get(branch)
-        if plans is None:
-            plans = torch.zeros(self.interface.plan_states_shape, dtype=torch.int32, device=device)
-        return (*args[:index], plans, *args[index + 1:])
 
     def _position(self, call: _Call, entry: torch.Tensor) -> CallPosition:
         """Step, branch and generation of this call, and the policy's probes for the branches it may fall on,
@@ -227,7 +211,6 @@ class CachedStack(torch.nn.Module):
         position = state.tracker.observe(timestep)
         if position.reset:
             state.branches.clear()
-            state.plans.clear()
             call.probes = {}
         else:
             call.probes = dict(zip(probes, values))

@@ -15,14 +15,6 @@ A planner is an object with a `name` (the `sparsity` option's value) and two met
   mask(q, k, plan, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
       Per call: the block mask (kernels/block_mask.py's format) for q, k already in the plan's order.
 
-A planner whose costly choice can serve several neighbouring steps sets `reusable = True` and takes, in `plan`,
-`state` (int32 [B, H], from `initial_state`: what it chose and how many computed steps it has served) and `refresh`
-(the `plan_refresh` option); it returns the next state in `Plan.state`. The runtime keeps one state per model,
-generation and CFG branch (runtime/runner.py, `CachedStack`) and hands it to the compiled block stack; the planner
-decides on the device whether to choose again, so nothing is read on the host. Skipping the choice must save its
-work on the device: svg's sampled-row op reads its skip flag there; Draft's and dual's planning is Inductor kernels
-that would run whatever a flag said, so they choose every call.
-
 `layout` is (frames, height, width, text_before, text_after), ints or SymInts. The generic replacement permutes,
 plans, falls back to the full mask in the dense phase, calls `torch.ops.vsparse.block_sparse_attention` and restores
 the order. tests/test_planners.py runs one conformance test over every registered planner.
@@ -44,22 +36,15 @@ class Plan:
     # int32 [B|1, H|1, nq]: the kernel's query-block schedule (block_mask.heaviest_first of the mask's counts),
     # when the counts are known without the data; else the op sorts them every call
     q_block_order: Optional[torch.Tensor] = None
-    state: Optional[torch.Tensor] = None  # int32 [B, H]: the next call's state (reusable planners given a state)
-
-
-def initial_state(batch: int, heads: int, device) -> torch.Tensor:
-    """A reusable planner's state before its first choice: nothing chosen (0 everywhere)."""
-    return torch.zeros(batch, heads, dtype=torch.int32, device=device)
 
 
 class Planner(Protocol):
     name: str
-    reusable: bool
 
     def constants(self, layout, block_size: int, density: float, device) -> dict: ...
 
     def plan(self, q, k, v, constants: dict, layout, *, block_size: int, density: float, scale: float,
-             dense: Optional[torch.Tensor] = None, state: Optional[torch.Tensor] = None, refresh: int = 1) -> Plan: ...
+             dense: Optional[torch.Tensor] = None) -> Plan: ...
 
     def mask(self, q, k, plan: Plan, layout, *, block_size: int, density: float, scale: float): ...
 

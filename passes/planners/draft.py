@@ -147,7 +147,6 @@ class DraftPlanner:
     from the pooled map of q and k in that order."""
 
     name = "draft"
-    reusable = False  # its planning is Inductor kernels, which a device-side flag cannot skip
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         perm, inverse = window_permutation(*layout, block_size, device=device)
@@ -156,8 +155,7 @@ class DraftPlanner:
         order = block_mask.heaviest_first(common.kept_counts(density, text)[None, None])
         return {"perm": perm, "inverse": inverse, "q_block_order": order}
 
-    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None,
-             state=None, refresh: int = 1):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
         from dit_compiler.passes.planners import Plan
 
         return Plan(constants["perm"], constants["inverse"], q_block_order=constants["q_block_order"])

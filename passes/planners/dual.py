@@ -68,7 +68,6 @@ class DualPlanner:
     the layout; per call, each head takes the layout its pooled-map estimate favours."""
 
     name = "dual"
-    reusable = False  # its planning is Inductor kernels, which a device-side flag cannot skip
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         window, window_inverse = window_permutation(*layout, block_size, device=device)
@@ -78,8 +77,7 @@ class DualPlanner:
                 "position_major_inverse": position_major_inverse,
                 "q_block_order": block_mask.heaviest_first(common.kept_counts(density, text)[None, None])}
 
-    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None,
-             state=None, refresh: int = 1):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
         from dit_compiler.passes.planners import Plan
 
         plan = dual_plan(q, k, constants, layout, block_size=block_size, density=density, scale=scale)

@@ -149,23 +149,6 @@ def classify_with(q, k, v, constants: dict, scale=None, skip=None) -> torch.Tens
     return temporal_error < spatial_error
 
 
-def reuse_or_classify(q, k, v, constants: dict, state: torch.Tensor, refresh: int, scale=None, dense=None):
-    """(temporal [B, H] bool, next state int32 [B, H]) from a state of 2 * age + temporal (0: no classes yet).
-    Classes older than `refresh` computed steps (or none) are made again (`classify_with`); else the sampled-row op
-    is told to skip (on the device) and the state's classes serve once more. The dense phase chooses nothing and
-    keeps the state as it is."""
-    age = state // 2
-    stale = ((age == 0) | (age >= refresh)).any()  # one age per site: every head's class is as old
-    skip = ~stale if dense is None else dense | ~stale
-    fresh = classify_with(q, k, v, constants, scale, skip)
-    chosen = torch.where(stale, 2 + fresh.int(), state + 2).to(torch.int32)
-    following = chosen if dense is None else torch.where(dense, state, chosen)
-    # The classes are read back from the stored next state (a graph output): computed from the selection itself,
-    # Inductor recomputed the selection inside the per-head output gather, per element, which took 2.4x as long
-    # (H100, benchmarks/plan_reuse.py --profile).
-    return following % 2 == 1, following
-
-
 def plan_with(temporal: torch.Tensor, constants: dict, seq_len):
     """(perm, inverse, kv_num_blocks, kv_indices, q_block_order) per head from the head classes: spatial heads keep
     the identity order and the spatial mask, temporal heads take the position-major order and the temporal mask."""
@@ -212,20 +195,15 @@ class SvgPlanner:
     constants of the layout; per call, the sampled-row classification picks one per head."""
 
     name = "svg"
-    reusable = True  # the head classes (`reuse_or_classify`)
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         return svg_constants(layout, block_size, density, device=device)
 
-    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None,
-             state=None, refresh: int = 1):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
         from dit_compiler.passes.planners import Plan
 
         _check_qkv(q, k, v, layout)
-        if state is None:
-            return Plan(*plan_with(classify_with(q, k, v, constants, scale, skip=dense), constants, q.shape[-2]))
-        temporal, state = reuse_or_classify(q, k, v, constants, state, refresh, scale, dense)
-        return Plan(*plan_with(temporal, constants, q.shape[-2]), state=state)
+        return Plan(*plan_with(classify_with(q, k, v, constants, scale, skip=dense), constants, q.shape[-2]))
 
     def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices
