@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
-from dit_compiler.kernels import triton_block_sparse, triton_row_order, triton_sampled_rows
+from dit_compiler.kernels import row_order, triton_block_sparse, triton_row_order, triton_sampled_rows
 from dit_compiler.passes.planners.svg import position_major_permutation, svg_constants
 from dit_compiler.kernels.triton_permute import triton_permute_tokens
 from dit_compiler.kernels import block_mask
@@ -194,10 +194,6 @@ def run_sampled_rows(name, shape, budget_ms, sweep, rows):
     torch.cuda.empty_cache()
 
 
-def descending_argsort(x):
-    return x.argsort(dim=-1, descending=True, stable=True)
-
-
 ROW_ORDER_WARPS = [1, 2, 4, 8, 16]  # tried with --sweep
 
 
@@ -207,10 +203,11 @@ def run_row_order(name, shape, budget_ms, sweep, rows):
     g = torch.Generator(device="cuda").manual_seed(3)
     logits = torch.randn(batch, heads, n, n, device="cuda", generator=g)
     logits.diagonal(dim1=-2, dim2=-1).fill_(torch.finfo(torch.float32).max)  # forced blocks tie at the top
-    expect = descending_argsort(logits).to(torch.int32)
+    expect = row_order.reference_descending_order(logits)
     cases = {"ours": lambda: torch.ops.vsparse.descending_order(logits),
-             "inductor_sort": (lambda f: lambda: f(logits))(torch.compile(descending_argsort, dynamic=False)),
-             "aten_sort": lambda: descending_argsort(logits)}
+             "inductor_sort": (lambda f: lambda: f(logits))(
+                 torch.compile(row_order.reference_descending_order, dynamic=False)),
+             "aten_sort": lambda: row_order.reference_descending_order(logits)}
     for warps in sweep:
         cases[f"ours:warps={warps}"] = (lambda w: lambda: triton_row_order.triton_descending_order(logits, w))(warps)
     for case, fn in cases.items():
