@@ -1,4 +1,12 @@
 import os
+import sys
+
+# `python -m pytest` puts the working directory first on sys.path. From the repository root that makes this
+# repository's `kernels/` folder the top-level `kernels` package and hides Hugging Face's package of that name, which
+# transformers (5.25 and later requires it) imports: every test building a diffusers model that loads peft or
+# transformers would fail. Our stages import only as dit_compiler.* (pyproject.toml), so the root is never needed.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _ROOT]
 
 # Triton's interpreter must be chosen before any @triton.jit runs. GPU runs pass TRITON_INTERPRET=0 explicitly.
 os.environ.setdefault("TRITON_INTERPRET", "1")
