@@ -1,4 +1,4 @@
-"""Triton gather of token rows for `torch.ops.vsparse.permute_tokens`: out[b, h, s] = x[b, h, index[(h,) s]].
+"""Triton gather of token rows for `torch.ops.vsparse.permute_tokens`: out[b, h, s] = x[b, h, index[((b,) h,) s]].
 Writes are contiguous and reads are whole rows (D elements, 16-byte vectors), so the kernel is a copy with gathered
 row addresses: it measured 95-97% of a device-to-device copy's bandwidth on H100 (kernels/NOTES.md)."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import triton.language as tl
 
 
 @triton.jit
-def _gather_tokens_kernel(x_ptr, index_ptr, out_ptr, stride_xb, stride_xh, stride_xs, stride_ih, heads, seq_len,
-                          DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _gather_tokens_kernel(x_ptr, index_ptr, out_ptr, stride_xb, stride_xh, stride_xs, stride_ib, stride_ih, heads,
+                          seq_len, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // heads
@@ -19,7 +19,7 @@ def _gather_tokens_kernel(x_ptr, index_ptr, out_ptr, stride_xb, stride_xh, strid
     cols = tl.arange(0, BLOCK_D)
     inside = rows < seq_len
     keep = inside[:, None] & (cols < DIM)[None, :]
-    src = tl.load(index_ptr + h * stride_ih + rows, mask=inside, other=0)
+    src = tl.load(index_ptr + b * stride_ib + h * stride_ih + rows, mask=inside, other=0)
     values = tl.load(x_ptr + b * stride_xb + h * stride_xh + src[:, None] * stride_xs + cols[None, :], mask=keep)
     tl.store(out_ptr + (bh * seq_len + rows)[:, None] * DIM + cols[None, :], values, mask=keep)
 
@@ -33,8 +33,10 @@ def triton_permute_tokens(x: torch.Tensor, index: torch.Tensor, block_s: int = 6
         out = torch.empty(batch, heads, seq_len, dim, dtype=x.dtype, device=x.device)
     elif not out.is_contiguous() or out.shape != x.shape or out.dtype != x.dtype:
         raise ValueError("out must be contiguous with x's shape and dtype")
-    stride_ih = index.stride(0) if index.dim() == 2 else 0
+    # [S], [H, S] or [B, H, S]: a missing leading dim is shared (stride 0).
+    stride_ib, stride_ih = ([0, 0] + list(index.stride()[:-1]))[-2:]
     grid = (triton.cdiv(seq_len, block_s), batch * heads)
-    _gather_tokens_kernel[grid](x, index, out, x.stride(0), x.stride(1), x.stride(2), stride_ih, heads, seq_len,
-                                DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=block_s, num_warps=num_warps)
+    _gather_tokens_kernel[grid](x, index, out, x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_ih, heads,
+                                seq_len, DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=block_s,
+                                num_warps=num_warps)
     return out

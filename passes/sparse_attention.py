@@ -47,10 +47,11 @@ def _reorder(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _to_plan_order(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """`_reorder(x, perm)`. A shared order is written as a scatter of x's rows to `inverse`: a store at indexed rows
     fuses into the kernel that produces x (for q and k: the RMS norm and RoPE), where a gather needs x written out
-    first and copied again. Per-head orders stay a gather: their scatter, fused there, more than doubled that
-    kernel's time (H100, results/h100-2026-11-24/site-profile-e60ab47.txt)."""
-    if perm.dim() != 1:
-        return _reorder(x, perm)
+    first and copied again. Per-head orders are `permute_tokens`, an opaque gather that reads x once as written:
+    their scatter, fused there, more than doubled that kernel's time (H100,
+    results/h100-2026-11-24/site-profile-e60ab47.txt)."""
+    if perm.dim() != 1:  # [B|1, H, S]; a batch dim of 1 is shared by every batch element
+        return torch.ops.vsparse.permute_tokens(x, perm[0] if perm.shape[0] == 1 else perm)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).index_copy(2, inverse, x)
 
 

@@ -13,26 +13,28 @@ from dit_compiler.kernels.triton_permute import triton_permute_tokens
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 
-def draw_case(seed, batch, heads, seq_len, dim, per_head, dtype, device="cpu"):
+def draw_case(seed, batch, heads, seq_len, dim, index_dims, dtype, device="cpu"):
+    """x [B, H, S, D] and a random permutation index of `index_dims` dims: [S], [H, S] or [B, H, S]."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, heads, seq_len, dim, generator=g).to(dtype).to(device)
-    shape = (heads, seq_len) if per_head else (seq_len,)
+    shape = (batch, heads, seq_len)[3 - index_dims:]
     index = torch.argsort(torch.rand(shape, generator=g), dim=-1).to(device)
     return x, index
 
 
 def expected(x, index):
-    """Row by row, straight from the definition out[b, h, s] = x[b, h, index[(h,) s]]."""
+    """Row by row, straight from the definition out[b, h, s] = x[b, h, index[((b,) h,) s]]."""
     out = torch.empty_like(x)
-    for h in range(x.shape[1]):
-        rows = index[h] if index.dim() == 2 else index
-        out[:, h] = x[:, h, rows]
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            rows = {1: lambda: index, 2: lambda: index[h], 3: lambda: index[b, h]}[index.dim()]()
+            out[b, h] = x[b, h, rows]
     return out
 
 
 case = dict(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), heads=st.integers(1, 3),
-            seq_len=st.integers(1, 300), dim=st.sampled_from([16, 48, 64, 128]), per_head=st.booleans(),
-            dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+            seq_len=st.integers(1, 300), dim=st.sampled_from([16, 48, 64, 128]),
+            index_dims=st.sampled_from([1, 2, 3]), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
 
 
 @interpreted
@@ -61,15 +63,17 @@ def test_op_reads_strided_heads_and_checks_inputs():
     assert torch.equal(torch.ops.vsparse.permute_tokens(x, index), expected(x, index))
     with pytest.raises(TypeError, match="int64"):
         torch.ops.vsparse.permute_tokens(x, index.int())
-    with pytest.raises(ValueError, match=r"\[S=40\] or \[H=3, S=40\]"):
+    with pytest.raises(ValueError, match=r"\[S=40\], \[H=3, S=40\] or \[B=2, H=3, S=40\]"):
         torch.ops.vsparse.permute_tokens(x, torch.randperm(39))
+    with pytest.raises(ValueError, match=r"got \(1, 3, 40\)"):  # a batch dim must be B, not broadcast
+        torch.ops.vsparse.permute_tokens(x, torch.randperm(40).expand(1, 3, 40))
 
 
 def test_compiles_as_one_opaque_call():
     def layout(x, index):
         return torch.ops.vsparse.permute_tokens(x + 1, index) * 2
 
-    x, index = draw_case(0, 1, 2, 50, 64, True, torch.float32)
+    x, index = draw_case(0, 1, 2, 50, 64, 2, torch.float32)
     compiled = torch.compile(layout, dynamic=True, fullgraph=True)
     torch.testing.assert_close(compiled(x, index), layout(x, index))
 

@@ -60,14 +60,17 @@ def test_planner_contract(name, layout, density, seed):
 
 
 @settings(max_examples=20, deadline=None)
-@given(seq_len=st.integers(1, 40), per_head=st.booleans(), seed=st.integers(0, 2**16))
-def test_the_plan_order_scatter_is_the_gather_it_replaces(seq_len, per_head, seed):
-    """A shared order is written by scattering to the inverse (fused into x's producer); it must equal the gather."""
+@given(seq_len=st.integers(1, 40), order=st.sampled_from(["shared", "per batch and head", "per head"]),
+       seed=st.integers(0, 2**16))
+def test_the_plan_order_is_the_gather_it_stands_for(seq_len, order, seed):
+    """A shared order is written by scattering to the inverse (fused into x's producer), a per-head one [B|1, H, S]
+    by `permute_tokens`; either must equal the gather."""
     from dit_compiler.kernels.block_mask import invert_permutation
     from dit_compiler.passes.sparse_attention import _reorder, _to_plan_order
 
     torch.manual_seed(seed)
     x = torch.randn(2, 3, seq_len, 4)
-    perm = torch.stack([torch.randperm(seq_len) for _ in range(6)]).view(2, 3, seq_len) if per_head \
+    batch = {"shared": 0, "per batch and head": 2, "per head": 1}[order]
+    perm = torch.stack([torch.randperm(seq_len) for _ in range(3 * batch)]).view(batch, 3, seq_len) if batch \
         else torch.randperm(seq_len)
     torch.testing.assert_close(_to_plan_order(x, perm, invert_permutation(perm)), _reorder(x, perm), rtol=0, atol=0)
