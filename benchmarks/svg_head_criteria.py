@@ -1,0 +1,89 @@
+"""Sparse VideoGen's head classes on the trained harness under two criteria: the one svg uses (the sampled rows'
+output MSE under each mask against full attention, `svg.sampled_errors`) and the share of the same rows' full
+softmax mass each mask keeps (no P·V product, a fraction of the arithmetic). A cheaper criterion serves only if it
+picks the same class: where it does, the masks and outputs are the same. Eager float32 generation (any device); every
+self-attention call's q, k, v are classified both ways.
+
+    python benchmarks/svg_head_criteria.py --steps 2 --caption 0 --seed 0 --out criteria.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
+from quality import generate, load_harness  # noqa: E402
+
+from dit_compiler.passes.planners import svg  # noqa: E402
+
+
+def mask_mass(q, k, constants: dict, scale: float) -> torch.Tensor:
+    """[B, H, C-1] float32: the mean over the sampled rows of the full softmax mass each candidate mask (all but the
+    first, the full mask) keeps."""
+    probs = torch.softmax(((q[:, :, constants["sample_rows"]] @ k.transpose(-1, -2)) * scale).float(), -1)
+    return (probs[:, :, None] * constants["sample_masks"][1:].float()).sum(-1).mean(-1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--harness", default=str(Path(__file__).resolve().parents[1] / "examples" / "harness"))
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--caption", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--density", type=float, default=0.15)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    model, record, captions, null = load_harness(Path(args.harness), device, torch.float32)
+    frames, height, width = record["token_grid"]
+    constants = svg.svg_constants((frames, height, width, 0, 0), 128, args.density, device=device)
+    counts = dict(calls=0, heads=0, agree=0, temporal_by_mse=0, temporal_by_mass=0)
+    disagreements = []
+    sdpa = F.scaled_dot_product_attention
+
+    def classifying_sdpa(*a, **kw):
+        q, k, v = (a[i] if i < len(a) else kw[name] for i, name in enumerate(("query", "key", "value")))
+        if q.shape[-2] == k.shape[-2] == frames * height * width:  # video self-attention
+            scale = kw.get("scale") or q.shape[-1] ** -0.5
+            spatial_error, temporal_error = svg.sampled_errors(q, k, v, constants, scale)
+            by_mse = temporal_error < spatial_error
+            mass = mask_mass(q, k, constants, scale)
+            by_mass = mass[..., 1] > mass[..., 0]
+            counts["calls"] += 1
+            counts["heads"] += by_mse.numel()
+            counts["agree"] += int((by_mse == by_mass).sum())
+            counts["temporal_by_mse"] += int(by_mse.sum())
+            counts["temporal_by_mass"] += int(by_mass.sum())
+            for b, h in (by_mse != by_mass).nonzero().tolist():
+                disagreements.append(dict(call=counts["calls"], head=h, mse=[float(spatial_error[b, h]),
+                                                                             float(temporal_error[b, h])],
+                                          mass=[float(m) for m in mass[b, h]]))
+        return sdpa(*a, **kw)
+
+    noise = torch.randn(1, *record["latent_shape"], generator=torch.Generator().manual_seed(args.seed)).to(device)
+    start = time.perf_counter()
+    F.scaled_dot_product_attention = classifying_sdpa  # diffusers' native backend calls it through the module
+    try:
+        with torch.no_grad():
+            generate(model, noise, captions[args.caption:args.caption + 1], null.unsqueeze(0), record["shift"],
+                     args.steps, 5.0)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    report = dict(vars(args), **counts, seconds=round(time.perf_counter() - start, 1), torch=torch.__version__,
+                  disagreements=disagreements)
+    print(json.dumps({k: v for k, v in report.items() if k != "disagreements"}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
