@@ -49,7 +49,8 @@ def _to_plan_order(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -
     fuses into the kernel that produces x (for q and k: the RMS norm and RoPE), where a gather needs x written out
     first and copied again. Per-head orders are `permute_tokens`, an opaque gather that reads x once as written:
     their scatter, fused there, more than doubled that kernel's time (H100,
-    results/h100-2026-11-24/site-profile-e60ab47.txt)."""
+    results/h100-2026-11-24/site-profile-e60ab47.txt), and Inductor's own gather recomputed RoPE's last step at the
+    gathered rows (H200, results/h200-2026-12-04/svg-fused-gather-kernel-72160ab.txt)."""
     if perm.dim() != 1:  # [B|1, H, S]; a batch dim of 1 is shared by every batch element
         return torch.ops.vsparse.permute_tokens(x, perm[0] if perm.shape[0] == 1 else perm)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).index_copy(2, inverse, x)
