@@ -2,8 +2,8 @@
 
 parse    options (dit_compiler/options.py) and a private copy of the Dynamo graph
 analyze  patterns.analyze: attention sites, token grids, block stacks, the timestep input
-rewrite  passes: the dense phase and sparse attention (passes/sparse_attention.py), the call record
-         (passes/call_record.py)
+rewrite  passes: the dense phase and sparse attention (passes/sparse_attention.py), the block stack in the
+         planner's token order (passes/stack_token_order.py), the call record (passes/call_record.py)
 split    passes/split_block_stack.py: head / stack / tail when a cache policy is on
 compile  each piece with Inductor (`compile_piece`)
 run      runtime/runner.py: a DiTRunner keeping state per model instance
@@ -27,7 +27,9 @@ from dit_compiler.options import Options, parse_options
 from dit_compiler.passes.call_record import add_call_record, insert_dense_phase
 from dit_compiler.passes.cost_model import why_cache_does_not_pay
 from dit_compiler.passes.sparse_attention import rewrite_sparse_attention
-from dit_compiler.passes.split_block_stack import piece_example_inputs, split_block_stack, stack_interface
+from dit_compiler.passes.split_block_stack import (complete_partition, piece_example_inputs, split_block_stack,
+                                                   stack_interface)
+from dit_compiler.passes.stack_token_order import hoist_token_order
 from dit_compiler.runtime.cache import make_policy
 from dit_compiler.runtime.runner import CachedStack, DiTRunner
 
@@ -188,6 +190,11 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
             gm, analysis, opts, dense if 0 < opts.dense_steps < 1 else None, _device_of(inputs),
             collect_masks=dump is not None, cuda_graphs=bool(config.get("triton.cudagraphs")))
     site_names = [d.node for d in decisions if d.rewritten]
+    entry = analysis.stacks[0].entry[0] if analysis.stacks else None
+    if site_names:
+        order = hoist_token_order(gm, analysis, None if partition is None else complete_partition(gm, partition))
+        notes.append(order.note)
+        entry = order.entry or entry
     outputs = add_call_record(gm, t_max, dense, site_names, densities, masks)
     if dump:
         dump.write_text("rewritten.py", gm.print_readable(print_output=False))
@@ -200,7 +207,7 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     if partition is None:
         runner.compiled = compile_piece(gm, inputs, config)
     else:
-        runner.compiled = _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes)
+        runner.compiled = _compile_split(gm, partition, entry, opts, config, inputs, runner, notes)
     if dump:
         _write_analysis(dump, graph_name, analysis, opts, {d.node: d for d in decisions}, notes,
                         time.perf_counter() - started)
@@ -212,10 +219,10 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     return runner
 
 
-def _compile_split(gm, partition, analysis, opts, config, inputs, runner, notes) -> torch.fx.GraphModule:
+def _compile_split(gm, partition, entry: str, opts, config, inputs, runner, notes) -> torch.fx.GraphModule:
     split = split_block_stack(gm, partition)
     piece_inputs = piece_example_inputs(split.parent, inputs)
-    interface = stack_interface(split.pieces["stack"], analysis.stacks[0].entry[0], piece_inputs["stack"])
+    interface = stack_interface(split.pieces["stack"], entry, piece_inputs["stack"])
     notes.extend(interface.notes)
     policy = make_policy(opts.cache, opts.cache_threshold)
     for name, piece in split.pieces.items():

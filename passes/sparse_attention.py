@@ -57,18 +57,22 @@ def _to_plan_order(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -
 
 
 def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: str, density: float, block_size: int,
-                     scale: float):
+                     scale: float, in_plan_order: bool = False):
     """The one replacement of every planner: plan, permute, mask, fall back to the full mask in the dense phase,
-    block-sparse attention, restore the order. Returns (output, kv_num_blocks, kv_indices)."""
+    block-sparse attention, restore the order. Returns (output, kv_num_blocks, kv_indices). `in_plan_order`: q, k, v
+    come in the planner's fixed order and the output stays in it (passes/stack_token_order.py)."""
     chosen = PLANNERS[planner]
     plan = chosen.plan(q, k, v, constants, layout, block_size=block_size, density=density, scale=scale,
                        dense=dense)
-    q, k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (q, k, v))
+    if in_plan_order and not chosen.fixed_order:
+        raise ValueError(f"planner {planner!r} has no fixed order for q, k, v to come in")
+    if not in_plan_order:
+        q, k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
                                                    plan.q_block_order)
-    return _reorder(out, plan.inverse), kv_num_blocks, kv_indices
+    return (out if in_plan_order else _reorder(out, plan.inverse)), kv_num_blocks, kv_indices
 
 
 @dataclass

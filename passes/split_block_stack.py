@@ -16,6 +16,7 @@ import torch
 from torch.fx.passes.split_module import split_module
 
 from dit_compiler.passes.call_record import CALL_RECORD, EXTRA_OUTPUT
+from dit_compiler.passes.stack_token_order import PIECE_OF
 
 PIECES = ("head", "stack", "tail")
 # Nodes whose effect is global state that later nodes run under, not a value they read.
@@ -38,7 +39,8 @@ class StackInterface:
 
 def complete_partition(gm: torch.fx.GraphModule, partition: dict[str, str]) -> dict[str, str]:
     """Place nodes added after the partition was taken: each goes to the latest piece among its inputs, which keeps
-    the split acyclic. The call record goes to the tail, which runs on every call: in the stack (where the sparse
+    the split acyclic; a gather back to natural order goes to its consumer's piece (passes/stack_token_order.py: the
+    stack's outputs stay in the order its entry has). The call record goes to the tail, which runs on every call: in the stack (where the sparse
     sites' densities are) a reused call would return the last computed call's record, timestep and dense phase
     included."""
     rank = {p: i for i, p in enumerate(PIECES)}
@@ -48,6 +50,9 @@ def complete_partition(gm: torch.fx.GraphModule, partition: dict[str, str]) -> d
             continue
         if node.meta.get(CALL_RECORD):
             complete[node.name] = "tail"
+            continue
+        if node.meta.get(PIECE_OF) in complete:  # a gather back to natural order joins its consumer
+            complete[node.name] = complete[node.meta[PIECE_OF]]
             continue
         inputs = [complete.get(a.name, "head") for a in node.all_input_nodes if a.op != "placeholder"]
         complete[node.name] = max(inputs, key=rank.__getitem__, default="head")

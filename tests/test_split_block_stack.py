@@ -88,3 +88,20 @@ def test_a_vmap_level_in_a_block_stays_in_one_piece():
         output, _, pieces = compile_split(model, inputs)
     torch.testing.assert_close(output, expected)
     assert len(pieces) == 3
+
+
+def test_a_gather_back_to_natural_order_joins_its_consumers_piece():
+    """passes/stack_token_order.py marks its gathers back: one that reads a stack value for the tail must run in
+    the tail, or the stack would return a value in another order than its entry's (the cache adds the two)."""
+    from dit_compiler.passes.split_block_stack import complete_partition
+    from dit_compiler.passes.stack_token_order import PIECE_OF
+
+    gm = torch.fx.symbolic_trace(lambda x: (x + 1) * 2)
+    add, mul = (n for n in gm.graph.nodes if n.op == "call_function")
+    with gm.graph.inserting_before(mul):
+        gather = gm.graph.call_function(torch.flip, (add, [0]))
+    mul.replace_input_with(add, gather)
+    partition = {add.name: "stack", mul.name: "tail"}
+    assert complete_partition(gm, partition)[gather.name] == "stack"  # unmarked: the latest piece of its inputs
+    gather.meta[PIECE_OF] = mul.name
+    assert complete_partition(gm, partition)[gather.name] == "tail"

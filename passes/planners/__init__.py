@@ -1,7 +1,7 @@
 """Planners: how a sparse-attention site chooses its token order and block mask. One family a file, one contract.
 
-A planner is an object with a `name` (the `sparsity` option's value) and two methods the rewrite
-(passes/sparse_attention.py) calls:
+A planner is an object with a `name` (the `sparsity` option's value), a `fixed_order` flag and the methods the
+rewrite (passes/sparse_attention.py) calls:
 
   constants(layout, block_size, density, device) -> dict[str, Tensor]
       Once per static layout, at compile time: whatever depends on the layout and options alone (Draft's window
@@ -14,6 +14,10 @@ A planner is an object with a `name` (the `sparsity` option's value) and two met
       planner whose own op can read the flag on the device skips its work there (svg's `sampled_rows_attention`).
   mask(q, k, plan, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
       Per call: the block mask (kernels/block_mask.py's format) for q, k already in the plan's order.
+
+`fixed_order` True says `plan` always returns constants["perm"] / constants["inverse"], one order for every call
+and head: passes/stack_token_order.py may then put the whole block stack in that order once instead of each site
+permuting its q, k, v and output.
 
 `layout` is (frames, height, width, text_before, text_after), ints or SymInts. The generic replacement permutes,
 plans, falls back to the full mask in the dense phase, calls `torch.ops.vsparse.block_sparse_attention` and restores
@@ -40,6 +44,7 @@ class Plan:
 
 class Planner(Protocol):
     name: str
+    fixed_order: bool
 
     def constants(self, layout, block_size: int, density: float, device) -> dict: ...
 

@@ -147,6 +147,7 @@ class DraftPlanner:
     from the pooled map of q and k in that order."""
 
     name = "draft"
+    fixed_order = True
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         perm, inverse = window_permutation(*layout, block_size, device=device)

@@ -68,6 +68,7 @@ class DualPlanner:
     the layout; per call, each head takes the layout its pooled-map estimate favours."""
 
     name = "dual"
+    fixed_order = False
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         window, window_inverse = window_permutation(*layout, block_size, device=device)

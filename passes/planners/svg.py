@@ -195,6 +195,7 @@ class SvgPlanner:
     constants of the layout; per call, the sampled-row classification picks one per head."""
 
     name = "svg"
+    fixed_order = False
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         return svg_constants(layout, block_size, density, device=device)
