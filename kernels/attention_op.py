@@ -145,9 +145,17 @@ def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: 
     return out.view(batch, heads, nq * block_size, head_dim)[:, :, :q_len].to(q.dtype).contiguous()
 
 
+def output_like(q: torch.Tensor) -> torch.Tensor:
+    """The op's output buffer: q's shape, dtype and memory layout (its strides when q is dense, as a transpose of
+    diffusers' [B, S, H, D] is; else contiguous), as SDPA's output is. The caller's transpose back to [B, S, H, D]
+    is then a view, not a copy. The fake kernel allocates the same way, so compiled graphs see the real strides."""
+    return torch.empty_like(q)
+
+
 def _cpu_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
     check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order)
-    return reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths)
+    return output_like(q).copy_(
+        reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths))
 
 
 _triton = None  # dit_compiler.kernels.triton_block_sparse, imported on the first CUDA call (CPU installs need no Triton)
@@ -197,7 +205,7 @@ def _fake_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengt
         raise ValueError("q, k, v must be [B, H, S, D]")
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    return output_like(q)
 
 
 _lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel, autograd=_autograd_kernel)

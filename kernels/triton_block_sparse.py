@@ -28,6 +28,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dit_compiler.kernels import block_mask
+from dit_compiler.kernels.attention_op import output_like
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -158,11 +159,13 @@ _tuned_kernels: dict = {}
 _autotune = os.environ.get("VSPARSE_AUTOTUNE", "1") == "1"
 
 
-def _tma_ready(t: torch.Tensor) -> torch.Tensor:
+def _tma_ready(t: torch.Tensor, writable: bool = False) -> torch.Tensor:
     """TMA wants a 16-byte aligned base and 16-byte aligned strides; copy the rare tensor that is not (a clone:
-    `contiguous()` would return a contiguous tensor with a misaligned base as it is)."""
+    `contiguous()` would return a contiguous tensor with a misaligned base as it is). An output cannot be copied."""
     item = t.element_size()
     if t.data_ptr() % 16 or any((s * item) % 16 for s in t.stride()[:-1]):
+        if writable:
+            raise ValueError(f"out needs a 16-byte aligned base and strides for TMA, got strides {t.stride()}")
         return t.clone(memory_format=torch.contiguous_format)
     return t
 
@@ -220,11 +223,12 @@ class _DirectLaunch:
         self.runner = kernel[grid]
         self.fields = [{**d.__dict__, "base": None} for d in descs]
         out = descs[3].base
-        self.out_shape, self.out_dtype, self.out_device = out.shape, out.dtype, out.device
+        self.out_shape, self.out_stride, self.out_dtype, self.out_device = out.shape, out.stride(), out.dtype, \
+            out.device
         self.mask_args, self.constexprs, self.sorts = mask_args, constexprs, sorts
 
     def __call__(self, q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order):
-        out = torch.empty(self.out_shape, dtype=self.out_dtype, device=self.out_device)
+        out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.out_dtype, device=self.out_device)
         order = block_mask.heaviest_first(kv_num_blocks) if self.sorts else q_block_order
         fq, fk, fv, fo = self.fields
         self.runner(_descriptor(fq, q), _descriptor(fk, k), _descriptor(fv, v), _descriptor(fo, out), kv_num_blocks,
@@ -240,17 +244,17 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs).
     `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks of one
     variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list. Under
-    TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (contiguous, like q), if
-    given, receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
+    TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (q's shape and dtype, any
+    strides with a contiguous last dim; by default `attention_op.output_like(q)`), if given, receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
     checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     given = (q, k, v, kv_num_blocks, kv_indices, q_block_order)
-    q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
     if out is None:
-        out = torch.empty(batch, heads, q_len, head_dim, dtype=q.dtype, device=q.device)
-    elif not out.is_contiguous() or out.shape != q.shape or out.dtype != q.dtype:
-        raise ValueError("out must be contiguous with q's shape and dtype")
+        out = output_like(q)  # before q may be copied for TMA: the output's strides are the fake kernel's
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("out must have q's shape and dtype and a contiguous last dim")
+    q, k, v, out = _tma_ready(q), _tma_ready(k), _tma_ready(v), _tma_ready(out, writable=True)
     # The kernel walks the last dim of both mask tensors with unit stride (other dims may broadcast with stride 0).
     if kv_num_blocks.stride(-1) != 1:
         kv_num_blocks = kv_num_blocks.contiguous()

@@ -272,3 +272,37 @@ def test_gpu_autotuned_kernel_on_a_wan_like_shape():
         ref = bsa.reference_block_sparse_attention(q.float(), k.float(), v.float(), num, idx, 128 ** -0.5, 128)
         assert rel(out, ref.double()) < 1e-2
     assert triton_block_sparse.tuned_config(128, 128, torch.bfloat16) is not None
+
+
+def _transposed_case(device="cpu", seed=5):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(1, 200, 3, 64, generator=g, device=device).transpose(1, 2) for _ in range(3))
+    num, idx = random_block_mask(1, 3, 200, 200, 64, 0.6, ragged=True, generator=g, device=device)
+    return q, k, v, num, idx
+
+
+def test_op_output_takes_q_layout():
+    """A transpose of [B, S, H, D] in, its layout out (as SDPA's): the caller's transpose back is a view. The fake
+    kernel agrees, so a compiled graph expects the strides the kernel returns."""
+    q, k, v, num, idx = _transposed_case()
+    out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, 0.125, 64)
+    assert out.stride() == q.stride() and out.transpose(1, 2).is_contiguous()
+    assert_matches(out, q, k, v, num, idx, 0.125, 64, None)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake = torch.ops.vsparse.block_sparse_attention(*(mode.from_tensor(t) for t in (q, k, v, num, idx)), 0.125,
+                                                        64)
+    assert fake.stride() == q.stride()
+    contiguous = torch.ops.vsparse.block_sparse_attention(q.contiguous(), k, v, num, idx, 0.125, 64)
+    assert contiguous.is_contiguous()
+
+
+@pytest.mark.gpu
+def test_gpu_op_output_takes_q_layout_first_and_repeated_calls():
+    """The first call (checks, Triton's launch) and a repeat (the recorded direct launch) both return q's layout."""
+    q, k, v, num, idx = (t.cuda() for t in _transposed_case())
+    q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+    for _ in range(2):
+        poison_cuda_allocator(q)
+        out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, 0.125, 64)
+        assert out.stride() == q.stride()
+        assert_matches(out, q, k, v, num, idx, 0.125, 64, None)
