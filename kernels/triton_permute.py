@@ -8,6 +8,9 @@ import triton
 import triton.language as tl
 
 
+MAX_BLOCK_D = 256  # columns per program
+
+
 @triton.jit
 def _gather_tokens_kernel(x_ptr, index_ptr, out_ptr, stride_xb, stride_xh, stride_xs, stride_ib, stride_ih, heads,
                           seq_len, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
@@ -16,7 +19,7 @@ def _gather_tokens_kernel(x_ptr, index_ptr, out_ptr, stride_xb, stride_xh, strid
     b = bh // heads
     h = bh % heads
     rows = tile * BLOCK_S + tl.arange(0, BLOCK_S)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     inside = rows < seq_len
     keep = inside[:, None] & (cols < DIM)[None, :]
     src = tl.load(index_ptr + b * stride_ib + h * stride_ih + rows, mask=inside, other=0)
@@ -35,8 +38,9 @@ def triton_permute_tokens(x: torch.Tensor, index: torch.Tensor, block_s: int = 6
         raise ValueError("out must be contiguous with x's shape and dtype")
     # [S], [H, S] or [B, H, S]: a missing leading dim is shared (stride 0).
     stride_ib, stride_ih = ([0, 0] + list(index.stride()[:-1]))[-2:]
-    grid = (triton.cdiv(seq_len, block_s), batch * heads)
+    # Wide rows (a whole hidden state, D = heads * head dim) are split over a third grid dim.
+    block_d = min(triton.next_power_of_2(dim), MAX_BLOCK_D)
+    grid = (triton.cdiv(seq_len, block_s), batch * heads, triton.cdiv(dim, block_d))
     _gather_tokens_kernel[grid](x, index, out, x.stride(0), x.stride(1), x.stride(2), stride_ib, stride_ih, heads,
-                                seq_len, DIM=dim, BLOCK_D=triton.next_power_of_2(dim), BLOCK_S=block_s,
-                                num_warps=num_warps)
+                                seq_len, DIM=dim, BLOCK_D=block_d, BLOCK_S=block_s, num_warps=num_warps)
     return out

@@ -32,7 +32,7 @@ def expected(x, index):
 
 
 case = dict(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), heads=st.integers(1, 3),
-            seq_len=st.integers(1, 300), dim=st.sampled_from([16, 48, 64, 128]),
+            seq_len=st.integers(1, 300), dim=st.sampled_from([16, 48, 64, 128, 320, 1536]),
             index_dims=st.sampled_from([1, 2, 3]),
             dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
 
