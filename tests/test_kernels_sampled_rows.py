@@ -69,6 +69,17 @@ def test_triton_kernels_match_float64_sdpa(splits, **case):
 
 
 @interpreted
+@pytest.mark.parametrize("block_m", [32, 64])
+def test_triton_merge_takes_smaller_row_tiles_than_the_partials(block_m):
+    """The merge runs MERGE_BLOCK_M rows a program under taller partial tiles, past the last row (3 x 7 = 21)."""
+    q, k, v, rows, masks, scale = make_case(2, 1, 2, 60, 80, 16, 3, 7, 0.5, torch.float32)
+    out = torch.full((*q.shape[:2], *masks.shape[:2], q.shape[3]), float("nan"))
+    triton_sampled_rows.triton_sampled_rows_attention(q, k, v, rows, masks, scale, config=(block_m, 16, 1, 1),
+                                                      splits=3, out=out)
+    assert_matches(out, q, k, v, rows, masks, scale)
+
+
+@interpreted
 def test_triton_kernels_read_strided_inputs():
     q, k, v, rows, masks, scale = make_case(1, 2, 3, 70, 90, 16, 2, 5, 0.5, torch.float32)
     wide = torch.randn(2, 90, 3, 16)  # [B, S, H, D] storage, read through a transposed view
