@@ -9,6 +9,7 @@ first writes nothing, the second writes zeros.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -19,7 +20,9 @@ from dit_compiler.kernels.triton_block_sparse import INTERPRET, LOG2E, fold_scor
 # (BLOCK_M, BLOCK_N, warps, stages); under the interpreter a small tile keeps the tests quick.
 CONFIG = (64, 64, 4, 2)
 INTERPRETER_CONFIG = (16, 16, 1, 1)
-_SPLIT_WAVES = 4  # programs per SM the key splits aim for
+# Programs per SM the key splits aim for: 12 splits (3.27 a SM) ran Wan-1.3B's shape fastest on both the H100 (338 µs
+# against 371 at 4 a SM, kernels/NOTES.md run S3) and the H200 (300 against 339, run S6); wave tails move it.
+_SPLIT_WAVES = 3.25
 # Rows per merge program: the partial kernel's 64-row tiles gave the merge B*H*3 programs on Wan-1.3B (36 on 132 SMs,
 # 36.8 µs a site on the H200 for ~35 MB of partials); it divides every partial tile height.
 MERGE_BLOCK_M = 16
@@ -124,7 +127,7 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
     tiles = triton.cdiv(num_virtual, block_m)
     key_tiles = triton.cdiv(kv_len, block_n)
     if splits is None:
-        splits = triton.cdiv(_SPLIT_WAVES * _sm_count(q.device), batch * heads * tiles)
+        splits = math.ceil(_SPLIT_WAVES * _sm_count(q.device) / (batch * heads * tiles))
     splits = max(1, min(splits, key_tiles))
     keys_per_split = triton.cdiv(key_tiles, splits) * block_n
     splits = triton.cdiv(kv_len, keys_per_split)  # no split left empty
