@@ -107,9 +107,8 @@ def gather_rows(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     return torch.ops.vsparse.permute_tokens(rows, index).view(shape)
 
 
-def _nbytes(node: fx.Node) -> int:
-    value = tensor_of(node)
-    return value.numel() * value.element_size()
+def _is_one(size) -> bool:
+    return isinstance(size, int) and size == 1
 
 
 def _writes_to(node: fx.Node) -> Optional[fx.Node]:
@@ -173,7 +172,7 @@ class _Planner:
         self.entry = nodes[self.analysis.stacks[0].entry[0]]
         self.seq_len = getattr(self.gm, self.perm_name).shape[0]
         shape = list(tensor_of(self.entry).shape)
-        token_dims = [d for d, s in enumerate(shape) if s == self.seq_len]
+        token_dims = [d for d, s in enumerate(shape) if self._tokens(s)]
         if len(token_dims) != 1:
             raise _Decline(f"the stack entry {self.entry.name} {shape} has no single dim of the sites' "
                            f"{self.seq_len} tokens (text joins the sequence inside the blocks)")
@@ -196,9 +195,9 @@ class _Planner:
                  if dim is None and x in self.layout and x is not self.entry}
         gathered = [self.entry, *(root for root, _ in self.roots), *(x for x, _ in exits)]
         self.boundary = len(gathered)
-        self.boundary_bytes = sum(_nbytes(x) for x in gathered)
+        self.boundary_bytes = sum(self._nbytes(x) for x in gathered)
         # What the sites stop moving: each gathered q, k and v and gathered its output back.
-        self.saved_bytes = sum(4 * _nbytes(site.args[0]) for site in self.sites)
+        self.saved_bytes = sum(4 * self._nbytes(site.args[0]) for site in self.sites)
         if self.boundary_bytes >= self.saved_bytes:
             raise _Decline(f"{self.boundary} boundary gathers move {self.boundary_bytes} bytes, the {len(self.sites)} "
                            f"sites' own permutations {self.saved_bytes}: does not pay")
@@ -277,6 +276,16 @@ class _Planner:
             return None if out is None else (out, {source: d})
         return None
 
+    def _nbytes(self, node: fx.Node) -> int:
+        """Bytes of a value at its example sizes (hints: comparing symbolic sizes would add guards)."""
+        value = tensor_of(node)
+        return math.prod(self.sizes.hint(Sizes.expr(d)) for d in value.shape) * value.element_size()
+
+    def _tokens(self, size) -> bool:
+        """A dim of the sites' token count. Symbolic sizes are never it (the layout is static here), and are not
+        compared: a comparison would add a guard to the captured graph."""
+        return isinstance(size, int) and size == self.seq_len
+
     def _any_permuted(self, node: fx.Node, skip: fx.Node) -> bool:
         return any(x in self.layout for x in node.all_input_nodes if x is not skip)
 
@@ -299,8 +308,8 @@ class _Planner:
             if value is None:
                 continue
             at = out - (rank - value.dim())
-            wanted[x] = at if at >= 0 and value.shape[at] != 1 else None
-            if wanted[x] is not None and value.shape[at] != self.seq_len:
+            wanted[x] = at if at >= 0 and not _is_one(value.shape[at]) else None
+            if wanted[x] is not None and not self._tokens(value.shape[at]):
                 return None
         return out, wanted
 
@@ -343,7 +352,7 @@ class _Planner:
         items = _index_items(index, ndim)
         view_rank = sum(1 for i in items if not isinstance(i, int))
         at = view_dim - (view_rank - tensor_of(value).dim())
-        wanted = at if at >= 0 and tensor_of(value).shape[at] != 1 else None
+        wanted = at if at >= 0 and not _is_one(tensor_of(value).shape[at]) else None
         if value in self.layout and self.layout[value] != wanted:
             raise _Decline(f"{node.name} writes a value in another order")
         return None, {target: d, value: wanted}
@@ -360,7 +369,7 @@ class _Planner:
         kv = [self.layout.get(x) == tensor_of(x).dim() - 2 for x in (k, v)]
         if kv[0] != kv[1] or any(x in self.layout and not ok for x, ok in zip((k, v), kv)):
             return None
-        if isinstance(mask, fx.Node) and (kv[0] or mask in self.layout or tensor_of(mask).shape[-2] != 1):
+        if isinstance(mask, fx.Node) and (kv[0] or mask in self.layout or not _is_one(tensor_of(mask).shape[-2])):
             return None  # a mask over keys in natural order, broadcast over query rows, is all we keep
         return rows, {q: rows, k: rows if kv[0] else None, v: rows if kv[0] else None}
 
@@ -420,7 +429,7 @@ class _Planner:
                 or name in ("permute", "transpose", "expand")):
             return None
         for d, size in enumerate(tensor_of(source).shape):
-            if size != self.seq_len:
+            if not self._tokens(size):
                 continue
             self.layout[source] = d  # probe the forward rule from this dim
             try:

@@ -145,3 +145,18 @@ def test_sparse_attention_in_plan_order_needs_a_fixed_order():
 ])
 def test_indexed_dim(index, ndim, dim, expected):
     assert _indexed_dim(index, ndim, dim) == expected
+
+
+def test_a_dynamic_batch_keeps_the_order_and_adds_no_guard(tmp_path, monkeypatch):
+    """A symbolic batch with a static token grid: the pass applies and compares no symbolic size (a guard would
+    recompile for the next batch size)."""
+    model, _ = wan(frames=3, height=16, width=20, layers=2, head_dim=64)
+    calls = [wan(frames=3, height=16, width=20, layers=2, head_dim=64, batch=b)[1] for b in (2, 3)]
+    for inputs in calls:
+        for name in ("hidden_states", "encoder_hidden_states", "timestep"):
+            torch._dynamo.mark_dynamic(inputs[name], 0)
+    hoisted = compile_and_run(model, calls, tmp_path / "hoisted", **DRAFT, cache="none")
+    analysis, _ = report(tmp_path / "hoisted")  # one graph folder: no recompile for the second batch size
+    assert hoisted_note(analysis).startswith("token order hoisted"), analysis["notes"]
+    per_site(monkeypatch)
+    assert_same(hoisted, compile_and_run(model, calls, **DRAFT, cache="none"))
