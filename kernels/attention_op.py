@@ -146,10 +146,12 @@ def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: 
 
 
 def output_like(q: torch.Tensor) -> torch.Tensor:
-    """The op's output buffer: q's shape, dtype and memory layout (its strides when q is dense, as a transpose of
-    diffusers' [B, S, H, D] is; else contiguous), as SDPA's output is. The caller's transpose back to [B, S, H, D]
-    is then a view, not a copy. The fake kernel allocates the same way, so compiled graphs see the real strides."""
-    return torch.empty_like(q)
+    """The op's output buffer: [B, H, S, D] of q's dtype, laid out in memory as [B, S, H, D] (what diffusers'
+    attention returns to: its transpose back for the output projection is then a view, not a copy). The layout
+    follows from the shape alone, never from q's strides: Inductor may hand the op q in other strides than the fake
+    kernel saw, and the output must have the strides the fake kernel gave the graph."""
+    batch, heads, seq_len, head_dim = q.shape
+    return torch.empty(batch, seq_len, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
 def _cpu_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):

@@ -245,13 +245,14 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks of one
     variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list. Under
     TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (q's shape and dtype, any
-    strides with a contiguous last dim; by default `attention_op.output_like(q)`), if given, receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
+    strides with a contiguous last dim; by default `attention_op.output_like(q)`: [B, S, H, D] in memory), if given,
+    receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
     checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     given = (q, k, v, kv_num_blocks, kv_indices, q_block_order)
     if out is None:
-        out = output_like(q)  # before q may be copied for TMA: the output's strides are the fake kernel's
+        out = output_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must have q's shape and dtype and a contiguous last dim")
     q, k, v, out = _tma_ready(q), _tma_ready(k), _tma_ready(v), _tma_ready(out, writable=True)
