@@ -13,13 +13,19 @@ backward and a reused stack would carry no gradient.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import itertools
 import logging
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch._inductor.compile_fx import compile_fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+import dit_compiler.kernels
 
 from dit_compiler import patterns
 from dit_compiler.dump import Dump, DumpObserver, render_report
@@ -96,10 +102,32 @@ def carry_dynamo_metadata(source: torch.fx.GraphModule, target: torch.fx.GraphMo
         node._dynamo_source = by_name.get(node.name)
 
 
+class _KernelsCacheKey(CustomGraphPass):
+    """Inductor's FX graph cache keys a compiled graph on torch, the graph and the config, not on what our ops'
+    fake kernels say: after an upgrade that changed one (the block-sparse output's strides did), a cached graph
+    would assert the old strides. The hash of kernels/' sources enters the key as this do-nothing post-grad pass's
+    uuid. Installed only where no such pass of the user's is set, which it would replace."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return _kernels_source_hash()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_source_hash() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(dit_compiler.kernels.__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def _inductor_config(opts: Options, dynamic: bool) -> dict:
-    if opts.mode in (None, "default"):
-        return {}
-    return torch._inductor.list_mode_options(opts.mode, dynamic)
+    config = {} if opts.mode in (None, "default") else dict(torch._inductor.list_mode_options(opts.mode, dynamic))
+    if torch._inductor.config.post_grad_custom_post_pass is None:
+        config["post_grad_custom_post_pass"] = _KernelsCacheKey()
+    return config
 
 
 def _device_of(values) -> torch.device:

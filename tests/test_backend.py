@@ -175,7 +175,30 @@ def test_backend_leaves_dynamo_graph_alone_and_translates_mode(monkeypatch):
     torch._dynamo.reset()
     assert_fp32_close(run(torch.compile(model, backend=recording_backend, fullgraph=True), inputs), run(model, inputs))
     assert graphs[0] == graphs[1]
-    assert seen["config"] == torch._inductor.list_mode_options("max-autotune-no-cudagraphs", False)
+    config = dict(seen["config"])
+    assert isinstance(config.pop("post_grad_custom_post_pass"), backend._KernelsCacheKey)
+    assert config == torch._inductor.list_mode_options("max-autotune-no-cudagraphs", False)
+
+
+def test_inductor_cache_key_holds_the_kernels_sources(tmp_path, monkeypatch):
+    """A changed fake kernel (an upgrade) must not meet a cached graph compiled against the old one: before the key
+    held kernels/' sources, the block-sparse output's new strides failed a stale graph's stride assertion."""
+    import dit_compiler.backend as backend
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
+    model, inputs = wan(head_dim=64)
+
+    def compile_and_count(source_hash):
+        monkeypatch.setattr(backend, "_kernels_source_hash", lambda: source_hash)
+        counters.clear()
+        run(compiled(model, sparsity="draft", density=0.5, block_size=64, force_sparse=True, cache="none"), inputs)
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    assert compile_and_count("a") == (0, 1)
+    assert compile_and_count("a") == (1, 0)  # the same sources: the cache serves
+    assert compile_and_count("b") == (0, 1)  # other sources: compiled afresh
 
 
 class PlainVideoAttention(torch.nn.Module):
