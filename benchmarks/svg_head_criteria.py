@@ -1,10 +1,11 @@
-"""Sparse VideoGen's head classes on the trained harness under two criteria: the one svg uses (the sampled rows'
-output MSE under each mask against full attention, `svg.sampled_errors`) and the share of the same rows' full
-softmax mass each mask keeps (no P·V product, a fraction of the arithmetic). A cheaper criterion serves only if it
-picks the same class: where it does, the masks and outputs are the same. Eager float32 generation (any device); every
-self-attention call's q, k, v are classified both ways.
+"""Sparse VideoGen's head classes on the trained harness under cheaper criteria than the one svg uses (the output MSE
+of 64 sampled rows under each mask against full attention, `svg.sampled_errors`): the share of the same rows' full
+softmax mass each mask keeps (no P·V product, a fraction of the arithmetic), and the same MSE from fewer sampled rows
+(`--rows`, each count evenly spaced as svg spaces its 64). A cheaper criterion serves only if it picks the same class:
+where it does, the masks and outputs are the same. Eager float32 generation (any device); every self-attention
+call's q, k, v are classified every way.
 
-    python benchmarks/svg_head_criteria.py --steps 2 --caption 0 --seed 0 --out criteria.json
+    python benchmarks/svg_head_criteria.py --steps 2 --caption 0 --seed 0 --rows 32 16 --out criteria.json
 """
 from __future__ import annotations
 
@@ -39,13 +40,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--density", type=float, default=0.15)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rows", type=int, nargs="*", default=[], help="sampled-row counts to compare with 64")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device(args.device)
     model, record, captions, null = load_harness(Path(args.harness), device, torch.float32)
     frames, height, width = record["token_grid"]
     constants = svg.svg_constants((frames, height, width, 0, 0), 128, args.density, device=device)
-    counts = dict(calls=0, heads=0, agree=0, temporal_by_mse=0, temporal_by_mass=0)
+    fewer = {n: svg.svg_constants((frames, height, width, 0, 0), 128, args.density, n, device) for n in args.rows}
+    counts = dict(calls=0, heads=0, agree=0, temporal_by_mse=0, temporal_by_mass=0,
+                  **{f"agree_rows_{n}": 0 for n in args.rows})
     disagreements = []
     sdpa = F.scaled_dot_product_attention
 
@@ -62,6 +66,8 @@ def main() -> None:
             counts["agree"] += int((by_mse == by_mass).sum())
             counts["temporal_by_mse"] += int(by_mse.sum())
             counts["temporal_by_mass"] += int(by_mass.sum())
+            for n, rows_constants in fewer.items():
+                counts[f"agree_rows_{n}"] += int((svg.classify_with(q, k, v, rows_constants, scale) == by_mse).sum())
             for b, h in (by_mse != by_mass).nonzero().tolist():
                 disagreements.append(dict(call=counts["calls"], head=h, mse=[float(spatial_error[b, h]),
                                                                              float(temporal_error[b, h])],
