@@ -187,7 +187,6 @@ def test_inductor_cache_key_holds_the_kernels_sources(tmp_path, monkeypatch):
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", True)
     model, inputs = wan(head_dim=64)
 
     def compile_and_count(source_hash):
@@ -196,9 +195,11 @@ def test_inductor_cache_key_holds_the_kernels_sources(tmp_path, monkeypatch):
         run(compiled(model, sparsity="draft", density=0.5, block_size=64, force_sparse=True, cache="none"), inputs)
         return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
-    assert compile_and_count("a") == (0, 1)
-    assert compile_and_count("a") == (1, 0)  # the same sources: the cache serves
-    assert compile_and_count("b") == (0, 1)  # other sources: compiled afresh
+    # config.patch, not monkeypatch: undoing a monkeypatched config entry deleted it for the tests after this one.
+    with torch._inductor.config.patch(fx_graph_cache=True):
+        assert compile_and_count("a") == (0, 1)
+        assert compile_and_count("a") == (1, 0)  # the same sources: the cache serves
+        assert compile_and_count("b") == (0, 1)  # other sources: compiled afresh
 
 
 class PlainVideoAttention(torch.nn.Module):
