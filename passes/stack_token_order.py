@@ -451,10 +451,8 @@ class _Planner:
     # --- phase 2 --------------------------------------------------------------------------------------------------
     def apply(self) -> None:
         graph = self.gm.graph
-        after = self.entry
-        if self.entry.op == "placeholder":  # the graph's inputs come first
-            after = next(n for n in reversed(graph.nodes) if n.op == "placeholder")
-        self.new_entry = self._gather(self.entry, self.layout[self.entry], self.perm_name, gather_rows, after=after)
+        self.new_entry = self._gather(self.entry, self.layout[self.entry], self.perm_name, gather_rows,
+                                      after=self.entry)
         inverses: dict = {}
         permuted: dict = {(self.entry, self.layout[self.entry]): self.new_entry}
         self.replayed: list[fx.Node] = []
@@ -486,7 +484,7 @@ class _Planner:
         if (x, dim) not in done:
             parent = self._chain_parent(x, dim)
             if parent is None:
-                after = x if order[x] > order[self.entry] and x.op != "placeholder" else self.new_entry
+                after = x if order[x] > order[self.entry] else self.new_entry
                 done[(x, dim)] = self._gather(x, dim, self.perm_name, gather_rows, after=after)
             else:
                 source = self._permuted(*parent, done, order)
