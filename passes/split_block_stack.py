@@ -40,9 +40,9 @@ class StackInterface:
 def complete_partition(gm: torch.fx.GraphModule, partition: dict[str, str]) -> dict[str, str]:
     """Place nodes added after the partition was taken: each goes to the latest piece among its inputs, which keeps
     the split acyclic; a gather back to natural order goes to its consumer's piece (passes/stack_token_order.py: the
-    stack's outputs stay in the order its entry has). The call record goes to the tail, which runs on every call: in the stack (where the sparse
-    sites' densities are) a reused call would return the last computed call's record, timestep and dense phase
-    included."""
+    stack's outputs stay in the order its entry has). The call record goes to the tail, which runs on every call: in
+    the stack (where the sparse sites' densities are) a reused call would return the last computed call's record,
+    timestep and dense phase included."""
     rank = {p: i for i, p in enumerate(PIECES)}
     complete = dict(partition)
     for node in gm.graph.nodes:

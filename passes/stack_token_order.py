@@ -5,23 +5,24 @@ window order), reached from the first block stack's residual entry through ops t
 row. Each such site gathers q, k and v into that order and gathers its output back (four full copies a layer, about
 0.2 ms a layer on Wan-1.3B 480p), although every op between two sites (norms, modulation, linear layers, RoPE, the
 FFN, cross-attention to the prompt, the residual adds) treats tokens one row at a time.
-Replacement: the entry is gathered once (`gather_rows`: written out, not fused into its readers); every value derived from it through such
-ops is then in that order; other token-indexed operands they meet (RoPE tables, per-token modulation) are gathered
-once at their root; the sites skip their own permutations (`sparse_attention(..., in_plan_order=True)`), and a
-value leaving the region (the output, an op with no rule below) is gathered back right before its consumer.
+Replacement: the entry is gathered once (`gather_rows`: written out, not fused into its readers); every value
+derived from it through such ops is then in that order; other token-indexed operands they meet (RoPE tables,
+per-token modulation) are gathered once at their root; the sites skip their own permutations
+(`sparse_attention(..., in_plan_order=True)`), and a value leaving the region (the output, an op with no rule below)
+is gathered back right before its consumer.
 
 Soundness rests on per-op rules, each a statement that op(x[P]) == op(x)[P] along a tracked dim:
 elementwise ops with their operands broadcast or permuted alike; dtype / layout ops; reshapes that keep the token
 dim whole; permutes; linear layers and norms over other dims; reductions over other dims; basic indexing, split,
-chunk, unbind and cat along other dims; SDPA with permuted queries and keys / values that are both permuted or both
-not (attention is invariant to the order of the key-value pairs), no mask over query rows, not causal; and the
-sparse sites whose order is the hoisted one. Any other consumer gets the natural order back. In-place writes are
+chunk, unbind, cat and stack along other dims; SDPA with permuted queries and keys / values that are both permuted
+or both not (attention is invariant to the order of the key-value pairs), no mask over query rows, not causal; and
+the sparse sites whose order is the hoisted one. Any other consumer gets the natural order back. In-place writes are
 allowed only as `setitem` into a permuted buffer that is filled before it is read (Wan's RoPE); any other mutation
 after the entry, or a write that indexes the token dim, leaves the graph as it was.
 
-The pass is taken only where it pays: the boundary gathers (entry, roots, exits) number at most the sites that drop
-their own. With the block stack split for the cache the stack's exits must stay in the order its entry has (the
-cache adds a residual of the two), and gathers back go to their consumer's piece.
+The pass is taken only where it pays: the boundary gathers (entry, roots, exits) move fewer bytes than the sites'
+own permutations would. With the block stack split for the cache the stack's exits must stay in the order its
+entry has (the cache adds a residual of the two), and gathers back go to their consumer's piece.
 """
 from __future__ import annotations
 
@@ -237,6 +238,8 @@ class _Planner:
         name = op_name(node)
         if name == _SDPA:  # Dynamo passes its operands by keyword
             return self._attention(node)
+        if name in ("cat", "stack"):
+            return self._join(node, name)
         source = node.args[0] if node.args else None
         if not isinstance(source, fx.Node):
             return None
@@ -312,6 +315,23 @@ class _Planner:
             if wanted[x] is not None and not self._tokens(value.shape[at]):
                 return None
         return out, wanted
+
+    def _join(self, node: fx.Node, name: str):
+        """cat / stack along another dim than the tokens: every operand in the stack's order along the same dim."""
+        tensors = arg(node, 0, "tensors")
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
+            return None
+        dims = {self.layout[t] for t in tensors if t in self.layout}
+        if len(dims) != 1 or any(isinstance(d, dict) for d in dims):
+            return None
+        d = dims.pop()
+        ndim = tensor_of(tensors[0]).dim()
+        along = arg(node, 1, "dim", 0) % (ndim + (name == "stack"))
+        if name == "cat" and along == d:
+            return None
+        if any(t not in self.layout and not self._tokens(tensor_of(t).shape[d]) for t in tensors):
+            return None
+        return (d + (name == "stack" and along <= d)), {t: d for t in tensors}
 
     def _reshape(self, node: fx.Node, source: fx.Node, d: int):
         if op_name(node) == "view" and any(isinstance(a, torch.dtype) for a in node.args[1:]):

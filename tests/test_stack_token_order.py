@@ -160,3 +160,17 @@ def test_a_dynamic_batch_keeps_the_order_and_adds_no_guard(tmp_path, monkeypatch
     assert hoisted_note(analysis).startswith("token order hoisted"), analysis["notes"]
     per_site(monkeypatch)
     assert_same(hoisted, compile_and_run(model, calls, **DRAFT, cache="none"))
+
+
+def test_ltx_rope_built_by_stack_keeps_the_order(tmp_path, monkeypatch):
+    """LTX-Video's RoPE pairs the rotated halves with torch.stack (and the tables with cat): both keep the order along
+    another dim, so the stack runs in Draft's order there too."""
+    import coverage_models
+
+    model, inputs, _ = coverage_models.BUILDERS["ltx_video"](head_dim=64)
+    model.eval()
+    hoisted = compile_and_run(model, [inputs], tmp_path / "hoisted", **DRAFT, cache="none")
+    note = hoisted_note(report(tmp_path / "hoisted")[0])
+    assert note.startswith("token order hoisted"), note
+    per_site(monkeypatch)
+    assert_same(hoisted, compile_and_run(model, [inputs], **DRAFT, cache="none"))
