@@ -13,6 +13,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # The tests' models are tiny and run on the CPU, where the cost model keeps every site dense: they rewrite through
 # the force option (tests/test_cost_model.py checks the model itself, with the option off).
 os.environ.setdefault("VSPARSE_FORCE_SPARSE", "1")
+# Inductor's on-disk cache does not key on custom ops' fake kernels: tests that compile our ops with plain Inductor
+# (no vsparse backend, whose key holds kernels/' sources) met graphs cached by an earlier checkout on the same
+# machine and failed their stride assertions. Each session compiles into its own cache.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="vsparse-tests-inductor-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
