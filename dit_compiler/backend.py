@@ -26,7 +26,6 @@ from torch._inductor.compile_fx import compile_fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import dit_compiler.kernels
-
 from dit_compiler import patterns
 from dit_compiler.dump import Dump, DumpObserver, render_report
 from dit_compiler.options import Options, parse_options

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -57,10 +57,8 @@ class _Decline(Exception):
 
 @dataclass
 class TokenOrderResult:
-    applied: bool
     note: str
-    entry: Optional[str] = None  # the stack piece's residual entry after the pass (the gathered value)
-    sites: list[str] = field(default_factory=list)  # sparse sites that no longer permute
+    entry: Optional[str] = None  # the stack piece's residual entry after the pass (the gathered value); None: declined
 
 
 def hoist_token_order(gm: fx.GraphModule, analysis: GraphAnalysis,
@@ -70,11 +68,11 @@ def hoist_token_order(gm: fx.GraphModule, analysis: GraphAnalysis,
     try:
         plan = _Planner(gm, analysis, partition).run()
     except _Decline as why:
-        return TokenOrderResult(False, f"token order per site: {why}")
+        return TokenOrderResult(f"token order per site: {why}")
     plan.apply()
     gm.graph.lint()
     gm.recompile()
-    return TokenOrderResult(True, plan.describe(), plan.new_entry.name, [n.name for n in plan.sites])
+    return TokenOrderResult(plan.describe(), plan.new_entry.name)
 
 
 def _site_calls(gm: fx.GraphModule) -> list[fx.Node]:
