@@ -24,6 +24,7 @@ Calls, skips, dense-phase calls and densities come from `dit_compiler.stats(comp
     python benchmarks/quality.py --settings "sparsity=draft,density=0.15" "sparsity=none,cache=easycache"
     python benchmarks/quality.py --harness /tmp/harness --quick --device cpu --out /tmp/q      # CPU, toy
     python benchmarks/quality.py --out results/quality --plot-only                             # redraw from JSON
+    python benchmarks/quality.py --settings "sparsity=svg,density=0.1,cache=none" --sample-rows 32 --out /tmp/q32
 
 A setting is `key=value,key=value` with README.md's option keys; unnamed keys take vsparse's defaults.
 Writes quality.json, quality.md and quality.png (the frontier) into --out, the dense latents (dense.pt) and each
@@ -380,6 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
                                        "spread a grid over several commands into one --out")
     parser.add_argument("--quick", action="store_true", help="CPU toy: one generation, 5 steps, two settings")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--sample-rows", type=int, default=None,
+                        help="svg's sampled query rows per call (default: passes/planners/svg.py's SAMPLE_ROWS); "
+                             "recorded in the report, so a run with another count does not continue this one")
     parser.add_argument("--plot-only", action="store_true",
                         help="redraw quality.md and quality.png from --out's quality.json (no device, no model)")
     parser.add_argument("--fresh", action="store_true",
@@ -395,6 +399,12 @@ def main(argv: list[str] | None = None) -> dict:
         return report
 
     from dit_compiler.options import parse_options
+    from dit_compiler.passes.planners import svg
+
+    if args.sample_rows is not None:
+        if args.sample_rows < 1:
+            raise SystemExit(f"--sample-rows must be >= 1, got {args.sample_rows}")
+        svg.SAMPLE_ROWS = args.sample_rows
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -417,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
     run = {"harness": {k: harness[k] for k in ("command", "preset", "shift", "token_grid", "tokens", "steps")},
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "dtype": str(dtype).replace("torch.", ""), "captions": captions, "seeds": seeds, "steps": steps,
-           "guidance": args.guidance,
+           "guidance": args.guidance, "svg_sample_rows": svg.SAMPLE_ROWS,
            # what "mean density" and "dense-phase calls" count; runs written before it counted them otherwise
            "counts": "dit_compiler.stats: densities over computed calls, dense-phase calls over all calls"}
     previous = None

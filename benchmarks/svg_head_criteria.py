@@ -1,15 +1,22 @@
 """Sparse VideoGen's head classes on the trained harness under cheaper criteria than the one svg uses (the output MSE
 of 64 sampled rows under each mask against full attention, `svg.sampled_errors`): the share of the same rows' full
 softmax mass each mask keeps (no P·V product, a fraction of the arithmetic), and the same MSE from fewer sampled rows
-(`--rows`, each count evenly spaced as svg spaces its 64). A cheaper criterion serves only if it picks the same class:
-where it does, the masks and outputs are the same. Eager float32 generation (any device); every self-attention
-call's q, k, v are classified every way.
+(`--rows`, each count sampled as svg samples its SAMPLE_ROWS). A cheaper criterion serves only if it picks the same
+class: where it does, the masks and outputs are the same. Eager float32 generation (any device); every
+self-attention call's q, k, v are classified every way.
+
+`--exact` also computes the criterion itself over every video row (the masks' whole outputs against full attention)
+and scores each row count (and with `--base`, another checkout's svg planner at its own row count) by how often it
+picks the exactly better mask and by its excess error: the sum over heads of the chosen mask's exact MSE minus the
+better mask's, relative to the sum of the better one's (0: always the better mask; near-ties cost nearly nothing).
 
     python benchmarks/svg_head_criteria.py --steps 2 --caption 0 --seed 0 --rows 32 16 --out criteria.json
+    python benchmarks/svg_head_criteria.py --steps 10 --rows 64 21 --exact --base ../base --out exact.json
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -32,6 +39,29 @@ def mask_mass(q, k, constants: dict, scale: float) -> torch.Tensor:
     return (probs[:, :, None] * constants["sample_masks"][1:].float()).sum(-1).mean(-1)
 
 
+SDPA = F.scaled_dot_product_attention  # the original: main() patches the module's while it generates
+
+
+def exact_errors(q, k, v, constants: dict, scale: float):
+    """([B, H], [B, H]) float32: the spatial and temporal masks' MSE against full attention over every row (the
+    temporal mask in position-major order, its output put back)."""
+    full = SDPA(q, k, v, scale=scale)
+    attend = torch.ops.vsparse.block_sparse_attention
+    spatial = attend(q, k, v, constants["spatial_num"][None, None], constants["spatial_indices"][None, None], scale, 128)
+    perm, inverse = constants["position_major"], constants["position_major_inverse"]
+    temporal = attend(*(t.index_select(2, perm) for t in (q, k, v)), constants["temporal_num"][None, None],
+                      constants["temporal_indices"][None, None], scale, 128).index_select(2, inverse)
+    return tuple((out - full).square().float().mean(dim=(-2, -1)) for out in (spatial, temporal))
+
+
+def load_base_svg(checkout: str):
+    """Another checkout's passes/planners/svg.py, importing this tree's package for everything else."""
+    spec = importlib.util.spec_from_file_location("base_svg", Path(checkout) / "passes" / "planners" / "svg.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--harness", default=str(Path(__file__).resolve().parents[1] / "examples" / "harness"))
@@ -41,17 +71,28 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.15)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rows", type=int, nargs="*", default=[], help="sampled-row counts to compare with 64")
+    parser.add_argument("--exact", action="store_true",
+                        help="score every row count (and --base) against the criterion over all video rows")
+    parser.add_argument("--base", help="another checkout's root: its svg planner as one more candidate (--exact)")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device(args.device)
     model, record, captions, null = load_harness(Path(args.harness), device, torch.float32)
     frames, height, width = record["token_grid"]
     constants = svg.svg_constants((frames, height, width, 0, 0), 128, args.density, device=device)
-    fewer = {n: svg.svg_constants((frames, height, width, 0, 0), 128, args.density, n, device) for n in args.rows}
+    layout = (frames, height, width, 0, 0)
+    fewer = {n: svg.svg_constants(layout, 128, args.density, n, device) for n in args.rows}
     counts = dict(calls=0, heads=0, agree=0, temporal_by_mse=0, temporal_by_mass=0,
                   **{f"agree_rows_{n}": 0 for n in args.rows})
+    candidates = {f"rows_{n}": (svg, c) for n, c in fewer.items()}
+    if args.base:
+        base = load_base_svg(args.base)
+        candidates[f"base_rows_{base.SAMPLE_ROWS if hasattr(base, 'SAMPLE_ROWS') else 64}"] = (
+            base, base.svg_constants(layout, 128, args.density, device=device))
+    exact = {name: dict(agree=0, excess=0.0) for name in candidates} if args.exact else {}
+    better_total = [0.0]
     disagreements = []
-    sdpa = F.scaled_dot_product_attention
+    sdpa = SDPA
 
     def classifying_sdpa(*a, **kw):
         q, k, v = (a[i] if i < len(a) else kw[name] for i, name in enumerate(("query", "key", "value")))
@@ -68,6 +109,15 @@ def main() -> None:
             counts["temporal_by_mass"] += int(by_mass.sum())
             for n, rows_constants in fewer.items():
                 counts[f"agree_rows_{n}"] += int((svg.classify_with(q, k, v, rows_constants, scale) == by_mse).sum())
+            if args.exact:
+                exact_spatial, exact_temporal = exact_errors(q, k, v, constants, scale)
+                better = torch.minimum(exact_spatial, exact_temporal)
+                better_total[0] += float(better.sum())
+                for name, (module, candidate) in candidates.items():
+                    temporal = module.classify_with(q, k, v, candidate, scale)
+                    chosen = torch.where(temporal, exact_temporal, exact_spatial)
+                    exact[name]["agree"] += int((temporal == (exact_temporal < exact_spatial)).sum())
+                    exact[name]["excess"] += float((chosen - better).sum())
             for b, h in (by_mse != by_mass).nonzero().tolist():
                 disagreements.append(dict(call=counts["calls"], head=h, mse=[float(spatial_error[b, h]),
                                                                              float(temporal_error[b, h])],
@@ -83,8 +133,10 @@ def main() -> None:
                      args.steps, 5.0)
     finally:
         F.scaled_dot_product_attention = sdpa
-    report = dict(vars(args), **counts, seconds=round(time.perf_counter() - start, 1), torch=torch.__version__,
-                  disagreements=disagreements)
+    exact = {name: dict(agree=e["agree"], relative_excess_error=e["excess"] / max(better_total[0], 1e-30))
+             for name, e in exact.items()}
+    report = dict(vars(args), **counts, exact=exact, seconds=round(time.perf_counter() - start, 1),
+                  torch=torch.__version__, disagreements=disagreements)
     print(json.dumps({k: v for k, v in report.items() if k != "disagreements"}))
     if args.out:
         with open(args.out, "w") as f:

@@ -161,12 +161,30 @@ def test_classify_heads_reads_only_the_sampled_query_rows():
     q, k, v = grid_qkv(layout, [SPATIAL, TEMPORAL], seed=0)
     kwargs = dict(frames=frames, height=height, width=width, text_before=text_before, text_after=text_after,
                   block_size=block_size, density=0.25, num_sample_rows=16)
-    # The documented spread: evenly spaced video rows.
-    rows = text_before + torch.arange(16) * (frames * height * width) // 16
+    # The documented spread: row r in frame r * frames // 16, at frame position frac(r / phi + 1/2).
+    r = torch.arange(16)
+    position = ((r * (5 ** 0.5 - 1) / 2 + 0.5) % 1 * height * width).long()
+    rows = text_before + r * frames // 16 * height * width + position
     scrambled = torch.randn_like(q)
     scrambled[..., rows, :] = q[..., rows, :]
     assert torch.equal(svg.classify_heads(q, k, v, **kwargs), svg.classify_heads(scrambled, k, v, **kwargs))
     assert torch.equal(svg.classify_heads(q, k, v, **kwargs), torch.tensor([[False, True]]))
+
+
+@pytest.mark.parametrize("grid, count", [((21, 30, 52), 21), ((21, 30, 52), 64), ((9, 32, 32), 21),
+                                         ((5, 8, 12), 12), ((6, 10, 12), 16)])
+def test_sampled_rows_cover_the_frames_and_spread_inside_them(grid, count):
+    """Every frame gets its share of the rows (shares differ by at most one), no two rows share a frame position,
+    and they reach at least half the frame's lines. An even step over the video failed on Wan's grid: 21 rows of
+    21 frames all fell on each frame's first token."""
+    frames, height, width = grid
+    rows = svg.svg_constants((*grid, 7, 3), 16, 0.3, num_sample_rows=count)["sample_rows"] - 7
+    frame, position = rows // (height * width), rows % (height * width)
+    assert rows.shape == (count,) and bool((rows >= 0).all()) and bool((rows < frames * height * width).all())
+    shares = torch.bincount(frame, minlength=frames)
+    assert int(shares.max() - shares.min()) <= 1
+    assert position.unique().numel() == count
+    assert (position // width).unique().numel() >= min(count, height) // 2
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])

@@ -18,6 +18,11 @@ import torch
 from dit_compiler.kernels import block_mask
 from dit_compiler.passes.planners import common
 
+_GOLDEN = 0.6180339887498949  # 1 / phi: consecutive rows land far apart in the frame, never in a short cycle
+# Query rows sampled per call to classify the heads (Sparse VideoGen's num_sampled_rows); read at call time, so a
+# benchmark can set it before compiling (benchmarks/quality.py --sample-rows).
+SAMPLE_ROWS = 64
+
 
 def _check_layout(frames, height, width, text_before, text_after, block_size=1) -> None:
     common.check_sizes(1, frames=frames, height=height, width=width, block_size=block_size)
@@ -89,12 +94,17 @@ def temporal_block_mask(frames, height, width, text_before, text_after, block_si
 
 
 def _sampled_rows(frames, height, width, text_before, num_sample_rows, device) -> torch.Tensor:
-    """int64 [num_sample_rows]: evenly spread video query rows (text rows visit everything under both masks)."""
-    video_len = frames * height * width
-    return text_before + torch.arange(num_sample_rows, device=device) * video_len // num_sample_rows
+    """int64 [num_sample_rows]: video query rows (text rows visit everything under both masks), stratified over the
+    frames (row r in frame r * frames // R) and spread inside each by the golden-ratio sequence (position
+    frac(r / phi + 1/2) of the frame, in raster order). An even step over the video aliases with the frame length:
+    21 rows of Wan's 21 frames all fell on each frame's first token."""
+    frame_len = height * width
+    r = torch.arange(num_sample_rows, device=device)
+    position = ((r * _GOLDEN + 0.5) % 1 * frame_len).long().clamp(max=frame_len - 1)
+    return text_before + r * frames // num_sample_rows * frame_len + position
 
 
-def svg_constants(layout, block_size: int, density: float, num_sample_rows: int = 64, device=None) -> dict:
+def svg_constants(layout, block_size: int, density: float, num_sample_rows: int = SAMPLE_ROWS, device=None) -> dict:
     """Everything of a plan that depends on the layout alone: the position-major permutation, both head masks and,
     for the sampled query rows, the full, spatial and temporal masks at token level in the original (frame-major)
     order ("sample_masks", [3, R, S] bool, the candidates of `sampled_errors`)."""
@@ -162,7 +172,7 @@ def plan_with(temporal: torch.Tensor, constants: dict, seq_len):
 
 
 def classify_heads(q, k, v, *, frames, height, width, text_before, text_after, block_size, density,
-                   num_sample_rows=64, scale=None) -> torch.Tensor:
+                   num_sample_rows=SAMPLE_ROWS, scale=None) -> torch.Tensor:
     """Sparse VideoGen's online profiling for q, k, v [B, H, S, D] in frame-major order: for `num_sample_rows`
     evenly spaced video query rows, compute the attention output under the full mask, the spatial mask and the
     temporal mask (the latter in position-major order), and call a head temporal where the temporal output is
@@ -174,8 +184,8 @@ def classify_heads(q, k, v, *, frames, height, width, text_before, text_after, b
     return classify_with(q, k, v, constants, scale)
 
 
-def svg_plan(q, k, v, *, frames, height, width, text_before, text_after, block_size, density, num_sample_rows=64,
-             scale=None):
+def svg_plan(q, k, v, *, frames, height, width, text_before, text_after, block_size, density,
+             num_sample_rows=SAMPLE_ROWS, scale=None):
     """Sparse VideoGen's plan for one self-attention call, q, k, v [B, H, S, D] in frame-major order.
 
     Spatial heads keep the identity order and the spatial mask; temporal heads (`classify_heads`) get the
@@ -198,7 +208,7 @@ class SvgPlanner:
     fixed_order = False
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
-        return svg_constants(layout, block_size, density, device=device)
+        return svg_constants(layout, block_size, density, SAMPLE_ROWS, device)
 
     def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
         from dit_compiler.passes.planners import Plan
