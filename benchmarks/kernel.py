@@ -10,9 +10,8 @@ Effective TFLOP/s = 4 * sum over query rows of visible keys * D / time. A correc
 FlexAttention's output (and, at density 1, with cuDNN's). Then the permutation kernel's GB/s against a device copy,
 and Sparse VideoGen's sampled-row measurement (`sampled_rows_attention`, svg's SAMPLE_ROWS rows under the full,
 spatial and temporal masks) against the same arithmetic in torch compiled by Inductor (the formula svg used before
-the op), and the
-planners' block ranking (`descending_order` over Draft's pooled logits, [H, n, n] with n the shape's blocks) against
-Inductor's and ATen's stable sorts. Prints a table and writes JSON.
+the op), and the planners' block ranking (`descending_order` over Draft's pooled logits, [H, n, n] with n the
+shape's blocks) against Inductor's and ATen's stable sorts. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
