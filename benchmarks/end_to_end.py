@@ -68,6 +68,26 @@ def build_wan(model_args: dict, device, dtype):
     return cast_like_from_pretrained(model, dtype).eval()
 
 
+def reset_compile_breakdown() -> None:
+    from torch._dynamo.utils import compilation_time_metrics
+    from torch._inductor import metrics
+
+    compilation_time_metrics.clear()
+    metrics.reset()
+
+
+def compile_breakdown() -> dict:
+    """Where the compile time went since `reset_compile_breakdown`: Dynamo's and Inductor's timed phases of at least
+    0.5 s (cumulative seconds; nested phases are counted in their parents too) and how many kernels Inductor
+    generated."""
+    from torch._dynamo.utils import compile_times
+    from torch._inductor import metrics
+
+    names, seconds = compile_times(repr="csv", aggregate=True)
+    phases = {name: round(float(s), 2) for name, s in zip(names, seconds) if float(s) >= 0.5}
+    return {"compile_phases_s": phases, "kernels_generated": metrics.generated_kernel_count}
+
+
 def measure(variant: str, config: str, repeats: int, profile: bool = False) -> dict:
     import torch
 
@@ -90,11 +110,13 @@ def measure(variant: str, config: str, repeats: int, profile: bool = False) -> d
         options = dict(options, force_sparse=device == "cpu")
         fn = torch.compile(model, backend="vsparse", options=options, fullgraph=True)
     with torch.no_grad():
+        reset_compile_breakdown()
         sync()
         start = time.perf_counter()
         out = fn(**inputs)[0]
         sync()
         first = time.perf_counter() - start
+        breakdown = compile_breakdown()
         reference = model(**inputs)[0] if options is not None else out
         times = []
         for _ in range(repeats):
@@ -107,7 +129,8 @@ def measure(variant: str, config: str, repeats: int, profile: bool = False) -> d
     error = ((out.float() - reference.float()).norm() / reference.float().norm()).item()
     row = {"variant": variant, "first_call_s": round(first, 2), "forward_ms": round(1e3 * times[len(times) // 2], 1),
            "rel_error_vs_eager": round(error, 5), "tokens": frames * height * width // 4, "config": config,
-           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__}
+           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+           **breakdown}
     if profile:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
         from profiling import kernel_table
@@ -143,7 +166,9 @@ def main() -> None:
             print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k != "kernels"}), flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("kernels", "compile_phases_s")}),
+                  flush=True)
+            print("  compile phases (s):", json.dumps(rows[-1].get("compile_phases_s")), flush=True)
             for name, launches, us in rows[-1].get("kernels", []):
                 print(f"  {us:9.1f} µs {launches:6.1f}x  {name[:140]}", flush=True)
         if args.out:  # after every variant: a run cut short keeps what it measured
