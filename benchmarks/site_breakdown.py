@@ -203,7 +203,8 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         q, k, v = layer.qkv_heads(layer.tokens(latent))
         plan = chosen.plan(q, k, v, constants, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
         qp, kp, vp = (_reorder(t, plan.perm).contiguous() for t in (q, k, v))
-        num, idx = chosen.mask(qp, kp, plan, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
+        num, idx = chosen.mask(qp, kp, plan, constants, layout, block_size=BLOCK, density=density,
+                               scale=HEAD_DIM ** -0.5)
     fixed = {"perm": plan.perm, "inverse": plan.inverse, "num": num, "idx": idx}
     times, kernels = {}, {}
     for variant in ("site", "fixed", "unpermuted"):

@@ -68,7 +68,8 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
         raise ValueError(f"planner {planner!r} has no fixed order for q, k, v to come in")
     if not in_plan_order:
         q, k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (q, k, v))
-    kv_num_blocks, kv_indices = chosen.mask(q, k, plan, layout, block_size=block_size, density=density, scale=scale)
+    kv_num_blocks, kv_indices = chosen.mask(q, k, plan, constants, layout, block_size=block_size, density=density,
+                                           scale=scale)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
                                                    plan.q_block_order)

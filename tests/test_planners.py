@@ -43,7 +43,7 @@ def test_planner_contract(name, layout, density, seed):
     # The mask is valid for the kernel and visits each query block's own block.
     index = plan.perm if plan.perm.dim() == 1 else plan.perm.unsqueeze(-1).expand(*q.shape)
     ordered = [t.index_select(2, plan.perm) if plan.perm.dim() == 1 else torch.gather(t, 2, index) for t in (q, k)]
-    num, idx = planner.mask(*ordered, plan, layout, block_size=BLOCK, density=density, scale=scale)
+    num, idx = planner.mask(*ordered, plan, constants, layout, block_size=BLOCK, density=density, scale=scale)
     block_mask.validate(num, idx, 2, 3, seq_len, seq_len, BLOCK)
     visit = block_mask.to_block_bool(num, idx)
     assert visit.diagonal(dim1=-2, dim2=-1).all()

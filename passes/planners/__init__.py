@@ -5,14 +5,14 @@ rewrite (passes/sparse_attention.py) calls:
 
   constants(layout, block_size, density, device) -> dict[str, Tensor]
       Once per static layout, at compile time: whatever depends on the layout and options alone (Draft's window
-      order; Sparse VideoGen's position-major order, both head masks and the sampled rows' masks). They live in the
+      order and block budget; Sparse VideoGen's position-major order, both head masks and the sampled rows' masks). They live in the
       compiled module as buffers, so no call recomputes them; with symbolic sizes the graph computes them per call.
   plan(q, k, v, constants, layout, *, block_size, density, scale, dense) -> Plan
       Per call, traced into the graph (no host reads): the order of this call (shared [S], or per-head [B|1, H, S]
       orders), and whatever the order's choice already decided about the mask. `dense` is the dense phase (a 0-dim
       bool tensor, or None when no call is dense): the call then runs the full mask whatever the plan says, so a
       planner whose own op can read the flag on the device skips its work there (svg's `sampled_rows_attention`).
-  mask(q, k, plan, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
+  mask(q, k, plan, constants, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
       Per call: the block mask (kernels/block_mask.py's format) for q, k already in the plan's order.
 
 `fixed_order` True says `plan` always returns constants["perm"] / constants["inverse"], one order for every call
@@ -51,7 +51,8 @@ class Planner(Protocol):
     def plan(self, q, k, v, constants: dict, layout, *, block_size: int, density: float, scale: float,
              dense: Optional[torch.Tensor] = None) -> Plan: ...
 
-    def mask(self, q, k, plan: Plan, layout, *, block_size: int, density: float, scale: float): ...
+    def mask(self, q, k, plan: Plan, constants: dict, layout, *, block_size: int, density: float,
+             scale: float): ...
 
 
 def _registry() -> dict:

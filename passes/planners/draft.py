@@ -139,12 +139,12 @@ def draft_block_mask(q: torch.Tensor, k: torch.Tensor, *, block_size: int, densi
     # Softmax keeps each row's order, so ranking the logits ranks the pooled map without computing it.
     scores = pooled_attention_logits(q, k, block_size, scale)
     text = common.text_blocks(seq_len, text_before, text_after, block_size, q.device)
-    return common.strongest_blocks(scores, density, text)
+    return common.strongest_blocks(scores, *common.block_budget(density, text))
 
 
 class DraftPlanner:
     """The planner contract (passes/planners/__init__.py) for DraftAttention: a constant window order, a block mask
-    from the pooled map of q and k in that order."""
+    from the pooled map of q and k in that order (`draft_block_mask`, its budget a constant)."""
 
     name = "draft"
     fixed_order = True
@@ -152,15 +152,16 @@ class DraftPlanner:
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         perm, inverse = window_permutation(*layout, block_size, device=device)
         text = common.text_blocks(perm.shape[0], layout[3], layout[4], block_size, device)
-        # Every row keeps a count fixed by the layout (draft_block_mask), so the kernel's schedule is a constant.
-        order = block_mask.heaviest_first(common.kept_counts(density, text)[None, None])
-        return {"perm": perm, "inverse": inverse, "q_block_order": order}
+        forced, kept = common.block_budget(density, text)
+        # Every row keeps a count fixed by the layout, so the kernel's schedule is a constant too.
+        return {"perm": perm, "inverse": inverse, "forced": forced, "kept": kept,
+                "q_block_order": block_mask.heaviest_first(kept[None, None])}
 
     def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
         from dit_compiler.passes.planners import Plan
 
         return Plan(constants["perm"], constants["inverse"], q_block_order=constants["q_block_order"])
 
-    def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
-        return draft_block_mask(q, k, block_size=block_size, density=density, text_before=layout[3],
-                                text_after=layout[4], scale=scale)
+    def mask(self, q, k, plan, constants, layout, *, block_size: int, density: float, scale: float):
+        scores = pooled_attention_logits(q, k, block_size, scale)
+        return common.strongest_blocks(scores, constants["forced"], constants["kept"])

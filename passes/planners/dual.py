@@ -23,36 +23,32 @@ from dit_compiler.passes.planners.svg import position_major_permutation
 LAYOUTS = ("window", "position_major")
 
 
-def kept_mass(scores: torch.Tensor, kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
+def kept_mass(scores: torch.Tensor, kept_slots: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
     """[B, H] float: the pooled attention mass (rows of `scores` [B, H, n, n] sum to 1) the mask keeps, averaged over
-    query blocks."""
-    listed = torch.arange(kv_indices.shape[-1], device=scores.device) < kv_num_blocks[..., None]
-    return (scores.gather(-1, kv_indices.long()) * listed).sum(-1).mean(-1)
+    query blocks. `kept_slots` [n, n] bool: which of a row's kv_indices it keeps (the first kv_num_blocks)."""
+    return (scores.gather(-1, kv_indices.long()) * kept_slots).sum(-1).mean(-1)
 
 
-def ordered_block_means(x: torch.Tensor, inverse: torch.Tensor, block_size: int):
-    """(means, counts) = `draft.block_means(x.index_select(2, order), block_size)` for the order whose inverse is
-    `inverse`, without the gathered copy: token s of x [B, H, S, D] lands in block inverse[s] // block_size, summed in
-    float32."""
-    counts = block_counts(x.shape[-2], block_size, x.device)
+def ordered_block_means(x: torch.Tensor, token_block: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`draft.block_means(x.index_select(2, order), block_size)[0]` for an order that puts token s in block
+    `token_block[s]` (inverse[s] // block_size), with `counts` = `draft.block_counts`, without the gathered copy: x
+    [B, H, S, D] summed in float32 straight into its blocks."""
     sums = x.new_zeros(*x.shape[:-2], counts.shape[0], x.shape[-1], dtype=torch.float32)
-    sums = sums.index_add(-2, inverse // block_size, x.float())
-    return sums / counts[:, None], counts
+    return sums.index_add(-2, token_block, x.float()) / counts[:, None]
 
 
-def dual_plan(q, k, constants: dict, layout, *, block_size: int, density: float, scale=None):
+def dual_plan(q, k, constants: dict, *, scale=None):
     """(perm, inverse, kv_num_blocks, kv_indices) per head for q, k [B, H, S, D] in frame-major order: each head in
     the layout (window or position-major) whose pooled-map mask keeps more estimated mass."""
-    seq_len = q.shape[-2]
-    text = common.text_blocks(seq_len, layout[3], layout[4], block_size, q.device)
     masses, masks = [], []
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    counts = constants["block_counts"]
     for name in LAYOUTS:
-        inverse = constants[f"{name}_inverse"]
-        (q_means, _), (k_means, k_counts) = (ordered_block_means(t, inverse, block_size) for t in (q, k))
-        scores = pooled_map(q_means, k_means, k_counts, scale)
-        num, idx = common.strongest_blocks(scores, density, text)
-        masses.append(kept_mass(scores, num, idx))
+        token_block = constants[f"{name}_block"]
+        q_means, k_means = (ordered_block_means(t, token_block, counts) for t in (q, k))
+        scores = pooled_map(q_means, k_means, counts, scale)
+        num, idx = common.strongest_blocks(scores, constants["forced"], constants["kept"])
+        masses.append(kept_mass(scores, constants["kept_slots"], idx))
         masks.append((num, idx))
     temporal = masses[1] > masses[0]  # [B, H]: the position-major layout keeps more
     pick = temporal[..., None]
@@ -64,8 +60,9 @@ def dual_plan(q, k, constants: dict, layout, *, block_size: int, density: float,
 
 
 class DualPlanner:
-    """The planner contract (passes/planners/__init__.py): both orders and the kernel's schedule are constants of
-    the layout; per call, each head takes the layout its pooled-map estimate favours."""
+    """The planner contract (passes/planners/__init__.py): both orders, each token's block in them, the block
+    budget and the kernel's schedule are constants of the layout; per call, each head takes the layout its
+    pooled-map estimate favours."""
 
     name = "dual"
     fixed_order = False
@@ -73,16 +70,22 @@ class DualPlanner:
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         window, window_inverse = window_permutation(*layout, block_size, device=device)
         position_major, position_major_inverse = position_major_permutation(*layout, device=device)
-        text = common.text_blocks(window.shape[0], layout[3], layout[4], block_size, device)
+        seq_len = window.shape[0]
+        text = common.text_blocks(seq_len, layout[3], layout[4], block_size, device)
+        forced, kept = common.block_budget(density, text)
         return {"window": window, "window_inverse": window_inverse, "position_major": position_major,
                 "position_major_inverse": position_major_inverse,
-                "q_block_order": block_mask.heaviest_first(common.kept_counts(density, text)[None, None])}
+                "window_block": window_inverse // block_size,
+                "position_major_block": position_major_inverse // block_size,
+                "block_counts": block_counts(seq_len, block_size, device), "forced": forced, "kept": kept,
+                "kept_slots": torch.arange(kept.shape[0], device=device) < kept[:, None],
+                "q_block_order": block_mask.heaviest_first(kept[None, None])}
 
     def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
         from dit_compiler.passes.planners import Plan
 
-        plan = dual_plan(q, k, constants, layout, block_size=block_size, density=density, scale=scale)
+        plan = dual_plan(q, k, constants, scale=scale)
         return Plan(*plan, q_block_order=constants["q_block_order"])
 
-    def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
+    def mask(self, q, k, plan, constants, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices

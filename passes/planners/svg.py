@@ -218,5 +218,5 @@ class SvgPlanner:
         _check_qkv(q, k, v, layout)
         return Plan(*plan_with(classify_with(q, k, v, constants, scale, skip=dense), constants, q.shape[-2]))
 
-    def mask(self, q, k, plan, layout, *, block_size: int, density: float, scale: float):
+    def mask(self, q, k, plan, constants, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices
