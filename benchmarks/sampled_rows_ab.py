@@ -1,7 +1,7 @@
 """A/B of svg's sampled-row kernels: this checkout's `triton_sampled_rows` against another checkout's (a version kept
 for comparison, e.g. `git worktree add ../base <commit>`), on the same inputs in one process, with a sweep of this
-checkout's tile configs and key splits. Wan-1.3B's shape, 64 rows under the full, spatial and temporal masks of
-density 0.1, bf16; µs are `do_bench` medians, errors against the float64 formula.
+checkout's tile configs and key splits. Wan-1.3B's shape, svg's SAMPLE_ROWS rows under the full, spatial and temporal
+masks of density 0.1, bf16; µs are `do_bench` medians, errors against the float64 formula.
 
     TRITON_INTERPRET=0 python3 benchmarks/sampled_rows_ab.py --base ../base --out ab.json
 """
@@ -22,8 +22,9 @@ from kernel import GRIDS, SHAPES, torch_sampled_rows  # noqa: E402
 from dit_compiler.kernels import triton_sampled_rows as ours  # noqa: E402
 from dit_compiler.passes.planners.svg import svg_constants  # noqa: E402
 
-CONFIGS = [(64, 64, 4, 2), (64, 64, 8, 3), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)]
-SPLITS = [11, 22, 33, 66, 88, 132]
+CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 128, 4, 3), (64, 128, 8, 2),
+           (32, 64, 4, 2), (16, 64, 4, 2)]
+SPLITS = [11, 18, 24, 36, 48, 66, 88, 132]
 
 
 def load_base(checkout: str):

@@ -23,9 +23,9 @@ INTERPRETER_CONFIG = (16, 16, 1, 1)
 # Programs per SM the key splits aim for: 12 splits (3.27 a SM) ran Wan-1.3B's shape fastest on both the H100 (338 µs
 # against 371 at 4 a SM, kernels/NOTES.md run S3) and the H200 (300 against 339, run S6); wave tails move it.
 _SPLIT_WAVES = 3.25
-# Rows per merge program: the partial kernel's 64-row tiles gave the merge B*H*3 programs on Wan-1.3B (36 on 132 SMs,
-# 36.8 µs a site on the H200 for ~35 MB of partials); it divides every partial tile height.
-MERGE_BLOCK_M = 16
+# Splits the merge reads as one tile: a program per virtual row (756 on Wan-1.3B at 21 rows) loads its partials a
+# chunk at a time. Its row tiles looped over the splits one by one: 48.2 µs a site at 36 splits (kernels/NOTES.md).
+MERGE_SPLIT_CHUNK = 32
 _sm_counts: dict = {}
 
 
@@ -79,30 +79,35 @@ def _sampled_rows_partial_kernel(
 
 @triton.jit
 def _sampled_rows_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, skip_ptr, splits, num_virtual, padded_virtual,
-                               HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+                               HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLIT_CHUNK: tl.constexpr):
+    """One program per (batch·head, virtual row): the row's partials of SPLIT_CHUNK splits at a time, as one tile."""
     bh = tl.program_id(0)
-    tile = tl.program_id(1)
-    virtual = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(1)
     dims = tl.arange(0, HEAD_DIM)
-    out_ptrs = out_ptr + (bh * num_virtual + virtual)[:, None] * HEAD_DIM + dims[None, :]
-    row_ok = (virtual < num_virtual)[:, None]
+    out_ptrs = out_ptr + (bh * num_virtual + row) * HEAD_DIM + dims
     if HAS_SKIP:
         if tl.load(skip_ptr) != 0:
-            tl.store(out_ptrs, tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32), mask=row_ok)
+            tl.store(out_ptrs, tl.zeros([HEAD_DIM], dtype=tl.float32))
             return
-    m_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for split in range(splits):
-        m_max = tl.maximum(m_max, tl.load(m_ptr + (bh * splits + split) * padded_virtual + virtual))
+    chunk = tl.arange(0, SPLIT_CHUNK)
+    m_max = float("-inf")
+    for first in range(0, splits, SPLIT_CHUNK):
+        split = first + chunk
+        m = tl.load(m_ptr + (bh * splits + split) * padded_virtual + row, mask=split < splits, other=float("-inf"))
+        m_max = tl.maximum(m_max, tl.max(m, 0))
     shift = tl.where(m_max == float("-inf"), 0.0, m_max)
-    l_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for split in range(splits):
-        part = (bh * splits + split) * padded_virtual + virtual
-        weight = tl.math.exp2(tl.load(m_ptr + part) - shift)
-        l_sum += weight * tl.load(l_ptr + part)
-        acc += weight[:, None] * tl.load(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :])
+    l_sum = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for first in range(0, splits, SPLIT_CHUNK):
+        split = first + chunk
+        split_ok = split < splits
+        part = (bh * splits + split) * padded_virtual + row
+        weight = tl.math.exp2(tl.load(m_ptr + part, mask=split_ok, other=float("-inf")) - shift)  # 0 off the end
+        l_sum += tl.sum(weight * tl.load(l_ptr + part, mask=split_ok, other=0.0), 0)
+        acc += tl.sum(weight[:, None] * tl.load(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
+                                                mask=split_ok[:, None], other=0.0), 0)
     # Rows that may see no key have l = 0 and acc = 0: they store zeros.
-    tl.store(out_ptrs, acc / tl.where(l_sum > 0, l_sum, 1.0)[:, None], mask=row_ok)
+    tl.store(out_ptrs, acc / tl.where(l_sum > 0, l_sum, 1.0))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -147,8 +152,7 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
         *v.stride()[:3], heads, kv_len, num_rows, num_virtual, keys_per_split, padded, scale * LOG2E,
         HAS_SKIP=skip is not None, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_FP32=INTERPRET, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
-    merge_m = min(MERGE_BLOCK_M, block_m)
-    _sampled_rows_merge_kernel[(batch * heads, triton.cdiv(num_virtual, merge_m))](
+    _sampled_rows_merge_kernel[(batch * heads, num_virtual)](
         partial_m, partial_l, partial_acc, out, flag, splits, num_virtual, padded, HAS_SKIP=skip is not None,
-        HEAD_DIM=head_dim, BLOCK_M=merge_m, num_warps=4)
+        HEAD_DIM=head_dim, SPLIT_CHUNK=MERGE_SPLIT_CHUNK, num_warps=4)
     return out

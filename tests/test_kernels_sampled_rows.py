@@ -69,13 +69,15 @@ def test_triton_kernels_match_float64_sdpa(splits, **case):
 
 
 @interpreted
-@pytest.mark.parametrize("block_m", [32, 64])
-def test_triton_merge_takes_smaller_row_tiles_than_the_partials(block_m):
-    """The merge runs MERGE_BLOCK_M rows a program under taller partial tiles, past the last row (3 x 7 = 21)."""
+@pytest.mark.parametrize("chunk, splits", [(2, 5), (4, 4), (8, 3)])
+def test_triton_merge_reads_the_splits_in_chunks(monkeypatch, chunk, splits):
+    """The merge loads MERGE_SPLIT_CHUNK splits at a time: several chunks, the last one ragged, or one chunk with
+    splits left over; under 64-row partial tiles, past the last row (3 x 7 = 21)."""
+    monkeypatch.setattr(triton_sampled_rows, "MERGE_SPLIT_CHUNK", chunk)
     q, k, v, rows, masks, scale = make_case(2, 1, 2, 60, 80, 16, 3, 7, 0.5, torch.float32)
     out = torch.full((*q.shape[:2], *masks.shape[:2], q.shape[3]), float("nan"))
-    triton_sampled_rows.triton_sampled_rows_attention(q, k, v, rows, masks, scale, config=(block_m, 16, 1, 1),
-                                                      splits=3, out=out)
+    triton_sampled_rows.triton_sampled_rows_attention(q, k, v, rows, masks, scale, config=(64, 16, 1, 1),
+                                                      splits=splits, out=out)
     assert_matches(out, q, k, v, rows, masks, scale)
 
 
