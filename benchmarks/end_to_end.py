@@ -78,8 +78,8 @@ def reset_compile_breakdown() -> None:
 
 def compile_breakdown() -> dict:
     """Where the compile time went since `reset_compile_breakdown`: Dynamo's and Inductor's timed phases of at least
-    0.5 s (cumulative seconds; nested phases are counted in their parents too) and how many kernels Inductor
-    generated."""
+    0.5 s (cumulative seconds; nested phases are counted in their parents too, and a phase run on parallel threads,
+    such as compile_file, can sum to more than the wall time) and how many kernels Inductor generated."""
     from torch._dynamo.utils import compile_times
     from torch._inductor import metrics
 
