@@ -16,6 +16,8 @@ def test_a_profiled_draft_forward_lists_the_ranking_and_the_attention_ops():
     assert row["forward_ms"] > 0 and row["rel_error_vs_eager"] < 0.05
     # The compile's breakdown: Inductor generated kernels, and its phases' times are recorded.
     assert row["kernels_generated"] > 0 and row["compile_phases_s"]
-    assert all(seconds >= 0.5 for seconds in row["compile_phases_s"].values())
+    # Counted from this measurement on (earlier compiles in the process left out): Dynamo's top-level phase, which
+    # runs on the calling thread, fits in the first call.
+    assert row["compile_phases_s"]["_compile.compile_inner"] <= row["first_call_s"]
     names = {name for name, _, _ in row["kernels"]}
     assert "vsparse::block_sparse_attention" in names and "vsparse::descending_order" in names
