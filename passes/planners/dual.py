@@ -6,10 +6,10 @@ those copies compete for the budget. Sparse VideoGen's position-major order (svg
 in a narrow band, but SVG picks among two fixed masks. This planner estimates each head in both layouts with
 DraftAttention's pooled map (block-averaged q and k, softmax over key blocks) and its budgeted top-k
 (`common.strongest_blocks`), sums the estimated attention mass the kept blocks hold, and gives each head the layout
-where that sum is larger, with that layout's data-chosen mask. Cost: the pooled map twice, its block means summed
-straight from the frame-major tokens into each layout's blocks (`ordered_block_means`: no gathered copy of q or k),
-plus SVG's per-head gathers; the mask's counts are fixed by the layout, so the kernel's schedule is a constant. Pure
-torch; traces with symbolic sizes.
+where that sum is larger, with that layout's data-chosen mask. Cost: the pooled map twice, its block means read
+straight from the frame-major tokens in each layout's order (`torch.ops.vsparse.block_means`: no gathered copy of q
+or k), plus SVG's per-head gathers; the mask's counts are fixed by the layout, so the kernel's schedule is a
+constant. Traces with symbolic sizes.
 """
 from __future__ import annotations
 
@@ -29,23 +29,14 @@ def kept_mass(scores: torch.Tensor, kept_slots: torch.Tensor, kv_indices: torch.
     return (scores.gather(-1, kv_indices.long()) * kept_slots).sum(-1).mean(-1)
 
 
-def ordered_block_means(x: torch.Tensor, token_block: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """`draft.block_means(x.index_select(2, order), block_size)[0]` for an order that puts token s in block
-    `token_block[s]` (inverse[s] // block_size), with `counts` = `draft.block_counts`, without the gathered copy: x
-    [B, H, S, D] summed in float32 straight into its blocks."""
-    sums = x.new_zeros(*x.shape[:-2], counts.shape[0], x.shape[-1], dtype=torch.float32)
-    return sums.index_add(-2, token_block, x.float()) / counts[:, None]
-
-
-def dual_plan(q, k, constants: dict, *, scale=None):
+def dual_plan(q, k, constants: dict, *, block_size: int, scale=None):
     """(perm, inverse, kv_num_blocks, kv_indices) per head for q, k [B, H, S, D] in frame-major order: each head in
     the layout (window or position-major) whose pooled-map mask keeps more estimated mass."""
     masses, masks = [], []
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     counts = constants["block_counts"]
     for name in LAYOUTS:
-        token_block = constants[f"{name}_block"]
-        q_means, k_means = (ordered_block_means(t, token_block, counts) for t in (q, k))
+        q_means, k_means = (torch.ops.vsparse.block_means(t.detach(), constants[name], block_size) for t in (q, k))
         scores = pooled_map(q_means, k_means, counts, scale)
         num, idx = common.strongest_blocks(scores, constants["forced"], constants["kept"])
         masses.append(kept_mass(scores, constants["kept_slots"], idx))
@@ -60,8 +51,8 @@ def dual_plan(q, k, constants: dict, *, scale=None):
 
 
 class DualPlanner:
-    """The planner contract (passes/planners/__init__.py): both orders, each token's block in them, the block
-    budget and the kernel's schedule are constants of the layout; per call, each head takes the layout its
+    """The planner contract (passes/planners/__init__.py): both orders, the block budget and the kernel's schedule
+    are constants of the layout; per call, each head takes the layout its
     pooled-map estimate favours."""
 
     name = "dual"
@@ -75,8 +66,6 @@ class DualPlanner:
         forced, kept = common.block_budget(density, text)
         return {"window": window, "window_inverse": window_inverse, "position_major": position_major,
                 "position_major_inverse": position_major_inverse,
-                "window_block": window_inverse // block_size,
-                "position_major_block": position_major_inverse // block_size,
                 "block_counts": block_counts(seq_len, block_size, device), "forced": forced, "kept": kept,
                 "kept_slots": torch.arange(kept.shape[0], device=device) < kept[:, None],
                 "q_block_order": block_mask.heaviest_first(kept[None, None])}
@@ -84,7 +73,7 @@ class DualPlanner:
     def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
         from dit_compiler.passes.planners import Plan
 
-        plan = dual_plan(q, k, constants, scale=scale)
+        plan = dual_plan(q, k, constants, block_size=block_size, scale=scale)
         return Plan(*plan, q_block_order=constants["q_block_order"])
 
     def mask(self, q, k, plan, constants, layout, *, block_size: int, density: float, scale: float):

@@ -1,0 +1,76 @@
+"""`torch.ops.vsparse.block_means`: the mean of each block of `block_size` consecutive tokens of x taken in a given
+order, out[b, h, j] = mean over t in block j of x[b, h, order[t]] (a partial last block averages its real tokens).
+The dual planner's pooled maps need q's and k's block means in two token orders; this reads x once per order, as it
+was written, with no gathered copy and no scatter.
+
+Contract: x `[B, H, S, D]` (last dim contiguous; fp16 / bf16 / fp32 on CUDA, any float on CPU), `order` int64 `[S]`
+(token ids; any ids in range(S), normally a permutation), `block_size` >= 1. Returns float32
+`[B, H, ceil(S / block_size), D]`, summed in float32. CUDA runs the Triton kernel in triton_block_means.py (imported on
+first use, so CPU-only installs need no Triton); CPU runs the reference. Why an op: Inductor materialized the
+gather of the means' first form (dual's planning 589 µs a site on the H100, README "Results"), and their scatter form
+(`index_add` into zeros, four a site) came with a compile of 1.46x Inductor's and 817 generated kernels against svg's
+517 (H200, results/h200-2026-12-05/e2e-svg-dual-4698356.txt); one kernel of our own serves every site.
+"""
+from __future__ import annotations
+
+import torch
+
+from dit_compiler.kernels.attention_op import SUPPORTED_DTYPES, check_bhsd
+from dit_compiler.kernels.registration import register_op
+
+SCHEMA = "block_means(Tensor x, Tensor order, int block_size) -> Tensor"
+
+
+def check_inputs(x, order, block_size) -> None:
+    """Raise TypeError / ValueError naming what is wrong; reads metadata only."""
+    if not isinstance(x, torch.Tensor) or not isinstance(order, torch.Tensor):
+        raise TypeError("x and order must be Tensors")
+    check_bhsd("x", x)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be floating point, got {x.dtype}")
+    if order.dtype != torch.int64 or tuple(order.shape) != (x.shape[2],):
+        raise ValueError(f"order must be int64 [S={x.shape[2]}], got {order.dtype} {tuple(order.shape)}")
+    if order.device != x.device:
+        raise ValueError(f"order is on {order.device}, x on {x.device}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+
+
+def reference_block_means(x: torch.Tensor, order: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Pure torch: gather, pad to whole blocks, sum in float32 (float64 for float64 x), divide by the real counts."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    seq_len = x.shape[2]
+    blocks = -(-seq_len // block_size)
+    gathered = x.index_select(2, order).to(compute)
+    padded = torch.nn.functional.pad(gathered, (0, 0, 0, blocks * block_size - seq_len))
+    counts = (seq_len - torch.arange(blocks, device=x.device) * block_size).clamp(max=block_size)
+    return (padded.unflatten(2, (blocks, block_size)).sum(3) / counts[:, None]).float()
+
+
+def _cpu_kernel(x, order, block_size):
+    check_inputs(x, order, block_size)
+    return reference_block_means(x, order, block_size)
+
+
+_triton = None  # triton_block_means, imported on the first CUDA call
+
+
+def _cuda_kernel(x, order, block_size):
+    global _triton
+    check_inputs(x, order, block_size)
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x dtype must be one of {SUPPORTED_DTYPES} on CUDA, got {x.dtype}")
+    if _triton is None:
+        from dit_compiler.kernels import triton_block_means as _triton
+    return _triton.triton_block_means(x, order, block_size)
+
+
+def _fake_kernel(x, order, block_size):
+    blocks = (x.shape[2] + block_size - 1) // block_size
+    return x.new_empty(x.shape[0], x.shape[1], blocks, x.shape[3], dtype=torch.float32)
+
+
+# No autograd kernel: planners take the means of detached inputs (PyTorch's fallback raises at backward if an input
+# requires grad).
+_lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel)
+block_means = torch.ops.vsparse.block_means
