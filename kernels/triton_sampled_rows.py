@@ -26,6 +26,7 @@ _SPLIT_WAVES = 3.25
 # Splits the merge reads as one tile: a program per virtual row (756 on Wan-1.3B at 21 rows) loads its partials a
 # chunk at a time. Its row tiles looped over the splits one by one: 48.2 µs a site at 36 splits (kernels/NOTES.md).
 MERGE_SPLIT_CHUNK = 32
+MERGE_WARPS = 8  # sm_90: 80 registers a thread, none spilled; 4 warps need 168-249 (Triton 3.6 / 3.7)
 _sm_counts: dict = {}
 
 
@@ -89,23 +90,27 @@ def _sampled_rows_merge_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, skip_ptr, splits,
         if tl.load(skip_ptr) != 0:
             tl.store(out_ptrs, tl.zeros([HEAD_DIM], dtype=tl.float32))
             return
+    # Per-lane running values, reduced once at the end: no loop-carried scalars.
     chunk = tl.arange(0, SPLIT_CHUNK)
-    m_max = float("-inf")
+    m_lanes = tl.full([SPLIT_CHUNK], float("-inf"), dtype=tl.float32)
     for first in range(0, splits, SPLIT_CHUNK):
         split = first + chunk
-        m = tl.load(m_ptr + (bh * splits + split) * padded_virtual + row, mask=split < splits, other=float("-inf"))
-        m_max = tl.maximum(m_max, tl.max(m, 0))
+        m_lanes = tl.maximum(m_lanes, tl.load(m_ptr + (bh * splits + split) * padded_virtual + row,
+                                              mask=split < splits, other=float("-inf")))
+    m_max = tl.max(m_lanes, 0)
     shift = tl.where(m_max == float("-inf"), 0.0, m_max)
-    l_sum = 0.0
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    l_lanes = tl.zeros([SPLIT_CHUNK], dtype=tl.float32)
+    acc_lanes = tl.zeros([SPLIT_CHUNK, HEAD_DIM], dtype=tl.float32)
     for first in range(0, splits, SPLIT_CHUNK):
         split = first + chunk
         split_ok = split < splits
         part = (bh * splits + split) * padded_virtual + row
         weight = tl.math.exp2(tl.load(m_ptr + part, mask=split_ok, other=float("-inf")) - shift)  # 0 off the end
-        l_sum += tl.sum(weight * tl.load(l_ptr + part, mask=split_ok, other=0.0), 0)
-        acc += tl.sum(weight[:, None] * tl.load(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
-                                                mask=split_ok[:, None], other=0.0), 0)
+        l_lanes += weight * tl.load(l_ptr + part, mask=split_ok, other=0.0)
+        acc_lanes += weight[:, None] * tl.load(acc_ptr + part[:, None] * HEAD_DIM + dims[None, :],
+                                               mask=split_ok[:, None], other=0.0)
+    l_sum = tl.sum(l_lanes, 0)
+    acc = tl.sum(acc_lanes, 0)
     # Rows that may see no key have l = 0 and acc = 0: they store zeros.
     tl.store(out_ptrs, acc / tl.where(l_sum > 0, l_sum, 1.0))
 
@@ -154,5 +159,5 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
         DOT_FP32=INTERPRET, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     _sampled_rows_merge_kernel[(batch * heads, num_virtual)](
         partial_m, partial_l, partial_acc, out, flag, splits, num_virtual, padded, HAS_SKIP=skip is not None,
-        HEAD_DIM=head_dim, SPLIT_CHUNK=MERGE_SPLIT_CHUNK, num_warps=4)
+        HEAD_DIM=head_dim, SPLIT_CHUNK=MERGE_SPLIT_CHUNK, num_warps=MERGE_WARPS)
     return out
