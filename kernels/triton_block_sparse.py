@@ -159,7 +159,7 @@ _tuned_kernels: dict = {}
 _autotune = os.environ.get("VSPARSE_AUTOTUNE", "1") == "1"
 
 
-def _tma_ready(t: torch.Tensor, writable: bool = False) -> torch.Tensor:
+def tma_ready(t: torch.Tensor, writable: bool = False) -> torch.Tensor:
     """TMA wants a 16-byte aligned base and 16-byte aligned strides; copy the rare tensor that is not (a clone:
     `contiguous()` would return a contiguous tensor with a misaligned base as it is). An output cannot be copied."""
     item = t.element_size()
@@ -255,7 +255,7 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         out = output_like(q)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must have q's shape and dtype and a contiguous last dim")
-    q, k, v, out = _tma_ready(q), _tma_ready(k), _tma_ready(v), _tma_ready(out, writable=True)
+    q, k, v, out = tma_ready(q), tma_ready(k), tma_ready(v), tma_ready(out, writable=True)
     # The kernel walks the last dim of both mask tensors with unit stride (other dims may broadcast with stride 0).
     if kv_num_blocks.stride(-1) != 1:
         kv_num_blocks = kv_num_blocks.contiguous()

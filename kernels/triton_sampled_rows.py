@@ -4,7 +4,8 @@ The C masks make C·R "virtual rows" (mask c, sampled row r), each its own maske
 many keys: one program per (key split, batch·head, tile of virtual rows) runs a flash-attention loop over its split
 of the keys and writes a partial (row max, row sum, unnormalized output), and a second kernel merges the splits,
 so the launch fills the GPU although R is small. K and V are read once per row tile from memory (the row tiles of
-one split share them through L2); the masks are read as bytes. With `skip` set both kernels read it first: the
+one split share them through L2) through TMA descriptors, as the block-sparse kernel reads them (by pointer tensors
+the kernel spilled: kernels/NOTES.md); the masks are read as bytes. With `skip` set both kernels read it first: the
 first writes nothing, the second writes zeros.
 """
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dit_compiler.kernels.triton_block_sparse import INTERPRET, LOG2E, fold_scores, scores
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from dit_compiler.kernels.triton_block_sparse import INTERPRET, LOG2E, tma_ready, fold_scores, scores
 # (BLOCK_M, BLOCK_N, warps, stages); under the interpreter a small tile keeps the tests quick.
 CONFIG = (64, 64, 4, 2)
 INTERPRETER_CONFIG = (16, 16, 1, 1)
@@ -32,9 +35,8 @@ _sm_counts: dict = {}
 
 @triton.jit
 def _sampled_rows_partial_kernel(
-        q_ptr, k_ptr, v_ptr, rows_ptr, masks_ptr, skip_ptr, m_ptr, l_ptr, acc_ptr,
-        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
-        heads, kv_len, num_rows, num_virtual, keys_per_split, padded_virtual, qk_scale,
+        q_ptr, k_desc, v_desc, rows_ptr, masks_ptr, skip_ptr, m_ptr, l_ptr, acc_ptr,
+        stride_qb, stride_qh, stride_qs, heads, kv_len, num_rows, num_virtual, keys_per_split, padded_virtual, qk_scale,
         HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     split = tl.program_id(0)
@@ -62,10 +64,9 @@ def _sampled_rows_partial_kernel(
     for key_start in tl.range(first, last, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
         key_ok = keys < last
-        k = tl.load(k_ptr + b * stride_kb + h * stride_kh + keys[:, None] * stride_ks + dims[None, :],
-                    mask=key_ok[:, None], other=0.0)
-        v = tl.load(v_ptr + b * stride_vb + h * stride_vh + keys[:, None] * stride_vs + dims[None, :],
-                    mask=key_ok[:, None], other=0.0)
+        # Past S the descriptors give zeros; keys of the next split are hidden by key_ok below.
+        k = k_desc.load([b, h, key_start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = v_desc.load([b, h, key_start, 0]).reshape(BLOCK_N, HEAD_DIM)
         visible = tl.load(masks_ptr + mask_row[:, None].to(tl.int64) * kv_len + keys[None, :],
                           mask=row_ok[:, None] & key_ok[None, :], other=0) != 0
         if DOT_FP32:
@@ -152,9 +153,11 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
         raise ValueError(f"out must be contiguous float32 {shape}")
     flag = skip.view(torch.uint8) if skip is not None else rows  # unread without HAS_SKIP
     masks = masks.contiguous().view(torch.uint8)
+    k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim])
+                      for t in (tma_ready(k), tma_ready(v)))
     _sampled_rows_partial_kernel[(splits, batch * heads, tiles)](
-        q, k, v, rows, masks, flag, partial_m, partial_l, partial_acc, *q.stride()[:3], *k.stride()[:3],
-        *v.stride()[:3], heads, kv_len, num_rows, num_virtual, keys_per_split, padded, scale * LOG2E,
+        q, k_desc, v_desc, rows, masks, flag, partial_m, partial_l, partial_acc, *q.stride()[:3], heads, kv_len,
+        num_rows, num_virtual, keys_per_split, padded, scale * LOG2E,
         HAS_SKIP=skip is not None, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_FP32=INTERPRET, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     _sampled_rows_merge_kernel[(batch * heads, num_virtual)](
