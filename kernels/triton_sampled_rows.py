@@ -16,10 +16,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from dit_compiler.kernels.triton_block_sparse import INTERPRET, LOG2E, tma_ready, fold_scores, scores
+from dit_compiler.kernels.triton_block_sparse import INTERPRET, LOG2E, fold_scores, scores, tma_ready
 # (BLOCK_M, BLOCK_N, warps, stages); under the interpreter a small tile keeps the tests quick.
 CONFIG = (64, 64, 4, 2)
 INTERPRETER_CONFIG = (16, 16, 1, 1)
