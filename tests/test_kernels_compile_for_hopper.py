@@ -10,6 +10,7 @@ import sys
 import pytest
 import triton
 
+from dit_compiler.kernels.triton_block_sparse import CONFIGS as ATTENTION_CONFIGS
 from dit_compiler.kernels.triton_sampled_rows import CONFIG
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -17,7 +18,24 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 # kernel: (module, function, argument types, constexprs, warps, stages, most registers a thread), as the launchers
 # use them on Wan's shapes (bf16, head dim 128); a string names the launcher's own constant.
 PARTIAL_M, PARTIAL_N, PARTIAL_WARPS, PARTIAL_STAGES = CONFIG
+ATTENTION_M, ATTENTION_N, ATTENTION_WARPS, ATTENTION_STAGES = ATTENTION_CONFIGS[0]
+ATTENTION_TILE = "tensordesc<bf16[1,1,{},128]>"
 CASES = {
+    "block_sparse_attention": (
+        "triton_block_sparse", "_block_sparse_attention_kernel",
+        dict(q_desc=ATTENTION_TILE.format(ATTENTION_M), k_desc=ATTENTION_TILE.format(ATTENTION_N),
+             v_desc=ATTENTION_TILE.format(ATTENTION_N), o_desc=ATTENTION_TILE.format(ATTENTION_M), num_ptr="*i32",
+             idx_ptr="*i32", order_ptr="*i32", kv_lengths_ptr="*i32", stride_nb="i32", stride_nh="i32",
+             stride_ib="i32", stride_ih="i32", stride_iq="i32", stride_orb="i32", stride_orh="i32", heads="i32",
+             kv_len="i32", qk_scale="fp32"),
+        dict(HEAD_DIM=128, BLOCK_SIZE=128, BLOCK_M=ATTENTION_M, BLOCK_N=ATTENTION_N, HAS_KV_LENGTHS=False,
+             DOT_FP32=False, IEEE=False),
+        ATTENTION_WARPS, ATTENTION_STAGES, 255),
+    "permute_tokens": (
+        "triton_permute", "_gather_tokens_kernel",
+        dict(x_ptr="*bf16", index_ptr="*i64", out_ptr="*bf16", stride_xb="i32", stride_xh="i32", stride_xs="i32",
+             stride_ib="i32", stride_ih="i32", heads="i32", seq_len="i32"),
+        dict(DIM=128, BLOCK_D=128, BLOCK_S=64), 4, 3, 255),  # triton_permute_tokens' defaults
     "sampled_rows_partial": (
         "triton_sampled_rows", "_sampled_rows_partial_kernel",
         dict(q_ptr="*bf16", k_desc=f"tensordesc<bf16[1,1,{PARTIAL_N},128]>",
