@@ -1,5 +1,5 @@
-"""Block-sparse attention, sampled-row attention, token-permutation, block-means and row-order ops. Importing this package registers
-`torch.ops.vsparse.*`."""
+"""Block-sparse attention, sampled-row attention, token-permutation, block-means and row-order ops. Importing this
+package registers `torch.ops.vsparse.*`."""
 from dit_compiler.kernels.attention_op import (
     block_sparse_attention,
     reference_block_sparse_attention,

@@ -5,17 +5,19 @@
 #   COMMIT=<hash> STEPS="tests kernel e2e" [TESTS=...] [VARIANTS=...] [PROFILE=--profile] [LIMIT=s] \
 #     bash scripts/device_steps.sh
 set -uo pipefail
-: "${COMMIT:?name the checkout's commit}" "${STEPS:?name the steps}" "${OUT:?run under the device tool}"
+: "${COMMIT:?name the commit of this checkout}" "${STEPS:?name the steps}" "${OUT:?run under the device tool}"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site || exit 1
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || { echo "project install failed"; exit 1; }
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
+  || { echo "project install failed"; exit 1; }
 { echo "commit $COMMIT"; nvidia-smi --query-gpu=name --format=csv,noheader
   python3 -c 'import torch, triton; print(torch.__version__, triton.__version__)'; date -u; } | tee "$OUT/device.txt"
 for step in $STEPS; do
   case $step in
     tests)  # the GPU tests of the named files (default: every kernel's)
-      timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/test_kernels_*.py} 2>&1 | tail -5 | tee "$OUT/gpu-tests.txt" ;;
+      timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/test_kernels_*.py} 2>&1 | tail -5 \
+        | tee "$OUT/gpu-tests.txt" ;;
     kernel)  # the planners' kernels alone: sampled rows and block ranking
       timeout 200 python3 benchmarks/kernel.py --shapes wan1.3b --no-attention --no-permute --budget-ms 60 \
         --out "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.txt" | tail -20 ;;

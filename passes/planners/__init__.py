@@ -5,8 +5,9 @@ rewrite (passes/sparse_attention.py) calls:
 
   constants(layout, block_size, density, device) -> dict[str, Tensor]
       Once per static layout, at compile time: whatever depends on the layout and options alone (Draft's window
-      order and block budget; Sparse VideoGen's position-major order, both head masks and the sampled rows' masks). They live in the
-      compiled module as buffers, so no call recomputes them; with symbolic sizes the graph computes them per call.
+      order and block budget; Sparse VideoGen's position-major order, both head masks and the sampled rows' masks).
+      They live in the compiled module as buffers, so no call recomputes them; with symbolic sizes the graph
+      computes them per call.
   plan(q, k, v, constants, layout, *, block_size, density, scale, dense) -> Plan
       Per call, traced into the graph (no host reads): the order of this call (shared [S], or per-head [B|1, H, S]
       orders), and whatever the order's choice already decided about the mask. `dense` is the dense phase (a 0-dim
