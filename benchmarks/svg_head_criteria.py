@@ -1,5 +1,5 @@
 """Sparse VideoGen's head classes on the trained harness under cheaper criteria than the one svg uses (the output MSE
-of 64 sampled rows under each mask against full attention, `svg.sampled_errors`): the share of the same rows' full
+of its SAMPLE_ROWS sampled rows under each mask against full attention, `svg.sampled_errors`): the share of the same rows' full
 softmax mass each mask keeps (no P·V product, a fraction of the arithmetic), and the same MSE from fewer sampled rows
 (`--rows`, each count sampled as svg samples its SAMPLE_ROWS). A cheaper criterion serves only if it picks the same
 class: where it does, the masks and outputs are the same. Eager float32 generation (any device); every
