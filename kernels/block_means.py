@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from dit_compiler.kernels.attention_op import SUPPORTED_DTYPES, check_bhsd
+from dit_compiler.kernels.block_mask import num_blocks
 from dit_compiler.kernels.registration import register_op
 
 SCHEMA = "block_means(Tensor x, Tensor order, int block_size) -> Tensor"
@@ -36,15 +37,27 @@ def check_inputs(x, order, block_size) -> None:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
 
 
+def block_counts(seq_len, block_size: int, device=None) -> torch.Tensor:
+    """int64 [n]: tokens in each block of a sequence, `block_size` but for a partial last one."""
+    n = num_blocks(seq_len, block_size)
+    return (seq_len - torch.arange(n, device=device) * block_size).clamp(max=block_size)
+
+
+def consecutive_block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(means [..., n, D] float32, counts [n]): x [..., S, D] averaged over each block of consecutive tokens, summed
+    in float32; the last, possibly partial, block averages only its real tokens. Pure torch that Inductor fuses with
+    the kernel producing x (Draft's pooled map of q and k already in window order)."""
+    seq_len = x.shape[-2]
+    n = num_blocks(seq_len, block_size)
+    padded = torch.nn.functional.pad(x, (0, 0, 0, n * block_size - seq_len))
+    sums = padded.unflatten(-2, (n, block_size)).sum(-2, dtype=torch.float32)
+    counts = block_counts(seq_len, block_size, x.device)
+    return sums / counts[:, None], counts
+
+
 def reference_block_means(x: torch.Tensor, order: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Pure torch: gather, pad to whole blocks, sum in float32 (float64 for float64 x), divide by the real counts."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    seq_len = x.shape[2]
-    blocks = -(-seq_len // block_size)
-    gathered = x.index_select(2, order).to(compute)
-    padded = torch.nn.functional.pad(gathered, (0, 0, 0, blocks * block_size - seq_len))
-    counts = (seq_len - torch.arange(blocks, device=x.device) * block_size).clamp(max=block_size)
-    return (padded.unflatten(2, (blocks, block_size)).sum(3) / counts[:, None]).float()
+    """Pure torch: the consecutive block means of the gathered tokens."""
+    return consecutive_block_means(x.index_select(2, order), block_size)[0]
 
 
 def _cpu_kernel(x, order, block_size):
@@ -66,8 +79,7 @@ def _cuda_kernel(x, order, block_size):
 
 
 def _fake_kernel(x, order, block_size):
-    blocks = (x.shape[2] + block_size - 1) // block_size
-    return x.new_empty(x.shape[0], x.shape[1], blocks, x.shape[3], dtype=torch.float32)
+    return x.new_empty(x.shape[0], x.shape[1], num_blocks(x.shape[2], block_size), x.shape[3], dtype=torch.float32)
 
 
 # No autograd kernel: planners take the means of detached inputs (PyTorch's fallback raises at backward if an input

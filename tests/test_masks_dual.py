@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from dit_compiler.passes.planners.draft import draft_block_mask
-from dit_compiler.passes.planners import draft, dual
 from dit_compiler.passes.planners.dual import LAYOUTS, DualPlanner, dual_plan
 from test_masks_svg import SPATIAL, TEMPORAL, grid_qkv, plan_output
 
@@ -36,15 +35,3 @@ def test_each_head_takes_its_layout_and_the_mix_beats_either_layout_alone(layout
     print(", ".join(f"{name} {e:.3f}" for name, e in errors.items()))
     assert errors["dual"] <= min(errors["window"], errors["position_major"]) * 1.001
     assert errors["dual"] < 0.8 * errors["window"]  # what Draft alone loses on the temporal heads
-
-
-@pytest.mark.parametrize("layout, block_size", [((3, 8, 16, 0, 0), 16), ((4, 6, 10, 7, 5), 16), ((5, 8, 8, 0, 3), 64)])
-def test_each_layouts_block_means_are_drafts_means_of_the_gathered_tokens(layout, block_size):
-    constants = dual.DualPlanner().constants(layout, block_size, 0.25, "cpu")
-    seq = layout[3] + layout[0] * layout[1] * layout[2] + layout[4]
-    x = torch.randn(2, 3, seq, 8, generator=torch.Generator().manual_seed(1))
-    for name in dual.LAYOUTS:
-        want, counts = draft.block_means(x.index_select(2, constants[name]), block_size)
-        torch.testing.assert_close(torch.ops.vsparse.block_means(x, constants[name], block_size), want, rtol=1e-5,
-                                   atol=1e-6)
-        assert torch.equal(constants["block_counts"], counts)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from dit_compiler.kernels import block_mask
+from dit_compiler.kernels.block_means import consecutive_block_means
 from dit_compiler.passes.planners import common
 
 
@@ -75,23 +75,6 @@ def window_permutation(frames, height, width, text_before, text_after, block_siz
     return common.sequence_permutation(order, text_before, text_after)
 
 
-def block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(means [..., n, D] float32, counts [n]): x [..., S, D] averaged over each block of the sequence; the last,
-    possibly partial, block averages only its real tokens."""
-    seq_len = x.shape[-2]
-    n = block_mask.num_blocks(seq_len, block_size)
-    padded = F.pad(x, (0, 0, 0, n * block_size - seq_len))
-    sums = padded.unflatten(-2, (n, block_size)).sum(-2, dtype=torch.float32)
-    counts = block_counts(seq_len, block_size, x.device)
-    return sums / counts[:, None], counts
-
-
-def block_counts(seq_len, block_size: int, device=None) -> torch.Tensor:
-    """int64 [n]: tokens in each block of a sequence, `block_size` but for a partial last one."""
-    n = block_mask.num_blocks(seq_len, block_size)
-    return (seq_len - torch.arange(n, device=device) * block_size).clamp(max=block_size)
-
-
 def pooled_attention_map(q: torch.Tensor, k: torch.Tensor, block_size: int, scale=None) -> torch.Tensor:
     """[B, H, nq, nkv] float32: the low-resolution attention map, softmax over key blocks of
     `pooled_attention_logits`."""
@@ -101,8 +84,8 @@ def pooled_attention_map(q: torch.Tensor, k: torch.Tensor, block_size: int, scal
 def pooled_attention_logits(q: torch.Tensor, k: torch.Tensor, block_size: int, scale=None) -> torch.Tensor:
     """[B, H, nq, nkv] float32: the scaled scores of block-averaged q and k (`pooled_logits`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q_means, _ = block_means(q, block_size)
-    k_means, k_counts = block_means(k, block_size)
+    q_means, _ = consecutive_block_means(q, block_size)
+    k_means, k_counts = consecutive_block_means(k, block_size)
     return pooled_logits(q_means, k_means, k_counts, scale)
 
 

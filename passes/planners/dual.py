@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 
 from dit_compiler.kernels import block_mask
+from dit_compiler.kernels.block_means import block_counts
 from dit_compiler.passes.planners import common
-from dit_compiler.passes.planners.draft import block_counts, pooled_map, window_permutation
+from dit_compiler.passes.planners.draft import pooled_map, window_permutation
 from dit_compiler.passes.planners.svg import position_major_permutation
 
 LAYOUTS = ("window", "position_major")
