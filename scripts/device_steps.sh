@@ -2,8 +2,9 @@
 # One command on a lent GPU machine (the library's `device` tool): install the carried wheels and this checkout, record
 # the machine, then run the named steps, each writing under $OUT. The device's copy has no git metadata, so the caller
 # names the commit. benchmarks/README.md, "On a lent GPU", shows a call.
-#   COMMIT=<hash> STEPS="tests kernel e2e" [TESTS=...] [VARIANTS=...] [PROFILE=--profile] [LIMIT=s] \
-#     bash scripts/device_steps.sh
+#   COMMIT=<hash> STEPS="tests kernel ab e2e" [TESTS=...] [VARIANTS=...] [PROFILE=--profile] [LIMIT=s] \
+#     [CACHE=shared] [AB_BASE=.ab/base] bash scripts/device_steps.sh
+# e2e compiles every variant cold (its own Inductor cache) unless CACHE=shared: only cold compile times compare.
 set -uo pipefail
 : "${COMMIT:?name the commit of this checkout}" "${STEPS:?name the steps}" "${OUT:?run under the device tool}"
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
@@ -21,8 +22,12 @@ for step in $STEPS; do
     kernel)  # the planners' kernels alone: sampled rows and block ranking
       timeout 200 python3 benchmarks/kernel.py --shapes wan1.3b --no-attention --no-permute --budget-ms 60 \
         --out "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.txt" | tail -20 ;;
+    ab)  # svg's sampled-row kernels against another checkout's kernels/ (AB_BASE), same inputs, one process
+      timeout 200 python3 benchmarks/sampled_rows_ab.py --base "${AB_BASE:-.ab/base}" --out "$OUT/ab.json" 2>&1 \
+        | tee "$OUT/ab.txt" | tail -30 ;;
     e2e)  # whole Wan-1.3B forwards, Inductor dense first for the ratios
-      timeout "${LIMIT:-470}" python3 benchmarks/end_to_end.py --shared-cache ${PROFILE:-} \
+      shared=; [ "${CACHE:-cold}" = shared ] && shared=--shared-cache
+      timeout "${LIMIT:-470}" python3 benchmarks/end_to_end.py $shared ${PROFILE:-} \
         --variants "${VARIANTS:-inductor,vsparse-svg-0.1}" --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.txt" \
         | grep -v "^  *[0-9]" | tail -40 ;;
     *) echo "unknown step $step" ;;
