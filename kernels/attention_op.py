@@ -32,7 +32,8 @@ _REFERENCE_CHUNK_ELEMENTS = 1 << 24
 
 _check_mask_values_on_cuda = os.environ.get("VSPARSE_CHECK_MASKS", "0") == "1"
 SCHEMA = ("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
-          "float scale, SymInt block_size, Tensor? kv_lengths=None, Tensor? q_block_order=None) -> Tensor")
+          "float scale, SymInt block_size, Tensor? kv_lengths=None, Tensor? q_block_order=None, int? kv_unit=None) "
+          "-> Tensor")
 
 
 def set_mask_value_checks(enabled: bool) -> None:
@@ -49,13 +50,17 @@ def check_bhsd(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a contiguous last (head) dim, got strides {t.stride()}")
 
 
-def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order=None) -> None:
+def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order=None,
+                 kv_unit=None) -> None:
     """Raise TypeError / ValueError naming what is wrong. Reads values only on CPU or with the debug flag."""
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if not isinstance(block_size, int) or block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    if kv_unit is not None and (isinstance(kv_unit, bool) or not isinstance(kv_unit, int) or kv_unit < 1
+                                or block_size % kv_unit):
+        raise ValueError(f"kv_unit must be a divisor of block_size={block_size}, got {kv_unit!r}")
     if q.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"q dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
@@ -82,7 +87,7 @@ def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengt
             raise ValueError(f"kv_lengths is on {kv_lengths.device}, q on {q.device}")
     read_values = q.device.type != "cuda" or _check_mask_values_on_cuda
     if read_values:
-        block_mask.validate(kv_num_blocks, kv_indices, batch, heads, q_len, kv_len, block_size)
+        block_mask.validate(kv_num_blocks, kv_indices, batch, heads, q_len, kv_len, block_size, kv_unit)
     else:
         block_mask.validate_shapes(kv_num_blocks, kv_indices, batch, heads, q_len, kv_len, block_size)
     if q_block_order is not None:
@@ -92,10 +97,11 @@ def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengt
 
 
 def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
-                                     kv_lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Pure-torch block-sparse attention: for a chunk of query blocks at a time, gather the listed K/V blocks and run a
-    masked softmax over them. Work and memory grow with the visited blocks; no [Sq, Skv] matrix is ever built.
-    Computes in float32 (float64 for float64 inputs); rows with no visible key give zeros."""
+                                     kv_lengths: Optional[torch.Tensor] = None, kv_unit=None) -> torch.Tensor:
+    """Pure-torch block-sparse attention: for a chunk of query blocks at a time, gather the listed K/V blocks (the
+    block_size keys from kv_indices * kv_unit on) and run a masked softmax over them. Work and memory grow with the
+    visited blocks; no [Sq, Skv] matrix is ever built. Computes in float32 (float64 for float64 inputs); rows with no
+    visible key give zeros."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     nq, nkv = block_mask.num_blocks(q_len, block_size), block_mask.num_blocks(kv_len, block_size)
@@ -103,16 +109,16 @@ def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: 
     counts = kv_num_blocks.expand(batch, heads, nq).long()
     ids = kv_indices.expand(batch, heads, nq, nkv).long()
 
-    def blocked(t, n):  # [B, H, S, D] -> [B, H, n, bs, D], zero-padded past S
-        t = torch.nn.functional.pad(t.to(compute), (0, 0, 0, n * block_size - t.shape[2]))
-        return t.view(batch, heads, n, block_size, head_dim)
-
-    qb, kb, vb = blocked(q, nq), blocked(k, nkv), blocked(v, nkv)
-    key_pos = torch.arange(nkv * block_size, device=q.device)
+    unit = block_mask.key_unit(kv_unit, block_size)
+    # Keys padded with zeros to the end of the last block any entry can start; a key is visible below its limit.
+    padded_len = block_mask.num_blocks(kv_len, unit) * unit + block_size
+    qb = torch.nn.functional.pad(q.to(compute), (0, 0, 0, nq * block_size - q_len)).view(
+        batch, heads, nq, block_size, head_dim)
+    kp, vp = (torch.nn.functional.pad(t.to(compute), (0, 0, 0, padded_len - kv_len)) for t in (k, v))
     key_limit = torch.full((batch,), kv_len, device=q.device)
     if kv_lengths is not None:
         key_limit = torch.minimum(key_limit, kv_lengths.long())
-    key_ok = (key_pos < key_limit[:, None]).view(batch, 1, nkv, block_size).expand(batch, heads, nkv, block_size)
+    offsets = torch.arange(block_size, device=q.device)
 
     out = torch.zeros(batch, heads, nq, block_size, head_dim, dtype=compute, device=q.device)
     widest = int(counts.max()) if counts.numel() else 0
@@ -122,18 +128,18 @@ def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: 
         width = int(counts[:, :, rows].max())
         if width == 0:
             continue  # no query block here visits anything: zeros stay
-        sel = ids[:, :, rows, :width]  # [B, H, c, w]
-        c = sel.shape[2]
-        flat = sel.reshape(batch, heads, c * width, 1, 1)
-
-        def gather(t):  # [B, H, nkv, bs, D] -> [B, H, c, w*bs, D]
-            got = torch.gather(t, 2, flat.expand(-1, -1, -1, block_size, t.shape[-1]))
-            return got.view(batch, heads, c, width * block_size, t.shape[-1])
-
-        keys, values = gather(kb), gather(vb)
         listed = torch.arange(width, device=q.device) < counts[:, :, rows, None]  # [B, H, c, w]
-        visible = torch.gather(key_ok, 2, sel.reshape(batch, heads, c * width, 1).expand(-1, -1, -1, block_size))
-        visible = (visible.view(batch, heads, c, width, block_size) & listed[..., None]).view(batch, heads, c, 1, -1)
+        sel = ids[:, :, rows, :width].where(listed, 0)  # entries past a row's count may hold anything
+        c = sel.shape[2]
+        positions = (sel[..., None] * unit + offsets).view(batch, heads, c * width * block_size)  # key tokens
+
+        def gather(t):  # [B, H, padded, D] -> [B, H, c, w*bs, D]
+            got = torch.gather(t, 2, positions[..., None].expand(-1, -1, -1, head_dim))
+            return got.view(batch, heads, c, width * block_size, head_dim)
+
+        keys, values = gather(kp), gather(vp)
+        visible = positions.view(batch, heads, c, width, block_size) < key_limit[:, None, None, None, None]
+        visible = (visible & listed[..., None]).view(batch, heads, c, 1, -1)
         scores = torch.matmul(qb[:, :, rows], keys.transpose(-1, -2)) * scale  # [B, H, c, bs, w*bs]
         scores = scores.masked_fill(~visible, float("-inf"))
         row_max = scores.amax(-1, keepdim=True)
@@ -154,26 +160,28 @@ def output_like(q: torch.Tensor) -> torch.Tensor:
     return torch.empty(batch, seq_len, heads, head_dim, dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _cpu_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
-    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order)
-    return output_like(q).copy_(
-        reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths))
+def _cpu_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None,
+                kv_unit=None):
+    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order, kv_unit)
+    return output_like(q).copy_(reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale,
+                                                                  block_size, kv_lengths, kv_unit))
 
 
 _triton = None  # dit_compiler.kernels.triton_block_sparse, imported on the first CUDA call (CPU installs need no Triton)
 
 
-def _cuda_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
+def _cuda_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None,
+                 kv_unit=None):
     global _triton
     if _triton is None:
         from dit_compiler.kernels import triton_block_sparse as _triton
-    key = _triton.launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths, q_block_order)
+    key = _triton.launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths, q_block_order, kv_unit)
     launch = None if _check_mask_values_on_cuda else _triton.recorded_launch(key)
     if launch is not None:
         return launch(q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order)
-    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order)
+    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order, kv_unit)
     return _triton.triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
-                                                 q_block_order=q_block_order, record=key)
+                                                 q_block_order=q_block_order, record=key, kv_unit=kv_unit)
 
 
 class _NoBackward(torch.autograd.Function):
@@ -199,7 +207,8 @@ def _autograd_kernel(keyset, *args):
         return _op.redispatch(keyset & torch._C._after_autograd_keyset, *args)
 
 
-def _fake_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None):
+def _fake_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None,
+                 kv_unit=None):
     # Only checks that need no shape arithmetic: comparing symbolic sizes here would add guards to the graph.
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype in {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -214,5 +223,6 @@ _lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel
 _op = torch.ops.vsparse.block_sparse_attention.default
 # softmax(q kᵀ·scale + block mask) v over the key blocks each query block lists; see docs/DESIGN.md.
 # `q_block_order` (int32 [B|1, H|1, nq], a permutation per row) only schedules the kernel's programs; without it the
-# kernel sorts the query blocks heaviest first on every call (`block_mask.heaviest_first`).
+# kernel sorts the query blocks heaviest first on every call (`block_mask.heaviest_first`). `kv_unit` (a divisor of
+# block_size; None = block_size) is the token step of kv_indices: key blocks start at kv_indices * kv_unit.
 block_sparse_attention = torch.ops.vsparse.block_sparse_attention

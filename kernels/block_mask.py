@@ -3,6 +3,10 @@
 A mask is two int32 tensors, FlexAttention's `from_kv_blocks` arguments:
   kv_num_blocks [B|1, H|1, ceil(Sq/bs)]               key blocks each query block visits;
   kv_indices    [B|1, H|1, ceil(Sq/bs), ceil(Skv/bs)]  their ids, the first kv_num_blocks entries valid.
+With a key unit u (`kv_unit`, a divisor of bs; default bs, FlexAttention's format) an entry i is a key block that
+starts at token i*u: keys [i*u, i*u + bs) cut at Skv. The blocks one query block lists must not overlap (a key in two
+would be counted twice); with u = bs they never do. Sparse VideoGen's temporal heads list their query block shifted
+by whole frames (passes/planners/svg.py), which no aligned block holds when a frame is not a whole number of blocks.
 Everything here is plain torch and traceable (no host syncs) except `validate`, which checks values.
 """
 from __future__ import annotations
@@ -43,11 +47,22 @@ def visited_fraction(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> t
     return kv_num_blocks.float().mean() / kv_indices.shape[-1]
 
 
-def to_token_mask(kv_num_blocks, kv_indices, q_len: int, kv_len: int, block_size: int) -> torch.Tensor:
-    """[..., q_len, kv_len] bool: the block mask expanded to tokens (True = attend), tails cut off."""
-    visit = to_block_bool(kv_num_blocks, kv_indices)
-    tokens = visit.repeat_interleave(block_size, dim=-2).repeat_interleave(block_size, dim=-1)
-    return tokens[..., :q_len, :kv_len]
+def key_unit(kv_unit, block_size: int) -> int:
+    """The tokens one kv_indices step moves a key block: `kv_unit`, or the block size when None."""
+    return block_size if kv_unit is None else kv_unit
+
+
+def to_token_mask(kv_num_blocks, kv_indices, q_len: int, kv_len: int, block_size: int, kv_unit=None) -> torch.Tensor:
+    """[..., q_len, kv_len] bool: the block mask expanded to tokens (True = attend), tails cut off. Each listed
+    key block marks its token range [i*u, i*u + bs) (+1 at its start, -1 past its end, a running sum)."""
+    unit = key_unit(kv_unit, block_size)
+    listed = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+    starts = (kv_indices.long() * unit).clamp(max=kv_len)
+    ends = (starts + block_size).clamp(max=kv_len)
+    steps = torch.zeros(*kv_indices.shape[:-1], kv_len + 1, dtype=torch.int32, device=kv_indices.device)
+    steps.scatter_add_(-1, starts, listed.int()).scatter_add_(-1, ends, -listed.int())
+    visit = steps.cumsum(-1)[..., :kv_len] > 0
+    return visit.repeat_interleave(block_size, dim=-2)[..., :q_len, :]
 
 
 def full(batch: int, heads: int, q_len, kv_len, block_size: int, device=None):
@@ -59,14 +74,19 @@ def full(batch: int, heads: int, q_len, kv_len, block_size: int, device=None):
 
 
 def validate(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, batch: int, heads: int, q_len: int, kv_len: int,
-             block_size: int) -> None:
-    """Raise ValueError naming what is wrong with a mask for q [batch, heads, q_len, *] and kv length kv_len."""
+             block_size: int, kv_unit=None) -> None:
+    """Raise ValueError naming what is wrong with a mask for q [batch, heads, q_len, *] and kv length kv_len (the
+    listed entries: key blocks starting inside the keys; overlaps are not checked)."""
     validate_shapes(kv_num_blocks, kv_indices, batch, heads, q_len, kv_len, block_size)
     nkv = num_blocks(kv_len, block_size)
     if kv_num_blocks.numel() and (int(kv_num_blocks.min()) < 0 or int(kv_num_blocks.max()) > nkv):
         raise ValueError(f"kv_num_blocks values must lie in [0, {nkv}]")
-    if kv_indices.numel() and (int(kv_indices.min()) < 0 or int(kv_indices.max()) >= nkv):
-        raise ValueError(f"kv_indices values must lie in [0, {nkv})")
+    starts = num_blocks(kv_len, key_unit(kv_unit, block_size))
+    listed = torch.arange(nkv, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+    ids = kv_indices.masked_select(listed.expand(kv_indices.shape))  # entries past a row's count are never read
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= starts):
+        raise ValueError(f"kv_indices values must lie in [0, {starts})" +
+                         (f" (key blocks start at kv_indices * kv_unit={kv_unit} < {kv_len})" if kv_unit else ""))
 
 
 def validate_order(q_block_order: torch.Tensor, batch: int, heads: int, q_len: int, block_size: int,

@@ -87,8 +87,8 @@ def _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limi
 def _block_sparse_attention_kernel(
         q_desc, k_desc, v_desc, o_desc, num_ptr, idx_ptr, order_ptr, kv_lengths_ptr,
         stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb, stride_orh, heads, kv_len, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HAS_KV_LENGTHS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     M_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_M
     N_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
     slot = tl.program_id(0)
@@ -111,7 +111,8 @@ def _block_sparse_attention_kernel(
     if DOT_FP32:
         q = q.to(tl.float32)
     for t in tl.range(0, count * N_TILES):
-        key_start = tl.load(ids + t // N_TILES) * BLOCK_SIZE + (t % N_TILES) * BLOCK_N
+        # A key block starts at its entry times KV_UNIT (BLOCK_SIZE for block ids); TMA loads from any row.
+        key_start = tl.load(ids + t // N_TILES) * KV_UNIT + (t % N_TILES) * BLOCK_N
         acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limit, qk_scale,
                                          HEAD_DIM, BLOCK_N, DOT_FP32, IEEE)
     # Rows that saw no visible key have l = 0 and acc = 0: they store zeros.
@@ -150,7 +151,7 @@ def _tuned(dtype: torch.dtype):
     """One autotuner per dtype: descriptors carry no dtype Triton's autotuner could key on."""
     if dtype not in _tuned_kernels:
         _tuned_kernels[dtype] = triton.autotune(
-            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "HAS_KV_LENGTHS"],
+            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "KV_UNIT", "HAS_KV_LENGTHS"],
             prune_configs_by={"early_config_prune": _prune})(_block_sparse_attention_kernel)
     return _tuned_kernels[dtype]
 
@@ -182,13 +183,14 @@ _launches: dict = {}  # launch_key -> _DirectLaunch
 _MAX_LAUNCHES = 512  # many distinct shapes (dynamic lengths) start the record afresh rather than grow it
 
 
-def launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths=None, q_block_order=None) -> tuple:
+def launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths=None, q_block_order=None,
+               kv_unit=None) -> tuple:
     """What a launch depends on besides the data: shape, strides, dtype and device of every tensor (all that
     attention_op's metadata checks read, so a key seen after a checked call needs no checks again), whether every
     base is 16-byte aligned (Triton specializes pointers on it, TMA requires it), the current device (Triton's
     kernels are per device), the block size and the autotune switch. Triton also specializes int arguments (strides,
     heads, kv_len) on == 1 and % 16: the exact shapes and strides here cover that."""
-    key = [block_size, _autotune, _current_device()]
+    key = [block_size, kv_unit, _autotune, _current_device()]
     bases = 0
     for t in (q, k, v, kv_num_blocks, kv_indices, kv_lengths, q_block_order):
         if t is None:
@@ -240,14 +242,15 @@ class _DirectLaunch:
 def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
                                   kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None,
                                   out: Optional[torch.Tensor] = None, q_block_order: Optional[torch.Tensor] = None,
-                                  record: Optional[tuple] = None):
+                                  record: Optional[tuple] = None, kv_unit: Optional[int] = None):
     """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs).
     `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks of one
     variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list. Under
     TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (q's shape and dtype, any
     strides with a contiguous last dim; by default `attention_op.output_like(q)`: [B, S, H, D] in memory), if given,
     receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
-    checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is."""
+    checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is. `kv_unit`:
+    see the op."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     given = (q, k, v, kv_num_blocks, kv_indices, q_block_order)
@@ -275,7 +278,8 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
                  *broadcast_strides(order), heads, kv_len)
     args = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
             *mask_args, scale * LOG2E)
-    consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, HAS_KV_LENGTHS=kv_lengths is not None,
+    consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, KV_UNIT=block_mask.key_unit(kv_unit, block_size),
+                  HAS_KV_LENGTHS=kv_lengths is not None,
                   IEEE=q.dtype == torch.float32)
 
     def grid(meta):
@@ -305,7 +309,8 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         if len(_launches) >= _MAX_LAUNCHES:
             _launches.clear()
         block_m, block_n = descs[0].block_shape[2], descs[1].block_shape[2]
-        constexprs = (head_dim, block_size, block_m, block_n, kv_lengths is not None, False, consts["IEEE"])
+        constexprs = (head_dim, block_size, consts["KV_UNIT"], block_m, block_n, kv_lengths is not None, False,
+                      consts["IEEE"])
         _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, mask_args, constexprs,
                                           sorts=q_block_order is None)
     return out
@@ -317,10 +322,12 @@ def set_autotune(enabled: bool) -> None:
     _autotune = bool(enabled)
 
 
-def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False) -> Optional[str]:
+def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False,
+                 kv_unit: Optional[int] = None) -> Optional[str]:
     """The config the autotuner chose for a key, for benchmark reports (None before the first call)."""
     tuner = _tuned_kernels.get(dtype)
+    wanted = (head_dim, block_size, block_mask.key_unit(kv_unit, block_size), has_kv_lengths)
     for key, cfg in (tuner.cache.items() if tuner else ()):
-        if tuple(key[:3]) == (head_dim, block_size, has_kv_lengths):
+        if tuple(key[:4]) == wanted:
             return str(cfg)
     return None

@@ -27,6 +27,24 @@ def test_token_mask_cuts_ragged_tails():
     assert mask[0, 0, 4:, 4:].all() and not mask[0, 0, 4:, :4].any()
 
 
+@settings(max_examples=30, deadline=None)
+@given(q_len=st.integers(1, 40), kv_len=st.integers(1, 40), block_size=st.sampled_from([4, 8]),
+       unit=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**16))
+def test_token_mask_of_key_blocks_at_unit_starts(q_len, kv_len, block_size, unit, seed):
+    """Entry i of a row is the key block [i*unit, i*unit + block_size) cut at kv_len: checked token by token."""
+    g = torch.Generator().manual_seed(seed)
+    nq, nkv = block_mask.num_blocks(q_len, block_size), block_mask.num_blocks(kv_len, block_size)
+    num = torch.randint(0, nkv + 1, (1, 2, nq), generator=g, dtype=torch.int32)
+    idx = torch.randint(0, block_mask.num_blocks(kv_len, unit), (1, 2, nq, nkv), generator=g, dtype=torch.int32)
+    mask = block_mask.to_token_mask(num, idx, q_len, kv_len, block_size, kv_unit=unit)
+    expected = torch.zeros(1, 2, q_len, kv_len, dtype=torch.bool)
+    for h in range(2):
+        for row in range(q_len):
+            for entry in idx[0, h, row // block_size, :num[0, h, row // block_size]].tolist():
+                expected[0, h, row, entry * unit:entry * unit + block_size] = True
+    assert torch.equal(mask, expected)
+
+
 def test_validate_names_the_problem():
     num, idx = block_mask.full(1, 2, 100, 100, 64)
     block_mask.validate(num, idx, 1, 2, 100, 100, 64)

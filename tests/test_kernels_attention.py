@@ -25,22 +25,35 @@ ERROR_FACTOR = 4.0
 ERROR_FLOOR = {torch.float32: 1e-5, torch.float16: 2e-4, torch.bfloat16: 2e-3}
 
 
+def shift_key_blocks(num, idx, kv_len, block_size, kv_unit, generator):
+    """The mask with each row's key blocks moved by one random whole number of units below a block (so they stay
+    disjoint), in starts of `kv_unit` tokens; a row whose last listed block would start past the keys stays put."""
+    listed = torch.arange(idx.shape[-1]) < num.unsqueeze(-1)
+    starts = idx.long() * block_size
+    shift = torch.randint(0, block_size // kv_unit, num.shape, generator=generator) * kv_unit
+    last = starts.where(listed, 0).amax(-1)
+    shift = shift.where(last + shift < kv_len, 0)
+    return num, ((starts + shift.unsqueeze(-1)) // kv_unit).to(torch.int32)
+
+
 def make_case(seed, batch, heads, q_len, kv_len, dim, dtype, block_size, density, mask_batch, mask_heads, empty_rows,
-              with_kv_lengths, kv_aligned=False, device="cpu"):
+              with_kv_lengths, kv_aligned=False, kv_unit=None, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     if kv_aligned:  # whole key blocks: no tile needs masking unless kv_lengths cuts it
         kv_len = -(-kv_len // block_size) * block_size
     q, k, v = (torch.randn(batch, heads, n, dim, generator=g).to(dtype).to(device) for n in (q_len, kv_len, kv_len))
     num, idx = random_block_mask(batch if mask_batch else 1, heads if mask_heads else 1, q_len, kv_len, block_size,
                                  density, ragged=True, empty_rows=empty_rows, generator=g)
+    if kv_unit is not None:
+        num, idx = shift_key_blocks(num, idx, kv_len, block_size, kv_unit, g)
     kv_lengths = None
     if with_kv_lengths:
         kv_lengths = torch.randint(0, kv_len + 1, (batch,), generator=g, dtype=torch.int32).to(device)
     return q, k, v, num.to(device), idx.to(device), 1.0 / math.sqrt(dim), kv_lengths
 
 
-def token_mask(num, idx, q_len, kv_len, block_size, kv_lengths):
-    mask = block_mask.to_token_mask(num, idx, q_len, kv_len, block_size)
+def token_mask(num, idx, q_len, kv_len, block_size, kv_lengths, kv_unit=None):
+    mask = block_mask.to_token_mask(num, idx, q_len, kv_len, block_size, kv_unit)
     if kv_lengths is not None:
         keys = torch.arange(kv_len, device=num.device)
         mask = mask & (keys < kv_lengths.long()[:, None, None, None])
@@ -57,10 +70,10 @@ def rel(a, ref):
     return float((a.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def assert_matches(out, q, k, v, num, idx, scale, block_size, kv_lengths):
+def assert_matches(out, q, k, v, num, idx, scale, block_size, kv_lengths, kv_unit=None):
     assert out.shape == q.shape and out.dtype == q.dtype
     assert not out.isnan().any(), "unwritten (poisoned) or NaN elements in the output"
-    mask = token_mask(num, idx, q.shape[2], k.shape[2], block_size, kv_lengths)
+    mask = token_mask(num, idx, q.shape[2], k.shape[2], block_size, kv_lengths, kv_unit)
     exact = sdpa_reference(q, k, v, mask, scale, torch.float64)
     if exact.norm() == 0:  # every row empty: zeros exactly
         assert (out == 0).all()
@@ -80,15 +93,17 @@ def cases(max_len, dims, block_sizes):
                 q_len=st.integers(1, max_len), kv_len=st.integers(1, max_len), dim=st.sampled_from(dims),
                 dtype=dtypes, block_size=st.sampled_from(block_sizes), density=st.floats(0.0, 1.0),
                 mask_batch=st.booleans(), mask_heads=st.booleans(), empty_rows=st.sampled_from([0.0, 0.3]),
-                with_kv_lengths=st.booleans(), kv_aligned=st.booleans())
+                with_kv_lengths=st.booleans(), kv_aligned=st.booleans(),
+                kv_unit=st.sampled_from([None, None, 1, 16, 64]))  # key blocks at token / 16 / 64 steps
 
 
 @settings(max_examples=25, deadline=None)
 @given(**cases(max_len=1100, dims=[16, 64, 128], block_sizes=[64, 128]))
 def test_op_cpu_matches_float64_sdpa(**case):
     q, k, v, num, idx, scale, kvl = make_case(**case)
-    out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl)
-    assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
+    out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl,
+                                                   kv_unit=case["kv_unit"])
+    assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl, case["kv_unit"])
 
 
 @interpreted
@@ -98,8 +113,9 @@ def test_triton_kernel_matches_float64_sdpa(**case):
     """Interpreted on CPU (small sizes: every visited block costs milliseconds there)."""
     q, k, v, num, idx, scale, kvl = make_case(**case)
     out = torch.full_like(q, float("nan"))
-    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, out=out)
-    assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
+    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, out=out,
+                                                      kv_unit=case["kv_unit"])
+    assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl, case["kv_unit"])
 
 
 @interpreted
@@ -201,6 +217,12 @@ def test_bad_inputs_raise_naming_the_problem():
         op(q, q, q, num, idx, 0.1, 64, None, torch.tensor([[[0, 1]]]))
     with pytest.raises(ValueError, match="every query block once"):
         op(q, q, q, num, idx, 0.1, 64, None, torch.tensor([[[1, 1]]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="kv_unit must be a divisor of block_size=64"):
+        op(q, q, q, num, idx, 0.1, 64, kv_unit=48)
+    starts = idx.clone()
+    starts[0, 0, 0, 0] = 100  # a key block starting at token 100 of 100
+    with pytest.raises(ValueError, match=r"kv_indices values must lie in \[0, 100\).*kv_unit=1"):
+        op(q, q, q, num, starts, 0.1, 64, kv_unit=1)
 
 
 def test_op_stays_one_opaque_call_under_compile_with_symbolic_shapes():
@@ -254,11 +276,12 @@ def test_gpu_op_matches_float64_sdpa(fixed_config, config, **case):
         block_m, block_n, warps, stages = 64, 64, 4, 2
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, config,
-                                                      out=out)
-    assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
+                                                      out=out, kv_unit=case["kv_unit"])
+    assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl, case["kv_unit"])
     poison_cuda_allocator(q)
-    out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl)
-    assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl)
+    out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl,
+                                                   kv_unit=case["kv_unit"])
+    assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl, case["kv_unit"])
 
 
 @pytest.mark.gpu
