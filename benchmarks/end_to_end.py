@@ -29,7 +29,7 @@ VARIANTS = {
     # One forward, sparse attention only: no dense phase, no dense layers, no cache.
     **{f"vsparse-{planner}-{density}": {"sparsity": planner, "density": density, "dense_steps": 0.0, "dense_layers": 0,
                                         "cache": "none"}
-       for planner in ("draft", "svg", "dual") for density in (0.25, 0.15, 0.1)},
+       for planner in ("draft", "svg", "dual", "svg-shift") for density in (0.25, 0.15, 0.1)},
 }
 
 

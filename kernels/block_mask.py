@@ -34,12 +34,16 @@ def heaviest_first(kv_num_blocks: torch.Tensor) -> torch.Tensor:
     return torch.sort(kv_num_blocks, dim=-1, descending=True, stable=True).indices.to(torch.int32)
 
 
-def to_block_bool(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
-    """Inverse of `from_block_bool`: [..., nq, nkv] bool of the visited blocks."""
+def to_block_bool(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int = 1,
+                  kv_unit=None) -> torch.Tensor:
+    """Inverse of `from_block_bool`: [..., nq, nkv] bool of the visited blocks. With a `kv_unit`, a key block marks
+    the aligned block its start falls in (a picture for dumps: it may also cover the next one)."""
     nkv = kv_indices.shape[-1]
     valid = torch.arange(nkv, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
-    visit = torch.zeros(kv_indices.shape, dtype=torch.bool, device=kv_indices.device)
-    return visit.scatter(-1, kv_indices.long(), valid)
+    ids = kv_indices.long() if kv_unit is None else (kv_indices.long() * kv_unit // block_size).where(valid, 0)
+    # Counted, not scattered as flags: an unlisted entry's id must not overwrite a listed one's.
+    return torch.zeros(kv_indices.shape, dtype=torch.int32, device=kv_indices.device).scatter_add(
+        -1, ids, valid.int()) > 0
 
 
 def visited_fraction(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
@@ -52,17 +56,22 @@ def key_unit(kv_unit, block_size: int) -> int:
     return block_size if kv_unit is None else kv_unit
 
 
-def to_token_mask(kv_num_blocks, kv_indices, q_len: int, kv_len: int, block_size: int, kv_unit=None) -> torch.Tensor:
-    """[..., q_len, kv_len] bool: the block mask expanded to tokens (True = attend), tails cut off. Each listed
-    key block marks its token range [i*u, i*u + bs) (+1 at its start, -1 past its end, a running sum)."""
+def token_visits(kv_num_blocks, kv_indices, kv_len, block_size: int, kv_unit=None) -> torch.Tensor:
+    """[..., nq, kv_len] bool: the keys each query block visits. Each listed key block marks its token range
+    [i*u, i*u + bs) cut at kv_len (+1 at its start, -1 past its end, a running sum)."""
     unit = key_unit(kv_unit, block_size)
-    listed = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+    listed = (torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)).int()
     starts = (kv_indices.long() * unit).clamp(max=kv_len)
     ends = (starts + block_size).clamp(max=kv_len)
     steps = torch.zeros(*kv_indices.shape[:-1], kv_len + 1, dtype=torch.int32, device=kv_indices.device)
-    steps.scatter_add_(-1, starts, listed.int()).scatter_add_(-1, ends, -listed.int())
-    visit = steps.cumsum(-1)[..., :kv_len] > 0
-    return visit.repeat_interleave(block_size, dim=-2)[..., :q_len, :]
+    steps.scatter_add_(-1, starts, listed).scatter_add_(-1, ends, -listed)
+    return steps.cumsum(-1)[..., :kv_len] > 0
+
+
+def to_token_mask(kv_num_blocks, kv_indices, q_len: int, kv_len: int, block_size: int, kv_unit=None) -> torch.Tensor:
+    """[..., q_len, kv_len] bool: the block mask expanded to tokens (True = attend), tails cut off."""
+    visits = token_visits(kv_num_blocks, kv_indices, kv_len, block_size, kv_unit)
+    return visits.repeat_interleave(block_size, dim=-2)[..., :q_len, :]
 
 
 def full(batch: int, heads: int, q_len, kv_len, block_size: int, device=None):

@@ -55,7 +55,9 @@ H100 = CudaCosts(dense_tflops={64: 350.0, 128: 580.0}, sparse_tflops={64: 300.0,
                  site_fixed_us=30.0, host_us=300.0,
                  # dual: 589 µs planning + 107 µs permutation a Wan-1.3B site (2a62592, before its block means
                  # stopped gathering q and k), ~1.8 ns a token-head; rounded up (erring dense)
-                 planning_ns_per_token_head={"draft": 1.2, "svg": 1.8, "dual": 2.4})
+                 # svg-shift: svg's until measured (it drops svg's four gathers, 284 of ~523 µs a site on the H100,
+                 # results/h100-2026-12-05/e2e-svg-profile-9b6ede9.json), erring dense
+                 planning_ns_per_token_head={"draft": 1.2, "svg": 1.8, "dual": 2.4, "svg-shift": 1.8})
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,13 @@ from dit_compiler.patterns import key_padding_lengths
 from dit_compiler.patterns.types import AttentionSite, GraphAnalysis
 
 
-def _with_dense_fallback(dense: Optional[torch.Tensor], kv_num_blocks, kv_indices, seq_len, block_size: int):
+def _with_dense_fallback(dense: Optional[torch.Tensor], kv_num_blocks, kv_indices, seq_len, block_size: int,
+                         kv_unit: Optional[int] = None):
     """The planned mask, or every block when `dense` (a 0-dim bool tensor) is set; None: never dense."""
     if dense is None:
         return kv_num_blocks, kv_indices
     full_num, full_idx = block_mask.full(1, 1, seq_len, seq_len, block_size, device=kv_indices.device)
+    full_idx = full_idx * (block_size // block_mask.key_unit(kv_unit, block_size))
     return torch.where(dense, full_num, kv_num_blocks), torch.where(dense, full_idx, kv_indices)
 
 
@@ -66,14 +68,16 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
                        dense=dense)
     if in_plan_order and not chosen.fixed_order:
         raise ValueError(f"planner {planner!r} has no fixed order for q, k, v to come in")
-    if not in_plan_order:
+    reorders = not in_plan_order and plan.perm is not None
+    if reorders:
         q, k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, constants, layout, block_size=block_size, density=density,
                                            scale=scale)
-    kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size)
+    kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size,
+                                                     plan.kv_unit)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
-                                                   plan.q_block_order)
-    return (out if in_plan_order else _reorder(out, plan.inverse)), kv_num_blocks, kv_indices
+                                                   plan.q_block_order, kv_unit=plan.kv_unit)
+    return (_reorder(out, plan.inverse) if reorders else out), kv_num_blocks, kv_indices
 
 
 @dataclass
@@ -100,6 +104,19 @@ def _cost_verdict(q_value, opts: Options, cuda_graphs: bool) -> tuple[Optional[s
     """(reason to stay dense, estimate in words): the cost model's, unless `force_sparse`."""
     reason, words = why_sparse_does_not_pay(q_value.shape, opts.density, opts.sparsity, q_value.device, cuda_graphs)
     return (None, words or "forced") if opts.force_sparse else (reason, words)
+
+
+def _planner_refuses(planner: str, site: AttentionSite, block_size: int) -> Optional[str]:
+    """The planner's own reason it cannot serve the site's layout (`unsupported`, optional in the contract)."""
+    unsupported = getattr(PLANNERS[planner], "unsupported", None)
+    if unsupported is None or site.layout is None:
+        return None
+    return unsupported(tuple(getattr(site.layout, key) for key in
+                             ("frames", "height", "width", "text_before", "text_after")), block_size)
+
+
+def _planner_kv_unit(planner: str) -> Optional[int]:
+    return getattr(PLANNERS[planner], "kv_unit", None)
 
 
 def _planner_constants(planner: str, layout, block_size: int, density: float, device) -> dict:
@@ -134,7 +151,7 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
     nodes = {n.name: n for n in gm.graph.nodes}
     decisions, densities, masks, constants = [], [], [], {}
     for site in analysis.sites:
-        reason = _why_dense(site, opts)
+        reason = _why_dense(site, opts) or _planner_refuses(opts.sparsity, site, opts.block_size)
         estimate = ""
         if reason is None:
             reason, estimate = _cost_verdict(nodes[site.query].meta["example_value"], opts, cuda_graphs)
@@ -163,7 +180,8 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
             count, indices = (gm.graph.call_function(operator.getitem, (call, i)) for i in (1, 2))
             densities.append(gm.graph.call_function(block_mask.visited_fraction, (count, indices)))
             if collect_masks:
-                masks.append(gm.graph.call_function(block_mask.to_block_bool, (count, indices)))
+                masks.append(gm.graph.call_function(block_mask.to_block_bool, (count, indices, opts.block_size,
+                                                                               _planner_kv_unit(opts.sparsity))))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)

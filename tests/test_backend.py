@@ -313,3 +313,26 @@ def test_stack_piece_computes_what_depends_on_weights_alone(monkeypatch):
                         ancestors.add(parent.name)
                         todo.append(parent)
             assert (ancestors & placeholders) - weight_placeholders(head), node.name
+
+
+def test_svg_shift_runs_in_frame_order_and_refuses_short_frames_with_its_reason(tmp_path):
+    """svg-shift through the backend: Wan's sites (frames of 256 tokens) go sparse with no token gather in the graph
+    and, at density 1 (every head's sampled rows favour the spatial mask, which is then full), equal eager; a model
+    with frames of 15 tokens stays dense with the planner's own reason."""
+    import json
+
+    model, inputs = wan(frames=2, height=32, width=32, head_dim=64)
+    out = run(compiled(model, sparsity="svg-shift", density=1.0, block_size=64, force_sparse=True, cache="none",
+                       dense_layers=0, dump_dir=str(tmp_path / "long")), inputs)
+    assert_fp32_close(out, run(model, inputs))
+    (graph,) = graph_dirs(tmp_path / "long")
+    sites = json.loads((graph / "analysis.json").read_text())["sites"]
+    assert [s["rewritten"] for s in sites if s["self_attention"]] == [True, True]
+    assert "permute_tokens" not in (graph / "rewritten.py").read_text()
+    short, short_inputs = wan(head_dim=64)  # 3 x 3 x 5 tokens a frame
+    run(compiled(short, sparsity="svg-shift", density=0.5, block_size=64, force_sparse=True, cache="none",
+                 dense_layers=0, dump_dir=str(tmp_path / "short")), short_inputs)
+    (graph,) = graph_dirs(tmp_path / "short")
+    reasons = [s["decision_reason"] for s in json.loads((graph / "analysis.json").read_text())["sites"]
+               if s["self_attention"]]
+    assert reasons == ["svg-shift needs frames longer than 192 tokens (3 blocks of 64), got height*width = 15"] * 2

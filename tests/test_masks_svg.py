@@ -307,3 +307,59 @@ def test_bad_input_names_the_problem():
         svg.position_major_permutation(0, 4, 4, 3, 0)
     with pytest.raises(ValueError, match="q, k, v"):
         svg.classify_heads(q, k[..., :-1, :], v, **kwargs)
+
+
+@pytest.mark.parametrize("layout", [(4, 12, 20, 0, 0), (5, 10, 26, 3, 0), (3, 16, 16, 0, 70), (6, 8, 25, 40, 9)])
+def test_frame_shift_temporal_mask_visits_each_query_position_in_every_frame(layout):
+    """svg-shift's temporal heads, in frame-major order: each video query token sees its own position in every
+    frame, the text, its own block, and no key twice. Misses only at the video's ends, where a copy would reach
+    before the video or into a text block: at most one partial copy a query block at each end, and with no text
+    only for query blocks straddling two frames (one copy of the first frame)."""
+    block = 64
+    frames, height, width, text_before, text_after = layout
+    frame_len, seq = height * width, seq_len(*layout)
+    num, idx = svg.frame_shift_temporal_mask(layout, block, density=0.6)
+    block_mask.validate(num, idx, 1, 1, seq, seq, block, kv_unit=1)
+    visits = block_mask.token_visits(num, idx, seq, block, kv_unit=1)[0, 0]  # [n, S]
+    starts = idx[0, 0].long()
+    text = common.text_blocks(seq, text_before, text_after, block)
+    for i in range(num.shape[-1]):
+        listed = starts[i, :num[0, 0, i]]
+        ends = (listed + block).clamp(max=seq).sort().values
+        assert (listed.sort().values[1:] >= ends[:-1]).all(), f"query block {i}: overlapping key blocks"
+        if text[i]:
+            assert visits[i].all()
+            continue
+        assert i * block in listed.tolist()  # its own block
+        assert visits[i, :text_before].all() and visits[i, seq - text_after:].all()
+        rows = torch.arange(i * block, min(i * block + block, seq))
+        frame = (rows - text_before) // frame_len
+        keys = text_before + torch.arange(frames)[:, None] * frame_len + (rows - text_before) % frame_len
+        missed = ~visits[i, keys]  # [frames, rows]
+        straddles = bool(frame[0] != frame[-1])
+        if text_before == text_after == 0:
+            assert not missed.any() or (straddles and not missed[1:].any()), f"query block {i}"
+        else:
+            assert missed[1:-1].sum() == 0 and missed[0].sum() < block and missed[-1].sum() < block, i
+
+
+def test_svg_shift_refuses_frames_its_shifted_blocks_could_overlap():
+    assert svg.frame_shift_unsupported((3, 8, 25, 0, 0), 64) is None
+    assert svg.frame_shift_unsupported((3, 8, 24, 0, 0), 64).endswith("got height*width = 192")
+    reason = svg.frame_shift_unsupported((3, 8, 25, 0, 0), 128)
+    assert reason == ("svg-shift needs frames longer than 384 tokens (3 blocks of 128), got height*width = 200")
+    with pytest.raises(ValueError, match="svg-shift needs frames longer than 384"):
+        svg.svg_shift_constants((3, 8, 25, 0, 0), 128, 0.1)
+
+
+def test_svg_shift_classifies_like_svg_on_the_same_candidates():
+    """The sampled rows' temporal candidate is the shifted mask at token level; spatial and full match svg's."""
+    layout, block = (4, 12, 20, 5, 0), 64
+    shift = svg.svg_shift_constants(layout, block, 0.3)
+    plain = svg.svg_constants(layout, block, 0.3)
+    assert torch.equal(shift["sample_rows"], plain["sample_rows"])
+    assert torch.equal(shift["sample_masks"][:2], plain["sample_masks"][:2])
+    num, idx = svg.frame_shift_temporal_mask(layout, block, 0.3)
+    rows = shift["sample_rows"]
+    expected = block_mask.to_token_mask(num, idx, seq_len(*layout), seq_len(*layout), block, kv_unit=1)[0, 0, rows]
+    assert torch.equal(shift["sample_masks"][2], expected)

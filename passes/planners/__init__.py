@@ -14,7 +14,10 @@ rewrite (passes/sparse_attention.py) calls:
       bool tensor, or None when no call is dense): the call then runs the full mask whatever the plan says, so a
       planner whose own op can read the flag on the device skips its work there (svg's `sampled_rows_attention`).
   mask(q, k, plan, constants, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
-      Per call: the block mask (kernels/block_mask.py's format) for q, k already in the plan's order.
+      Per call: the block mask (kernels/block_mask.py's format, key blocks stepped by plan.kv_unit) for q, k
+      already in the plan's order.
+  unsupported(layout, block_size) -> str | None (optional)
+      At compile time: why this planner cannot serve the layout; the site then stays dense with that reason.
 
 `fixed_order` True says `plan` always returns constants["perm"] / constants["inverse"], one order for every call
 and head: passes/stack_token_order.py may then put the whole block stack in that order once instead of each site
@@ -34,13 +37,15 @@ import torch
 
 @dataclass
 class Plan:
-    perm: torch.Tensor  # int64 [S] (shared) or [B|1, H, S] (per head): x[..., perm, :] is in the plan's order
-    inverse: torch.Tensor  # the inverse permutation, same shape
+    # int64 [S] (shared) or [B|1, H, S] (per head): x[..., perm, :] is in the plan's order; None: tokens stay
+    perm: Optional[torch.Tensor]
+    inverse: Optional[torch.Tensor]  # the inverse permutation, same shape
     kv_num_blocks: Optional[torch.Tensor] = None  # the mask, when choosing the order decided it (svg)
     kv_indices: Optional[torch.Tensor] = None
     # int32 [B|1, H|1, nq]: the kernel's query-block schedule (block_mask.heaviest_first of the mask's counts),
     # when the counts are known without the data; else the op sorts them every call
     q_block_order: Optional[torch.Tensor] = None
+    kv_unit: Optional[int] = None  # the op's kv_unit for this plan's masks (None: block ids)
 
 
 class Planner(Protocol):
@@ -59,9 +64,9 @@ class Planner(Protocol):
 def _registry() -> dict:
     from dit_compiler.passes.planners.draft import DraftPlanner
     from dit_compiler.passes.planners.dual import DualPlanner
-    from dit_compiler.passes.planners.svg import SvgPlanner
+    from dit_compiler.passes.planners.svg import SvgPlanner, SvgShiftPlanner
 
-    return {planner.name: planner for planner in (DraftPlanner(), SvgPlanner(), DualPlanner())}
+    return {planner.name: planner for planner in (DraftPlanner(), SvgPlanner(), DualPlanner(), SvgShiftPlanner())}
 
 
 PLANNERS: dict = _registry()

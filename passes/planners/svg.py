@@ -10,6 +10,11 @@ band (positions) is exactly as wide as the density allows, whole units first, an
 the video instead of shrinking: every row costs the same. Text blocks are always visited and text query blocks
 visit everything. All functions are pure torch and trace under make_fx / torch.compile(fullgraph=True) with
 symbolic sizes.
+
+`svg-shift` (`SvgShiftPlanner`) classifies the heads the same way but moves no token: a temporal head's query block
+visits itself shifted by whole frames (its keys at the same positions in every frame), as key blocks that start at
+any token (the op's `kv_unit` 1), where the position-major order needs q, k, v gathered and the output gathered back
+for every head on every call (on the H100 four copies of 71 µs a Wan-1.3B site: README, "End to end").
 """
 from __future__ import annotations
 
@@ -93,6 +98,57 @@ def temporal_block_mask(frames, height, width, text_before, text_after, block_si
     _check_layout(frames, height, width, text_before, text_after, block_size)
     visit = _temporal_visit((frames, height, width, text_before, text_after), block_size, density, device)
     return block_mask.from_block_bool(visit[None, None])
+
+
+SHIFT_NEIGHBOURS = 1  # svg-shift also ranks each frame's copy moved by up to this many blocks either way
+
+
+def frame_shift_unsupported(layout, block_size: int):
+    """Why svg-shift cannot plan `layout`, or None: a frame must be longer than the 2*SHIFT_NEIGHBOURS + 1 blocks its
+    shifted copies may span, so that no two of one query block's key blocks overlap."""
+    frames, height, width, _, _ = layout
+    span = (2 * SHIFT_NEIGHBOURS + 1) * block_size
+    if height * width <= span:
+        return (f"svg-shift needs frames longer than {span} tokens ({2 * SHIFT_NEIGHBOURS + 1} blocks of "
+                f"{block_size}), got height*width = {height * width}")
+    return None
+
+
+def frame_shift_temporal_mask(layout, block_size: int, density: float, device=None):
+    """Temporal-head mask in frame-major order, key blocks as token starts (the op's kv_unit 1): video query block i
+    (tokens [i*bs, i*bs + bs)) visits the text blocks, then its candidates [i*bs + d*frame_len + e*bs, + bs) for
+    frames d in [-frames, frames] and neighbours e in [-SHIFT_NEIGHBOURS, SHIFT_NEIGHBOURS], nearest first (|e|,
+    then |d|), max(forced, ceil(density * nkv)) in all (`common.block_budget`; d = e = 0 is its own block). A
+    candidate must lie inside the whole video-only blocks (below the sequence end when no text follows), so none
+    overlaps a text block or, frames being longer than 2*SHIFT_NEIGHBOURS + 1 blocks, another candidate. So a query
+    block straddling two frames loses the copy that would reach before the video, and next to text a copy reaching
+    into a text block is dropped (its video tokens there stay visible through the text block; up to a block's rows
+    lose that frame at each end). Text query blocks visit every block. Returns (kv_num_blocks int32 [1, 1, n], kv_indices int32 [1, 1, n, n])."""
+    frames, height, width, text_before, text_after = layout
+    frame_len = height * width
+    video_end = text_before + frames * frame_len
+    seq_len = video_end + text_after
+    n = block_mask.num_blocks(seq_len, block_size)
+    text = common.text_blocks(seq_len, text_before, text_after, block_size, device)
+    _, kept = common.block_budget(density, text)
+    starts = torch.arange(n, device=device) * block_size
+    d = torch.arange(-frames, frames + 1, device=device)
+    e = torch.arange(-SHIFT_NEIGHBOURS, SHIFT_NEIGHBOURS + 1, device=device)
+    shift = (d[:, None] * frame_len + e * block_size).flatten()  # [C], d-major
+    rank = (e.abs() * (2 * frames + 2) * 2 + (2 * d.abs() + (d < 0))[:, None]).flatten()
+    candidate = starts[:, None] + shift  # [n, C]
+    first = (text_before + block_size - 1) // block_size * block_size
+    last = seq_len - 1 if text_after == 0 else video_end // block_size * block_size - block_size
+    valid = (candidate >= first) & (candidate <= last) & ~text[:, None]
+    # One ranking over the aligned blocks and the candidates: text blocks first (all blocks for a text query
+    # block), then the valid candidates nearest first; kv_indices are the first n of it.
+    aligned = torch.where(text[None, :] | text[:, None], float("inf"), -float("inf")).expand(n, n)
+    scores = torch.cat([aligned, torch.where(valid, -rank.double(), -float("inf"))], dim=1)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :n]
+    entry_starts = torch.where(order < n, order * block_size, candidate.gather(1, (order - n).clamp(min=0)))
+    visible = text.sum() + valid.sum(1)
+    kv_num_blocks = torch.where(text, n, torch.minimum(kept.long(), visible)).to(torch.int32)
+    return kv_num_blocks[None, None], entry_starts.to(torch.int32)[None, None]
 
 
 def _sampled_rows(frames, height, width, text_before, num_sample_rows, device) -> torch.Tensor:
@@ -202,6 +258,33 @@ def svg_plan(q, k, v, *, frames, height, width, text_before, text_after, block_s
     return plan_with(classify_with(q, k, v, constants, scale), constants, q.shape[-2])[:4]
 
 
+def svg_shift_constants(layout, block_size: int, density: float, num_sample_rows: int = SAMPLE_ROWS,
+                        device=None) -> dict:
+    """svg-shift's layout constants: the spatial mask of `svg_constants` and `frame_shift_temporal_mask`, both as
+    token starts, their schedules, and the sampled rows with their full, spatial and temporal token masks."""
+    _check_layout(*layout, block_size)
+    common.check_sizes(1, num_sample_rows=num_sample_rows)
+    reason = frame_shift_unsupported(layout, block_size)
+    if reason:
+        raise ValueError(reason)
+    frames, height, width, text_before, text_after = layout
+    seq_len = text_before + frames * height * width + text_after
+    spatial_num, spatial_blocks = block_mask.from_block_bool(_spatial_visit(layout, block_size, density, device))
+    spatial_indices = spatial_blocks * block_size
+    temporal_num, temporal_indices = frame_shift_temporal_mask(layout, block_size, density, device)
+    rows = _sampled_rows(frames, height, width, text_before, num_sample_rows, device)
+    row_blocks = rows // block_size
+    masks = [block_mask.token_visits(num[0, 0, row_blocks], idx[0, 0, row_blocks], seq_len, block_size, 1)
+             for num, idx in ((spatial_num[None, None], spatial_indices[None, None]), (temporal_num, temporal_indices))]
+    return {"sample_rows": rows,
+            "sample_masks": torch.stack([torch.ones(rows.shape[0], seq_len, dtype=torch.bool, device=device),
+                                         *masks]),
+            "spatial_num": spatial_num, "spatial_indices": spatial_indices,
+            "spatial_order": block_mask.heaviest_first(spatial_num),
+            "temporal_num": temporal_num[0, 0], "temporal_indices": temporal_indices[0, 0],
+            "temporal_order": block_mask.heaviest_first(temporal_num[0, 0])}
+
+
 class SvgPlanner:
     """The planner contract (passes/planners/__init__.py) for Sparse VideoGen: both head masks and orders are
     constants of the layout; per call, the sampled-row classification picks one per head."""
@@ -217,6 +300,34 @@ class SvgPlanner:
 
         _check_qkv(q, k, v, layout)
         return Plan(*plan_with(classify_with(q, k, v, constants, scale, skip=dense), constants, q.shape[-2]))
+
+    def mask(self, q, k, plan, constants, layout, *, block_size: int, density: float, scale: float):
+        return plan.kv_num_blocks, plan.kv_indices
+
+
+class SvgShiftPlanner:
+    """Sparse VideoGen's head classes with no token permutation: temporal heads visit their query block shifted by
+    whole frames (`frame_shift_temporal_mask`), every mask in token starts (kv_unit 1)."""
+
+    name = "svg-shift"
+    fixed_order = False
+    kv_unit = 1
+
+    def unsupported(self, layout, block_size: int):
+        return frame_shift_unsupported(layout, block_size)
+
+    def constants(self, layout, block_size: int, density: float, device) -> dict:
+        return svg_shift_constants(layout, block_size, density, SAMPLE_ROWS, device)
+
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
+        from dit_compiler.passes.planners import Plan
+
+        _check_qkv(q, k, v, layout)
+        temporal = classify_with(q, k, v, constants, scale, skip=dense)
+        pick = [torch.where(temporal[(...,) + (None,) * constants[f"spatial_{name}"].dim()],
+                            constants[f"temporal_{name}"], constants[f"spatial_{name}"])
+                for name in ("num", "indices", "order")]
+        return Plan(None, None, *pick, kv_unit=self.kv_unit)
 
     def mask(self, q, k, plan, constants, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices
