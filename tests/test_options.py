@@ -20,7 +20,7 @@ def test_values():
 
 
 @pytest.mark.parametrize("key,value,allowed", [
-    ("sparsity", "topk", "'draft', 'svg', 'dual', 'none'"),
+    ("sparsity", "topk", "'draft', 'svg', 'dual', 'svg-shift', 'none'"),
     ("density", 0.0, "0 < x <= 1"),
     ("density", 1.5, "0 < x <= 1"),
     ("density", "half", "number"),
