@@ -21,27 +21,24 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 PARTIAL_M, PARTIAL_N, PARTIAL_WARPS, PARTIAL_STAGES = CONFIG
 ATTENTION_M, ATTENTION_N, ATTENTION_WARPS, ATTENTION_STAGES = ATTENTION_CONFIGS[0]
 ATTENTION_TILE = "tensordesc<bf16[1,1,{},128]>"
+
+
+def _attention_case(kv_unit: int) -> tuple:
+    return (
+        "triton_block_sparse", "_block_sparse_attention_kernel",
+        dict(q_desc=ATTENTION_TILE.format(ATTENTION_M), k_desc=ATTENTION_TILE.format(ATTENTION_N),
+             v_desc=ATTENTION_TILE.format(ATTENTION_N), o_desc=ATTENTION_TILE.format(ATTENTION_M), num_ptr="*i32",
+             idx_ptr="*i32", order_ptr="*i32", kv_lengths_ptr="*i32", stride_nb="i32", stride_nh="i32",
+             stride_ib="i32", stride_ih="i32", stride_iq="i32", stride_orb="i32", stride_orh="i32", heads="i32",
+             kv_len="i32", qk_scale="fp32"),
+        dict(HEAD_DIM=128, BLOCK_SIZE=128, KV_UNIT=kv_unit, BLOCK_M=ATTENTION_M, BLOCK_N=ATTENTION_N,
+             HAS_KV_LENGTHS=False, DOT_FP32=False, IEEE=False),
+        ATTENTION_WARPS, ATTENTION_STAGES, 255)
+
+
 CASES = {
-    "block_sparse_attention": (
-        "triton_block_sparse", "_block_sparse_attention_kernel",
-        dict(q_desc=ATTENTION_TILE.format(ATTENTION_M), k_desc=ATTENTION_TILE.format(ATTENTION_N),
-             v_desc=ATTENTION_TILE.format(ATTENTION_N), o_desc=ATTENTION_TILE.format(ATTENTION_M), num_ptr="*i32",
-             idx_ptr="*i32", order_ptr="*i32", kv_lengths_ptr="*i32", stride_nb="i32", stride_nh="i32",
-             stride_ib="i32", stride_ih="i32", stride_iq="i32", stride_orb="i32", stride_orh="i32", heads="i32",
-             kv_len="i32", qk_scale="fp32"),
-        dict(HEAD_DIM=128, BLOCK_SIZE=128, KV_UNIT=128, BLOCK_M=ATTENTION_M, BLOCK_N=ATTENTION_N, HAS_KV_LENGTHS=False,
-             DOT_FP32=False, IEEE=False),
-        ATTENTION_WARPS, ATTENTION_STAGES, 255),
-    "block_sparse_attention_token_starts": (  # svg-shift: kv_unit 1
-        "triton_block_sparse", "_block_sparse_attention_kernel",
-        dict(q_desc=ATTENTION_TILE.format(ATTENTION_M), k_desc=ATTENTION_TILE.format(ATTENTION_N),
-             v_desc=ATTENTION_TILE.format(ATTENTION_N), o_desc=ATTENTION_TILE.format(ATTENTION_M), num_ptr="*i32",
-             idx_ptr="*i32", order_ptr="*i32", kv_lengths_ptr="*i32", stride_nb="i32", stride_nh="i32",
-             stride_ib="i32", stride_ih="i32", stride_iq="i32", stride_orb="i32", stride_orh="i32", heads="i32",
-             kv_len="i32", qk_scale="fp32"),
-        dict(HEAD_DIM=128, BLOCK_SIZE=128, KV_UNIT=1, BLOCK_M=ATTENTION_M, BLOCK_N=ATTENTION_N, HAS_KV_LENGTHS=False,
-             DOT_FP32=False, IEEE=False),
-        ATTENTION_WARPS, ATTENTION_STAGES, 255),
+    "block_sparse_attention": _attention_case(128),  # block ids
+    "block_sparse_attention_token_starts": _attention_case(1),  # svg-shift's key blocks at token starts
     "permute_tokens": (
         "triton_permute", "_gather_tokens_kernel",
         dict(x_ptr="*bf16", index_ptr="*i64", out_ptr="*bf16", stride_xb="i32", stride_xh="i32", stride_xs="i32",
