@@ -63,9 +63,10 @@ ATTENTION_KERNELS = ("_block_sparse_attention_kernel", "vsparse::block_sparse_at
 class Attention(torch.nn.Module):
     """One attention variant over q, k, v [B, H, S, D]; plan tensors are buffers, so Inductor sees them as inputs."""
 
-    def __init__(self, variant: str, planner: str, density: float, grid: tuple, constants: dict, plan: dict):
+    def __init__(self, variant: str, planner: str, density: float, grid: tuple, constants: dict, plan: dict,
+                 kv_unit=None):
         super().__init__()
-        self.variant, self.planner, self.density, self.grid = variant, planner, density, grid
+        self.variant, self.planner, self.density, self.grid, self.kv_unit = variant, planner, density, grid, kv_unit
         self.constant_names = list(constants)
         for name, tensor in {**{f"c_{n}": t for n, t in constants.items()}, **plan}.items():
             self.register_buffer(name, tensor)
@@ -78,10 +79,12 @@ class Attention(torch.nn.Module):
             constants = {n: getattr(self, f"c_{n}") for n in self.constant_names}
             return sparse_attention(q, k, v, None, None, constants, (*self.grid, 0, 0), planner=self.planner,
                                     density=self.density, block_size=BLOCK, scale=scale)[0]
-        if self.variant == "fixed":
+        reorders = self.variant == "fixed" and self.perm is not None  # a plan may leave tokens in place
+        if reorders:
             q, k, v = (_to_plan_order(t, self.perm, self.inverse) for t in (q, k, v))
-        out = torch.ops.vsparse.block_sparse_attention(q, k, v, self.num, self.idx, scale, BLOCK, None)
-        return _reorder(out, self.inverse) if self.variant == "fixed" else out
+        out = torch.ops.vsparse.block_sparse_attention(q, k, v, self.num, self.idx, scale, BLOCK, None,
+                                                       kv_unit=self.kv_unit)
+        return _reorder(out, self.inverse) if reorders else out
 
 
 class Layer(torch.nn.Module):
@@ -202,24 +205,25 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
     with torch.no_grad():
         q, k, v = layer.qkv_heads(layer.tokens(latent))
         plan = chosen.plan(q, k, v, constants, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
-        qp, kp, vp = (_reorder(t, plan.perm).contiguous() for t in (q, k, v))
+        qp, kp, vp = (t if plan.perm is None else _reorder(t, plan.perm).contiguous() for t in (q, k, v))
         num, idx = chosen.mask(qp, kp, plan, constants, layout, block_size=BLOCK, density=density,
                                scale=HEAD_DIM ** -0.5)
     fixed = {"perm": plan.perm, "inverse": plan.inverse, "num": num, "idx": idx}
     times, kernels = {}, {}
     for variant in ("site", "fixed", "unpermuted"):
-        layer.attention = Attention(variant, planner, density, grid, constants, fixed)
+        layer.attention = Attention(variant, planner, density, grid, constants, fixed, plan.kv_unit)
         compiled = compiled_layer(layer, latent)
         with torch.no_grad():
             times[variant] = bench(lambda: compiled(latent), budget_ms, device)
         if profile:
             kernels[variant] = kernel_table(lambda: compiled(latent), device)
     op = torch.ops.vsparse.block_sparse_attention
-    kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None), budget_ms, device)
+    kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None, kv_unit=plan.kv_unit), budget_ms,
+                   device)
     flex_ms = flex_error = None
     # GPU only: eager flex_attention computes dense attention, whatever the block indices say, and a CPU compile of
-    # it would double the smoke run.
-    if device.type == "cuda":
+    # it would double the smoke run. A BlockMask holds block ids only: no peer for key blocks at other starts.
+    if device.type == "cuda" and plan.kv_unit is None:
         flex = torch.compile(flex_attention, dynamic=False)
         flex_num = num.expand(1, HEADS, -1).contiguous()
         flex_idx = idx.expand(1, HEADS, -1, -1).contiguous()

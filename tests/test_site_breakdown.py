@@ -38,3 +38,19 @@ def test_a_cpu_smoke_run_attributes_planning_and_permutation_from_its_layers(tmp
         (row["planning_us_by_kernels"] + row["permutation_us_by_kernels"]) / row["kernel_us"], abs=1e-3)
     assert row["site_share"] == pytest.approx((row["planning_us"] + row["permutation_us"]) / row["kernel_us"],
                                               abs=1e-3)
+
+
+def test_a_plan_that_moves_no_token_is_measured_without_gathers(tmp_path, monkeypatch):
+    """svg-shift (frames of 512 tokens here): its fixed variant gathers nothing, its kernel runs key blocks at token
+    starts, and no FlexAttention peer is claimed for them."""
+    out = tmp_path / "site.json"
+    monkeypatch.setattr(sys, "argv", ["site_breakdown", "--device", "cpu", "--grid", "1", "16", "32", "--planners",
+                                      "svg-shift", "--densities", "0.5", "--budget-ms", "1", "--profile", "--out",
+                                      str(out)])
+    site_breakdown.main()
+    (row,) = json.loads(out.read_text())["sites"]
+    assert row["planner"] == "svg-shift" and 0 < row["visited"] <= 1 and row["flex_us"] is None
+    tables = {variant: {name for name, _, _ in table} for variant, table in row["kernels"].items()}
+    assert any("sampled_rows_attention" in name for name in tables["site"])
+    # (aten::gather is the CPU op's reference reading its key blocks, in every variant alike)
+    assert not any("permute_tokens" in name for names in tables.values() for name in names)
