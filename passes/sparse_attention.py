@@ -106,13 +106,22 @@ def _cost_verdict(q_value, opts: Options, cuda_graphs: bool) -> tuple[Optional[s
     return (None, words or "forced") if opts.force_sparse else (reason, words)
 
 
-def _planner_refuses(planner: str, site: AttentionSite, block_size: int) -> Optional[str]:
-    """The planner's own reason it cannot serve the site's layout (`unsupported`, optional in the contract)."""
+def _planner_refuses(planner: str, site: AttentionSite, nodes: dict, block_size: int) -> Optional[str]:
+    """The planner's own reason it cannot serve the site's layout (`unsupported`, optional in the contract). A
+    symbolic size is read as the SymInt Dynamo traced, so the verdict becomes a shape guard: a later size on the
+    other side of it compiles again and is judged again."""
     unsupported = getattr(PLANNERS[planner], "unsupported", None)
     if unsupported is None or site.layout is None:
         return None
-    return unsupported(tuple(getattr(site.layout, key) for key in
-                             ("frames", "height", "width", "text_before", "text_after")), block_size)
+    sizes = []
+    for key in ("frames", "height", "width", "text_before", "text_after"):
+        value, ref = getattr(site.layout, key), site.layout.refs.get(key)
+        if not isinstance(value, int):
+            if ref is None:
+                return None  # stays dense anyway: no graph value to read the size from
+            value = nodes[ref.node].meta["example_value"].shape[ref.dim]
+        sizes.append(value)
+    return unsupported(tuple(sizes), block_size)
 
 
 def _planner_kv_unit(planner: str) -> Optional[int]:
@@ -151,7 +160,7 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
     nodes = {n.name: n for n in gm.graph.nodes}
     decisions, densities, masks, constants = [], [], [], {}
     for site in analysis.sites:
-        reason = _why_dense(site, opts) or _planner_refuses(opts.sparsity, site, opts.block_size)
+        reason = _why_dense(site, opts) or _planner_refuses(opts.sparsity, site, nodes, opts.block_size)
         estimate = ""
         if reason is None:
             reason, estimate = _cost_verdict(nodes[site.query].meta["example_value"], opts, cuda_graphs)

@@ -336,3 +336,19 @@ def test_svg_shift_runs_in_frame_order_and_refuses_short_frames_with_its_reason(
     reasons = [s["decision_reason"] for s in json.loads((graph / "analysis.json").read_text())["sites"]
                if s["self_attention"]]
     assert reasons == ["svg-shift needs frames longer than 192 tokens (3 blocks of 64), got height*width = 15"] * 2
+
+
+def test_svg_shift_under_dynamic_shapes_judges_the_symbolic_frame_size(tmp_path):
+    """With dynamic=True the layout sizes are symbols: the planner's refusal check reads the traced SymInts (it
+    compared a symbol's name with an int before), and the sites stay sparse and correct at a second resolution."""
+    model, _ = wan(head_dim=64)
+    torch._dynamo.reset()
+    ours = torch.compile(model, backend="vsparse", dynamic=True, fullgraph=True,
+                         options={"sparsity": "svg-shift", "density": 1.0, "block_size": 64, "dense_layers": 0,
+                                  "dense_steps": 0.0, "force_sparse": True, "cache": "none", "dump_dir": str(tmp_path)})
+    for frames, height, width in ((2, 32, 30), (3, 34, 36)):  # 240 and 306 tokens a frame
+        _, inputs = wan(head_dim=64, frames=frames, height=height, width=width)
+        assert_fp32_close(run(ours, inputs), run(model, inputs))
+    records = [json.loads(line) for graph_dir in graph_dirs(tmp_path)
+               for line in (graph_dir / "runtime.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(list(r["density"].values()) == [1.0, 1.0] for r in records)
