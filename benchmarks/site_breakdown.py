@@ -51,7 +51,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
 from dit_compiler.kernels import block_mask, triton_block_sparse
 from dit_compiler.passes.planners import PLANNERS
-from dit_compiler.passes.sparse_attention import _reorder, _to_plan_order, sparse_attention
+from dit_compiler.passes.sparse_attention import _reorder, _to_plan_order, planner_kv_unit, sparse_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is no package: its siblings by name
 from profiling import kernel_table  # noqa: E402
@@ -209,21 +209,22 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         num, idx = chosen.mask(qp, kp, plan, constants, layout, block_size=BLOCK, density=density,
                                scale=HEAD_DIM ** -0.5)
     fixed = {"perm": plan.perm, "inverse": plan.inverse, "num": num, "idx": idx}
+    kv_unit = planner_kv_unit(planner)
     times, kernels = {}, {}
     for variant in ("site", "fixed", "unpermuted"):
-        layer.attention = Attention(variant, planner, density, grid, constants, fixed, plan.kv_unit)
+        layer.attention = Attention(variant, planner, density, grid, constants, fixed, kv_unit)
         compiled = compiled_layer(layer, latent)
         with torch.no_grad():
             times[variant] = bench(lambda: compiled(latent), budget_ms, device)
         if profile:
             kernels[variant] = kernel_table(lambda: compiled(latent), device)
     op = torch.ops.vsparse.block_sparse_attention
-    kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None, kv_unit=plan.kv_unit), budget_ms,
+    kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None, kv_unit=kv_unit), budget_ms,
                    device)
     flex_ms = flex_error = None
     # GPU only: eager flex_attention computes dense attention, whatever the block indices say, and a CPU compile of
     # it would double the smoke run. A BlockMask holds block ids only: no peer for key blocks at other starts.
-    if device.type == "cuda" and plan.kv_unit is None:
+    if device.type == "cuda" and kv_unit is None:
         flex = torch.compile(flex_attention, dynamic=False)
         flex_num = num.expand(1, HEADS, -1).contiguous()
         flex_idx = idx.expand(1, HEADS, -1, -1).contiguous()

@@ -11,6 +11,8 @@ Everything here is plain torch and traceable (no host syncs) except `validate`, 
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -34,16 +36,24 @@ def heaviest_first(kv_num_blocks: torch.Tensor) -> torch.Tensor:
     return torch.sort(kv_num_blocks, dim=-1, descending=True, stable=True).indices.to(torch.int32)
 
 
-def to_block_bool(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: int = 1,
+def listed_entries(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(listed bool, kv_indices int64), both broadcast to the mask's full [..., nq, nkv] (counts and ids may each be
+    shared by batch elements or heads): which entries a row lists (the first kv_num_blocks), and the entries."""
+    listed = torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
+    listed, ids = torch.broadcast_tensors(listed, kv_indices.long())
+    return listed, ids
+
+
+def to_block_bool(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, block_size: Optional[int] = None,
                   kv_unit=None) -> torch.Tensor:
     """Inverse of `from_block_bool`: [..., nq, nkv] bool of the visited blocks. With a `kv_unit`, a key block marks
-    the aligned block its start falls in (a picture for dumps: it may also cover the next one)."""
-    nkv = kv_indices.shape[-1]
-    valid = torch.arange(nkv, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
-    ids = kv_indices.long() if kv_unit is None else (kv_indices.long() * kv_unit // block_size).where(valid, 0)
+    the aligned block of `block_size` its start falls in (a picture for dumps: it may also cover the next one)."""
+    listed, ids = listed_entries(kv_num_blocks, kv_indices)
+    if kv_unit is not None:
+        ids = ids * kv_unit // block_size
     # Counted, not scattered as flags: an unlisted entry's id must not overwrite a listed one's.
-    return torch.zeros(kv_indices.shape, dtype=torch.int32, device=kv_indices.device).scatter_add(
-        -1, ids, valid.int()) > 0
+    return torch.zeros(ids.shape, dtype=torch.int32, device=ids.device).scatter_add(
+        -1, ids.where(listed, 0), listed.int()) > 0
 
 
 def visited_fraction(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor) -> torch.Tensor:
@@ -59,11 +69,11 @@ def key_unit(kv_unit, block_size: int) -> int:
 def token_visits(kv_num_blocks, kv_indices, kv_len, block_size: int, kv_unit=None) -> torch.Tensor:
     """[..., nq, kv_len] bool: the keys each query block visits. Each listed key block marks its token range
     [i*u, i*u + bs) cut at kv_len (+1 at its start, -1 past its end, a running sum)."""
-    unit = key_unit(kv_unit, block_size)
-    listed = (torch.arange(kv_indices.shape[-1], device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)).int()
-    starts = (kv_indices.long() * unit).clamp(max=kv_len)
+    listed, ids = listed_entries(kv_num_blocks, kv_indices)
+    listed = listed.int()
+    starts = (ids * key_unit(kv_unit, block_size)).clamp(0, kv_len)
     ends = (starts + block_size).clamp(max=kv_len)
-    steps = torch.zeros(*kv_indices.shape[:-1], kv_len + 1, dtype=torch.int32, device=kv_indices.device)
+    steps = torch.zeros(*ids.shape[:-1], kv_len + 1, dtype=torch.int32, device=ids.device)
     steps.scatter_add_(-1, starts, listed).scatter_add_(-1, ends, -listed)
     return steps.cumsum(-1)[..., :kv_len] > 0
 
@@ -91,8 +101,8 @@ def validate(kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, batch: int, 
     if kv_num_blocks.numel() and (int(kv_num_blocks.min()) < 0 or int(kv_num_blocks.max()) > nkv):
         raise ValueError(f"kv_num_blocks values must lie in [0, {nkv}]")
     starts = num_blocks(kv_len, key_unit(kv_unit, block_size))
-    listed = torch.arange(nkv, device=kv_indices.device) < kv_num_blocks.unsqueeze(-1)
-    ids = kv_indices.masked_select(listed.expand(kv_indices.shape))  # entries past a row's count are never read
+    listed, ids = listed_entries(kv_num_blocks, kv_indices)
+    ids = ids.masked_select(listed)  # entries past a row's count are never read
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= starts):
         raise ValueError(f"kv_indices values must lie in [0, {starts})" +
                          (f" (key blocks start at kv_indices * kv_unit={kv_unit} < {kv_len})" if kv_unit else ""))

@@ -73,10 +73,11 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
         q, k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, constants, layout, block_size=block_size, density=density,
                                            scale=scale)
+    kv_unit = planner_kv_unit(planner)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size,
-                                                     plan.kv_unit)
+                                                     kv_unit)
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
-                                                   plan.q_block_order, kv_unit=plan.kv_unit)
+                                                   plan.q_block_order, kv_unit=kv_unit)
     return (_reorder(out, plan.inverse) if reorders else out), kv_num_blocks, kv_indices
 
 
@@ -124,7 +125,8 @@ def _planner_refuses(planner: str, site: AttentionSite, nodes: dict, block_size:
     return unsupported(tuple(sizes), block_size)
 
 
-def _planner_kv_unit(planner: str) -> Optional[int]:
+def planner_kv_unit(planner: str) -> Optional[int]:
+    """The token step of the planner's kv_indices (its optional `kv_unit`; None: block ids)."""
     return getattr(PLANNERS[planner], "kv_unit", None)
 
 
@@ -190,7 +192,7 @@ def rewrite_sparse_attention(gm: torch.fx.GraphModule, analysis: GraphAnalysis, 
             densities.append(gm.graph.call_function(block_mask.visited_fraction, (count, indices)))
             if collect_masks:
                 masks.append(gm.graph.call_function(block_mask.to_block_bool, (count, indices, opts.block_size,
-                                                                               _planner_kv_unit(opts.sparsity))))
+                                                                               planner_kv_unit(opts.sparsity))))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)

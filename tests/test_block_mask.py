@@ -58,3 +58,21 @@ def test_validate_names_the_problem():
     bad[0, 0, 0, 0] = 5
     with pytest.raises(ValueError, match="kv_indices values"):
         block_mask.validate(num, bad, 1, 2, 100, 100, 64)
+
+
+def test_counts_per_head_over_ids_shared_by_heads():
+    """kv_num_blocks [1, H, nq] with kv_indices [1, 1, nq, nkv] (each may broadcast): every head reads its own count
+    (validate raised on this valid mask; token_visits and to_block_bool gave one head's answer for all)."""
+    num = torch.tensor([1, 2, 2, 1], dtype=torch.int32).view(1, 2, 2)
+    idx = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32).view(1, 1, 2, 2)
+    block_mask.validate(num, idx, 1, 2, 100, 100, 64)
+    assert block_mask.token_visits(num, idx, 100, 64).sum(-1).tolist() == [[[64, 100], [100, 36]]]
+    assert block_mask.to_block_bool(num, idx).tolist() == [[[[True, False], [True, True]],
+                                                            [[True, True], [False, True]]]]
+
+
+def test_block_picture_of_token_starts_keeps_listed_blocks_over_unlisted_entries():
+    """With kv_unit, an unlisted entry (here 0, block 0) must not clear the listed block 0 it lands on."""
+    num = torch.tensor([2], dtype=torch.int32).view(1, 1, 1)
+    idx = torch.tensor([10, 70, 0], dtype=torch.int32).view(1, 1, 1, 3)  # starts 10 and 70: blocks 0 and 1 of 64
+    assert block_mask.to_block_bool(num, idx, 64, kv_unit=1).tolist() == [[[[True, True, False]]]]

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from dit_compiler.kernels import block_mask
 from dit_compiler.options import SPARSITY
 from dit_compiler.passes.planners import PLANNERS
-from dit_compiler.passes.sparse_attention import sparse_attention
+from dit_compiler.passes.sparse_attention import planner_kv_unit, sparse_attention
 
 BLOCK = 64
 # Frames of 4 to 256 tokens: svg-shift plans only frames longer than 3 blocks of 64 and refuses the others.
@@ -54,13 +54,14 @@ def test_planner_contract(name, layout, density, seed):
     # The mask is valid for the kernel, its key blocks of one query block never overlap (a key counted twice), and
     # every query sees its own key.
     num, idx = planner.mask(*ordered, plan, constants, layout, block_size=BLOCK, density=density, scale=scale)
-    block_mask.validate(num, idx, 2, 3, seq_len, seq_len, BLOCK, plan.kv_unit)
-    unit = block_mask.key_unit(plan.kv_unit, BLOCK)
+    kv_unit = planner_kv_unit(name)
+    block_mask.validate(num, idx, 2, 3, seq_len, seq_len, BLOCK, kv_unit)
+    unit = block_mask.key_unit(kv_unit, BLOCK)
     listed = torch.arange(idx.shape[-1]) < num.unsqueeze(-1)
     starts = (idx.long() * unit).where(listed, -BLOCK).sort(-1).values
     gaps = starts[..., 1:] - starts[..., :-1]
     assert (gaps.where(starts[..., :-1] >= 0, BLOCK) >= BLOCK).all(), "overlapping key blocks"
-    visit = block_mask.to_token_mask(num, idx, seq_len, seq_len, BLOCK, plan.kv_unit)
+    visit = block_mask.to_token_mask(num, idx, seq_len, seq_len, BLOCK, kv_unit)
     assert visit.diagonal(dim1=-2, dim2=-1).all()
     # A schedule the planner fixed ahead of the data is the one the kernel would sort for this mask.
     if plan.q_block_order is not None:

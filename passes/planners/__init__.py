@@ -14,10 +14,12 @@ rewrite (passes/sparse_attention.py) calls:
       bool tensor, or None when no call is dense): the call then runs the full mask whatever the plan says, so a
       planner whose own op can read the flag on the device skips its work there (svg's `sampled_rows_attention`).
   mask(q, k, plan, constants, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
-      Per call: the block mask (kernels/block_mask.py's format, key blocks stepped by plan.kv_unit) for q, k
+      Per call: the block mask (kernels/block_mask.py's format, its key blocks stepped by `kv_unit`) for q, k
       already in the plan's order.
   unsupported(layout, block_size) -> str | None (optional)
       At compile time: why this planner cannot serve the layout; the site then stays dense with that reason.
+
+`kv_unit` (optional attribute, the op's argument; None: block ids) is the token step of the planner's kv_indices.
 
 `fixed_order` True says `plan` always returns constants["perm"] / constants["inverse"], one order for every call
 and head: passes/stack_token_order.py may then put the whole block stack in that order once instead of each site
@@ -45,7 +47,6 @@ class Plan:
     # int32 [B|1, H|1, nq]: the kernel's query-block schedule (block_mask.heaviest_first of the mask's counts),
     # when the counts are known without the data; else the op sorts them every call
     q_block_order: Optional[torch.Tensor] = None
-    kv_unit: Optional[int] = None  # the op's kv_unit for this plan's masks (None: block ids)
 
 
 class Planner(Protocol):

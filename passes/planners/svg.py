@@ -123,7 +123,8 @@ def frame_shift_temporal_mask(layout, block_size: int, density: float, device=No
     overlaps a text block or, frames being longer than 2*SHIFT_NEIGHBOURS + 1 blocks, another candidate. So a query
     block straddling two frames loses the copy that would reach before the video, and next to text a copy reaching
     into a text block is dropped (its video tokens there stay visible through the text block; up to a block's rows
-    lose that frame at each end). Text query blocks visit every block. Returns (kv_num_blocks int32 [1, 1, n], kv_indices int32 [1, 1, n, n])."""
+    lose that frame at each end). Text query blocks visit every block.
+    Returns (kv_num_blocks int32 [1, 1, n], kv_indices int32 [1, 1, n, n])."""
     frames, height, width, text_before, text_after = layout
     frame_len = height * width
     video_end = text_before + frames * frame_len
@@ -223,10 +224,16 @@ def plan_with(temporal: torch.Tensor, constants: dict, seq_len):
     identity = torch.arange(seq_len, device=temporal.device)
     head_perm = torch.where(temporal[..., None], constants["position_major"], identity)
     head_inverse = torch.where(temporal[..., None], constants["position_major_inverse"], identity)
+    return head_perm, head_inverse, *masks_by_class(temporal, constants)
+
+
+def masks_by_class(temporal: torch.Tensor, constants: dict):
+    """(kv_num_blocks, kv_indices, q_block_order) per head: the temporal mask and schedule where `temporal` [B, H]
+    is set, the spatial ones elsewhere."""
     kv_num_blocks = torch.where(temporal[..., None], constants["temporal_num"], constants["spatial_num"])
     kv_indices = torch.where(temporal[..., None, None], constants["temporal_indices"], constants["spatial_indices"])
     order = torch.where(temporal[..., None], constants["temporal_order"], constants["spatial_order"])
-    return head_perm, head_inverse, kv_num_blocks, kv_indices, order
+    return kv_num_blocks, kv_indices, order
 
 
 def classify_heads(q, k, v, *, frames, height, width, text_before, text_after, block_size, density,
@@ -324,10 +331,7 @@ class SvgShiftPlanner:
 
         _check_qkv(q, k, v, layout)
         temporal = classify_with(q, k, v, constants, scale, skip=dense)
-        pick = [torch.where(temporal[(...,) + (None,) * constants[f"spatial_{name}"].dim()],
-                            constants[f"temporal_{name}"], constants[f"spatial_{name}"])
-                for name in ("num", "indices", "order")]
-        return Plan(None, None, *pick, kv_unit=self.kv_unit)
+        return Plan(None, None, *masks_by_class(temporal, constants))
 
     def mask(self, q, k, plan, constants, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices
