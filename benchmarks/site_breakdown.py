@@ -50,6 +50,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
 from dit_compiler.kernels import block_mask, triton_block_sparse
+from dit_compiler.kernels.attention_op import head_orders
 from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.passes.sparse_attention import _reorder, _to_plan_order, planner_kv_unit, sparse_attention
 
@@ -79,11 +80,16 @@ class Attention(torch.nn.Module):
             constants = {n: getattr(self, f"c_{n}") for n in self.constant_names}
             return sparse_attention(q, k, v, None, None, constants, (*self.grid, 0, 0), planner=self.planner,
                                     density=self.density, block_size=BLOCK, scale=scale)[0]
-        reorders = self.variant == "fixed" and self.perm is not None  # a plan may leave tokens in place
+        fixed = self.variant == "fixed"
+        # A plan may leave tokens in place, or have the op move the heads it names (then the op's moves count as
+        # permutation: fixed - unpermuted).
+        reorders = fixed and self.perm is not None and self.reordered is None
         if reorders:
             q, k, v = (_to_plan_order(t, self.perm, self.inverse) for t in (q, k, v))
+        moves = fixed and self.reordered is not None
         out = torch.ops.vsparse.block_sparse_attention(q, k, v, self.num, self.idx, scale, BLOCK, None,
-                                                       kv_unit=self.kv_unit)
+                                                       kv_unit=self.kv_unit, token_order=self.perm if moves else None,
+                                                       reordered_heads=self.reordered if moves else None)
         return _reorder(out, self.inverse) if reorders else out
 
 
@@ -205,10 +211,11 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
     with torch.no_grad():
         q, k, v = layer.qkv_heads(layer.tokens(latent))
         plan = chosen.plan(q, k, v, constants, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
-        qp, kp, vp = (t if plan.perm is None else _reorder(t, plan.perm).contiguous() for t in (q, k, v))
+        perm = plan.perm if plan.reordered_heads is None else head_orders(plan.perm, plan.reordered_heads)
+        qp, kp, vp = (t if perm is None else _reorder(t, perm).contiguous() for t in (q, k, v))
         num, idx = chosen.mask(qp, kp, plan, constants, layout, block_size=BLOCK, density=density,
                                scale=HEAD_DIM ** -0.5)
-    fixed = {"perm": plan.perm, "inverse": plan.inverse, "num": num, "idx": idx}
+    fixed = {"perm": plan.perm, "inverse": plan.inverse, "reordered": plan.reordered_heads, "num": num, "idx": idx}
     kv_unit = planner_kv_unit(planner)
     times, kernels = {}, {}
     for variant in ("site", "fixed", "unpermuted"):

@@ -32,8 +32,8 @@ _REFERENCE_CHUNK_ELEMENTS = 1 << 24
 
 _check_mask_values_on_cuda = os.environ.get("VSPARSE_CHECK_MASKS", "0") == "1"
 SCHEMA = ("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor kv_num_blocks, Tensor kv_indices, "
-          "float scale, SymInt block_size, Tensor? kv_lengths=None, Tensor? q_block_order=None, int? kv_unit=None) "
-          "-> Tensor")
+          "float scale, SymInt block_size, Tensor? kv_lengths=None, Tensor? q_block_order=None, int? kv_unit=None, "
+          "Tensor? token_order=None, Tensor? reordered_heads=None) -> Tensor")
 
 
 def set_mask_value_checks(enabled: bool) -> None:
@@ -51,7 +51,7 @@ def check_bhsd(name: str, t: torch.Tensor) -> None:
 
 
 def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order=None,
-                 kv_unit=None) -> None:
+                 kv_unit=None, token_order=None, reordered_heads=None) -> None:
     """Raise TypeError / ValueError naming what is wrong. Reads values only on CPU or with the debug flag."""
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_num_blocks", kv_num_blocks), ("kv_indices", kv_indices)):
         if not isinstance(t, torch.Tensor):
@@ -94,6 +94,37 @@ def check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengt
         if q_block_order.device != q.device:
             raise ValueError(f"q_block_order is on {q_block_order.device}, q on {q.device}")
         block_mask.validate_order(q_block_order, batch, heads, q_len, block_size, values=read_values)
+    check_reordering(token_order, reordered_heads, q, kv_len, read_values)
+
+
+def check_reordering(token_order, reordered_heads, q, kv_len, read_values: bool) -> None:
+    """`token_order` int64 [S] (a permutation, with S = q's and k's length) and `reordered_heads` bool [B|1, H]
+    come together or not at all."""
+    if token_order is None and reordered_heads is None:
+        return
+    if token_order is None or reordered_heads is None:
+        raise ValueError("token_order and reordered_heads must be given together")
+    batch, heads, q_len = q.shape[:3]
+    if kv_len != q_len:
+        raise ValueError(f"reordered heads need q and k of one length, got {q_len} and {kv_len}")
+    if token_order.dtype != torch.int64 or tuple(token_order.shape) != (q_len,):
+        raise ValueError(f"token_order must be int64 [S={q_len}], got {token_order.dtype} "
+                         f"{tuple(token_order.shape)}")
+    if reordered_heads.dtype != torch.bool or reordered_heads.dim() != 2 or \
+            reordered_heads.shape[0] not in (1, batch) or reordered_heads.shape[1] != heads:
+        raise ValueError(f"reordered_heads must be bool [B={batch}|1, H={heads}], got {reordered_heads.dtype} "
+                         f"{tuple(reordered_heads.shape)}")
+    for name, t in (("token_order", token_order), ("reordered_heads", reordered_heads)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if read_values and not torch.equal(token_order.sort().values, torch.arange(q_len, device=q.device)):
+        raise ValueError("token_order must be a permutation of range(S)")
+
+
+def head_orders(token_order: torch.Tensor, reordered_heads: torch.Tensor) -> torch.Tensor:
+    """int64 [B|1, H, S]: each head's order, `token_order` where `reordered_heads` is set, the identity elsewhere."""
+    identity = torch.arange(token_order.shape[0], device=token_order.device)
+    return torch.where(reordered_heads[..., None], token_order, identity)
 
 
 def reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
@@ -161,27 +192,37 @@ def output_like(q: torch.Tensor) -> torch.Tensor:
 
 
 def _cpu_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None,
-                kv_unit=None):
-    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order, kv_unit)
-    return output_like(q).copy_(reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale,
-                                                                  block_size, kv_lengths, kv_unit))
+                kv_unit=None, token_order=None, reordered_heads=None):
+    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order, kv_unit,
+                 token_order, reordered_heads)
+    if token_order is None:
+        return output_like(q).copy_(reference_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale,
+                                                                      block_size, kv_lengths, kv_unit))
+    orders = head_orders(token_order, reordered_heads).expand(q.shape[:3])
+    moved = (torch.gather(t, 2, orders[..., None].expand(t.shape)) for t in (q, k, v))
+    out = reference_block_sparse_attention(*moved, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, kv_unit)
+    return output_like(q).scatter_(2, orders[..., None].expand(out.shape), out)
 
 
 _triton = None  # dit_compiler.kernels.triton_block_sparse, imported on the first CUDA call (CPU installs need no Triton)
 
 
 def _cuda_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None,
-                 kv_unit=None):
+                 kv_unit=None, token_order=None, reordered_heads=None):
     global _triton
     if _triton is None:
         from dit_compiler.kernels import triton_block_sparse as _triton
-    key = _triton.launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths, q_block_order, kv_unit)
+    key = _triton.launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths, q_block_order, kv_unit,
+                             token_order, reordered_heads)
     launch = None if _check_mask_values_on_cuda else _triton.recorded_launch(key)
     if launch is not None:
-        return launch(q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order)
-    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order, kv_unit)
+        return launch(q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order, token_order,
+                      reordered_heads)
+    check_inputs(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths, q_block_order, kv_unit,
+                 token_order, reordered_heads)
     return _triton.triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
-                                                 q_block_order=q_block_order, record=key, kv_unit=kv_unit)
+                                                 q_block_order=q_block_order, record=key, kv_unit=kv_unit,
+                                                 token_order=token_order, reordered_heads=reordered_heads)
 
 
 class _NoBackward(torch.autograd.Function):
@@ -208,7 +249,7 @@ def _autograd_kernel(keyset, *args):
 
 
 def _fake_kernel(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths=None, q_block_order=None,
-                 kv_unit=None):
+                 kv_unit=None, token_order=None, reordered_heads=None):
     # Only checks that need no shape arithmetic: comparing symbolic sizes here would add guards to the graph.
     if q.dtype not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype in {SUPPORTED_DTYPES}, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -225,4 +266,8 @@ _op = torch.ops.vsparse.block_sparse_attention.default
 # `q_block_order` (int32 [B|1, H|1, nq], a permutation per row) only schedules the kernel's programs; without it the
 # kernel sorts the query blocks heaviest first on every call (`block_mask.heaviest_first`). `kv_unit` (a divisor of
 # block_size; None = block_size) is the token step of kv_indices: key blocks start at kv_indices * kv_unit.
+# `token_order` (int64 [S], a permutation) with `reordered_heads` (bool [B|1, H]): the heads set attend with q, k,
+# v reordered along S, x[..., token_order, :] (their mask and kv_lengths count in that order), and their output
+# comes back in the original order; the others attend as given. So a per-head order with few reordered heads
+# copies only those heads' rows (Sparse VideoGen's temporal heads), where a gather before the op copies every head.
 block_sparse_attention = torch.ops.vsparse.block_sparse_attention

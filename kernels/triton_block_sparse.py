@@ -29,6 +29,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dit_compiler.kernels import block_mask
 from dit_compiler.kernels.attention_op import output_like
+from dit_compiler.kernels.triton_permute import triton_move_tokens
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
@@ -84,26 +85,10 @@ def _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limi
 
 
 @triton.jit
-def _block_sparse_attention_kernel(
-        q_desc, k_desc, v_desc, o_desc, num_ptr, idx_ptr, order_ptr, kv_lengths_ptr,
-        stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb, stride_orh, heads, kv_len, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    M_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_M
-    N_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
-    slot = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // heads
-    h = bh % heads
-    # Heaviest query blocks of this head first (order is a per-head permutation of query-block ids).
-    q_block = tl.load(order_ptr + b * stride_orb + h * stride_orh + slot // M_TILES)
-    q_start = q_block * BLOCK_SIZE + (slot % M_TILES) * BLOCK_M
-    count = tl.load(num_ptr + b * stride_nb + h * stride_nh + q_block)
-    ids = idx_ptr + b * stride_ib + h * stride_ih + q_block * stride_iq
-    key_limit = kv_len
-    if HAS_KV_LENGTHS:
-        key_limit = tl.minimum(key_limit, tl.load(kv_lengths_ptr + b))
-
+def _attend_query_tile(q_desc, k_desc, v_desc, o_desc, b, h, q_start, ids, count, key_limit, qk_scale,
+                       HEAD_DIM: tl.constexpr, KV_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       N_TILES: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """Query tile [q_start, q_start+BLOCK_M) of head (b, h) over the `count` key blocks listed at `ids`, stored."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -120,11 +105,48 @@ def _block_sparse_attention_kernel(
     o_desc.store([b, h, q_start, 0], acc.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
+@triton.jit
+def _block_sparse_attention_kernel(
+        q_desc, k_desc, v_desc, o_desc, moved_q_desc, moved_k_desc, moved_v_desc, moved_o_desc, num_ptr, idx_ptr,
+        order_ptr, kv_lengths_ptr, moved_ptr, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb,
+        stride_orh, stride_mb, stride_mh, heads, kv_len, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr, REORDERS: tl.constexpr, DOT_FP32: tl.constexpr,
+        IEEE: tl.constexpr):
+    """REORDERS: heads whose `moved` flag is set read q, k, v from the moved_* tensors (gathered into the token
+    order by the launcher) and write their output to moved_o; the others read and write q, k, v, o."""
+    M_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_M
+    N_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
+    slot = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    # Heaviest query blocks of this head first (order is a per-head permutation of query-block ids).
+    q_block = tl.load(order_ptr + b * stride_orb + h * stride_orh + slot // M_TILES)
+    q_start = q_block * BLOCK_SIZE + (slot % M_TILES) * BLOCK_M
+    count = tl.load(num_ptr + b * stride_nb + h * stride_nh + q_block)
+    ids = idx_ptr + b * stride_ib + h * stride_ih + q_block * stride_iq
+    key_limit = kv_len
+    if HAS_KV_LENGTHS:
+        key_limit = tl.minimum(key_limit, tl.load(kv_lengths_ptr + b))
+    moved = False
+    if REORDERS:
+        moved = tl.load(moved_ptr + b * stride_mb + h * stride_mh) != 0
+    # The branch is uniform per program (one head), so each side keeps its own pipelined key loop.
+    if moved:
+        _attend_query_tile(moved_q_desc, moved_k_desc, moved_v_desc, moved_o_desc, b, h, q_start, ids, count,
+                           key_limit, qk_scale, HEAD_DIM, KV_UNIT, BLOCK_M, BLOCK_N, N_TILES, DOT_FP32, IEEE)
+    else:
+        _attend_query_tile(q_desc, k_desc, v_desc, o_desc, b, h, q_start, ids, count, key_limit, qk_scale,
+                           HEAD_DIM, KV_UNIT, BLOCK_M, BLOCK_N, N_TILES, DOT_FP32, IEEE)
+
+
 def _set_block_shapes(args):
     """Descriptors carry their tile shape, so it must follow the config being tried or run."""
     q_rows, kv_rows, dim = args["BLOCK_M"], args["BLOCK_N"], args["HEAD_DIM"]
-    args["q_desc"].block_shape = args["o_desc"].block_shape = [1, 1, q_rows, dim]
-    args["k_desc"].block_shape = args["v_desc"].block_shape = [1, 1, kv_rows, dim]
+    for prefix in ("", "moved_"):  # the same descriptors twice when no head is reordered
+        args[prefix + "q_desc"].block_shape = args[prefix + "o_desc"].block_shape = [1, 1, q_rows, dim]
+        args[prefix + "k_desc"].block_shape = args[prefix + "v_desc"].block_shape = [1, 1, kv_rows, dim]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages), the measured best first: it is also the config used without autotuning.
@@ -151,7 +173,7 @@ def _tuned(dtype: torch.dtype):
     """One autotuner per dtype: descriptors carry no dtype Triton's autotuner could key on."""
     if dtype not in _tuned_kernels:
         _tuned_kernels[dtype] = triton.autotune(
-            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "KV_UNIT", "HAS_KV_LENGTHS"],
+            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "KV_UNIT", "HAS_KV_LENGTHS", "REORDERS"],
             prune_configs_by={"early_config_prune": _prune})(_block_sparse_attention_kernel)
     return _tuned_kernels[dtype]
 
@@ -184,7 +206,7 @@ _MAX_LAUNCHES = 512  # many distinct shapes (dynamic lengths) start the record a
 
 
 def launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths=None, q_block_order=None,
-               kv_unit=None) -> tuple:
+               kv_unit=None, token_order=None, reordered_heads=None) -> tuple:
     """What a launch depends on besides the data: shape, strides, dtype and device of every tensor (all that
     attention_op's metadata checks read, so a key seen after a checked call needs no checks again), whether every
     base is 16-byte aligned (Triton specializes pointers on it, TMA requires it), the current device (Triton's
@@ -192,7 +214,7 @@ def launch_key(q, k, v, kv_num_blocks, kv_indices, block_size, kv_lengths=None, 
     heads, kv_len) on == 1 and % 16: the exact shapes and strides here cover that."""
     key = [block_size, kv_unit, _autotune, _current_device()]
     bases = 0
-    for t in (q, k, v, kv_num_blocks, kv_indices, kv_lengths, q_block_order):
+    for t in (q, k, v, kv_num_blocks, kv_indices, kv_lengths, q_block_order, token_order, reordered_heads):
         if t is None:
             key.append(None)
         else:
@@ -216,41 +238,64 @@ def _descriptor(fields: dict, base: torch.Tensor) -> TensorDescriptor:
     return desc
 
 
+def _moved_inputs(q, k, v, token_order, reordered_heads):
+    """q, k, v of the reordered heads gathered into `token_order` (contiguous; other heads' rows left unwritten),
+    and the buffer their output is written to in that order."""
+    moved = [triton_move_tokens(t, token_order, torch.empty(t.shape, dtype=t.dtype, device=t.device),
+                                reordered_heads) for t in (q, k, v)]
+    return (*moved, torch.empty(q.shape, dtype=q.dtype, device=q.device))
+
+
+def _strides_bh(t):
+    """Strides of a [B|1, H|1, ...] tensor's first two dims, 0 where a size-1 dim is shared by all."""
+    return [t.stride(d) if t.shape[d] > 1 else 0 for d in (0, 1)]
+
+
 class _DirectLaunch:
     """The compiled kernel chosen for one launch key (autotuned config included) and every argument that depends
     only on the key; a call supplies the data, allocates the output and launches through Triton's runner, which
     reads the current stream and builds the TMA descriptors from the bases as JITFunction.run's launch would."""
 
-    def __init__(self, kernel, grid, descs, mask_args: tuple, constexprs: tuple, sorts: bool):
+    def __init__(self, kernel, grid, descs, mask_args: tuple, constexprs: tuple, sorts: bool, reorders: bool):
         self.runner = kernel[grid]
         self.fields = [{**d.__dict__, "base": None} for d in descs]
+        self.reorders = reorders
         out = descs[3].base
         self.out_shape, self.out_stride, self.out_dtype, self.out_device = out.shape, out.stride(), out.dtype, \
             out.device
         self.mask_args, self.constexprs, self.sorts = mask_args, constexprs, sorts
 
-    def __call__(self, q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order):
+    def __call__(self, q, k, v, kv_num_blocks, kv_indices, scale, kv_lengths, q_block_order, token_order=None,
+                 reordered_heads=None):
         out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.out_dtype, device=self.out_device)
         order = block_mask.heaviest_first(kv_num_blocks) if self.sorts else q_block_order
-        fq, fk, fv, fo = self.fields
-        self.runner(_descriptor(fq, q), _descriptor(fk, k), _descriptor(fv, v), _descriptor(fo, out), kv_num_blocks,
-                    kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths, *self.mask_args,
-                    scale * LOG2E, *self.constexprs)
+        bases = (q, k, v, out)
+        moved_bases, flags = bases, kv_num_blocks
+        if self.reorders:
+            moved_bases, flags = _moved_inputs(q, k, v, token_order, reordered_heads), reordered_heads.view(torch.uint8)
+        descs = [_descriptor(f, base) for f, base in zip(self.fields, (*bases, *moved_bases))]
+        self.runner(*descs, kv_num_blocks, kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths,
+                    flags, *self.mask_args, scale * LOG2E, *self.constexprs)
+        if self.reorders:
+            triton_move_tokens(moved_bases[3], token_order, out, reordered_heads, scatter=True)
         return out
 
 
 def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: float, block_size: int,
                                   kv_lengths: Optional[torch.Tensor] = None, config: Optional[dict] = None,
                                   out: Optional[torch.Tensor] = None, q_block_order: Optional[torch.Tensor] = None,
-                                  record: Optional[tuple] = None, kv_unit: Optional[int] = None):
+                                  record: Optional[tuple] = None, kv_unit: Optional[int] = None,
+                                  token_order: Optional[torch.Tensor] = None,
+                                  reordered_heads: Optional[torch.Tensor] = None):
     """Launch the kernel. Inputs are assumed checked (see attention_op.check_inputs).
     `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning, e.g. for benchmarks of one
     variant or tests; so does `set_autotune(False)`, which takes the first valid config of the list. Under
     TRITON_INTERPRET=1 a small fixed config is used unless `config` names one. `out` (q's shape and dtype, any
     strides with a contiguous last dim; by default `attention_op.output_like(q)`: [B, S, H, D] in memory), if given,
     receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
-    checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is. `kv_unit`:
-    see the op."""
+    checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is. `kv_unit`,
+    `token_order` and `reordered_heads`: see the op; the reordered heads' q, k, v are gathered into the order
+    (`triton_move_tokens`), attended there and their output scattered back into `out`."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     given = (q, k, v, kv_num_blocks, kv_indices, q_block_order)
@@ -270,24 +315,24 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     if order.stride(-1) != 1:
         order = order.contiguous()
 
-    def broadcast_strides(t):  # a mask dim of size 1 is shared by every batch element / head
-        return [t.stride(d) if t.shape[d] > 1 else 0 for d in (0, 1)]
-
-    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim]) for t in (q, k, v, out)]
-    mask_args = (*broadcast_strides(kv_num_blocks), *broadcast_strides(kv_indices), kv_indices.stride(2),
-                 *broadcast_strides(order), heads, kv_len)
+    reorders = token_order is not None
+    tensors = (q, k, v, out)
+    moved, flags = tensors, kv_num_blocks
+    if reorders:
+        moved, flags = _moved_inputs(q, k, v, token_order, reordered_heads), reordered_heads.view(torch.uint8)
+    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim]) for t in (*tensors, *moved)]
+    mask_args = (*_strides_bh(kv_num_blocks), *_strides_bh(kv_indices), kv_indices.stride(2), *_strides_bh(order),
+                 *_strides_bh(flags), heads, kv_len)
     args = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
-            *mask_args, scale * LOG2E)
+            flags, *mask_args, scale * LOG2E)
     consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, KV_UNIT=block_mask.key_unit(kv_unit, block_size),
-                  HAS_KV_LENGTHS=kv_lengths is not None,
-                  IEEE=q.dtype == torch.float32)
+                  HAS_KV_LENGTHS=kv_lengths is not None, REORDERS=reorders, IEEE=q.dtype == torch.float32)
 
     def grid(meta):
         return (num_q_blocks * (block_size // meta["BLOCK_M"]), batch * heads)
 
     def launch(block_m, block_n, num_warps, num_stages, dot_fp32=False):
-        _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], "o_desc": descs[3],
-                           "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim})
+        _set_block_shapes({**_descriptor_args(descs), "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim})
         return _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n,
                                                     DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages)
 
@@ -299,8 +344,10 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     elif _autotune:
         kernel = _tuned(q.dtype)[grid](*args, **consts, DOT_FP32=False)
     else:
-        first = _prune(_configs(), {"q_desc": descs[0]}, **consts)[0]
+        first = _prune(_configs(), _descriptor_args(descs), **consts)[0]
         kernel = launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages)
+    if reorders:
+        triton_move_tokens(moved[3], token_order, out, reordered_heads, scatter=True)
     # Repeatable as is: the op's own call (default config), every base aligned (the key's last entry) and no tensor
     # copied or made contiguous here. The descriptors now carry the launched config's tiles (BLOCK_M, BLOCK_N),
     # which the constexprs must match.
@@ -309,11 +356,17 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         if len(_launches) >= _MAX_LAUNCHES:
             _launches.clear()
         block_m, block_n = descs[0].block_shape[2], descs[1].block_shape[2]
-        constexprs = (head_dim, block_size, consts["KV_UNIT"], block_m, block_n, kv_lengths is not None, False,
-                      consts["IEEE"])
+        constexprs = (head_dim, block_size, consts["KV_UNIT"], block_m, block_n, kv_lengths is not None, reorders,
+                      False, consts["IEEE"])
         _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, mask_args, constexprs,
-                                          sorts=q_block_order is None)
+                                          sorts=q_block_order is None, reorders=reorders)
     return out
+
+
+def _descriptor_args(descs) -> dict:
+    """The kernel's descriptor arguments by name."""
+    names = [prefix + name + "_desc" for prefix in ("", "moved_") for name in "qkvo"]
+    return dict(zip(names, descs))
 
 
 def set_autotune(enabled: bool) -> None:
@@ -323,11 +376,11 @@ def set_autotune(enabled: bool) -> None:
 
 
 def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False,
-                 kv_unit: Optional[int] = None) -> Optional[str]:
+                 kv_unit: Optional[int] = None, reorders: bool = False) -> Optional[str]:
     """The config the autotuner chose for a key, for benchmark reports (None before the first call)."""
     tuner = _tuned_kernels.get(dtype)
-    wanted = (head_dim, block_size, block_mask.key_unit(kv_unit, block_size), has_kv_lengths)
+    wanted = (head_dim, block_size, block_mask.key_unit(kv_unit, block_size), has_kv_lengths, reorders)
     for key, cfg in (tuner.cache.items() if tuner else ()):
-        if tuple(key[:4]) == wanted:
+        if tuple(key[:5]) == wanted:
             return str(cfg)
     return None

@@ -68,7 +68,7 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
                        dense=dense)
     if in_plan_order and not chosen.fixed_order:
         raise ValueError(f"planner {planner!r} has no fixed order for q, k, v to come in")
-    reorders = not in_plan_order and plan.perm is not None
+    reorders = not in_plan_order and plan.perm is not None and plan.reordered_heads is None
     if reorders:
         q, k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, constants, layout, block_size=block_size, density=density,
@@ -76,8 +76,10 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
     kv_unit = planner_kv_unit(planner)
     kv_num_blocks, kv_indices = _with_dense_fallback(dense, kv_num_blocks, kv_indices, q.shape[2], block_size,
                                                      kv_unit)
+    token_order = None if plan.reordered_heads is None else plan.perm
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
-                                                   plan.q_block_order, kv_unit=kv_unit)
+                                                   plan.q_block_order, kv_unit=kv_unit, token_order=token_order,
+                                                   reordered_heads=plan.reordered_heads)
     return (_reorder(out, plan.inverse) if reorders else out), kv_num_blocks, kv_indices
 
 

@@ -85,6 +85,29 @@ def assert_matches(out, q, k, v, num, idx, scale, block_size, kv_lengths, kv_uni
     assert (out.masked_select(empty[..., None]) == 0).all(), "rows with no visible key must be zeros"
 
 
+def reordering(seq_len, batch, heads, generator, flags_batch=True):
+    """A random token order [S] and reordered-head flags [B|1, H] with at least one head set and, where there are
+    several heads, at least one left as given."""
+    order = torch.randperm(seq_len, generator=generator)
+    flags = torch.rand(batch if flags_batch else 1, heads, generator=generator) < 0.5
+    flags.view(-1)[0] = True
+    if flags.numel() > 1:
+        flags.view(-1)[-1] = False
+    return order, flags
+
+
+def assert_matches_reordered(out, q, k, v, num, idx, scale, block_size, kv_lengths, kv_unit, order, flags):
+    """Each head's output, read in that head's order (`token_order` where reordered), is attention over q, k, v
+    read in it."""
+    orders = bsa.head_orders(order.to(q.device), flags.to(q.device)).expand(q.shape[:3])
+
+    def gather(t):
+        return torch.gather(t, 2, orders[..., None].expand(t.shape))
+
+    assert out.shape == q.shape and not out.isnan().any(), "unwritten (poisoned) or NaN elements in the output"
+    assert_matches(gather(out), gather(q), gather(k), gather(v), num, idx, scale, block_size, kv_lengths, kv_unit)
+
+
 dtypes = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
 
 
@@ -104,6 +127,36 @@ def test_op_cpu_matches_float64_sdpa(**case):
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl,
                                                    kv_unit=case["kv_unit"])
     assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl, case["kv_unit"])
+
+
+@settings(max_examples=15, deadline=None)
+@given(**cases(max_len=700, dims=[16, 64], block_sizes=[64, 128]), flags_batch=st.booleans())
+def test_op_cpu_reorders_the_heads_it_is_told_to(flags_batch, **case):
+    case["kv_len"], case["kv_aligned"] = case["q_len"], False  # reordered heads attend to themselves
+    q, k, v, num, idx, scale, kvl = make_case(**case)
+    order, flags = reordering(case["q_len"], case["batch"], case["heads"], torch.Generator().manual_seed(case["seed"]),
+                              flags_batch)
+    out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl,
+                                                   kv_unit=case["kv_unit"], token_order=order, reordered_heads=flags)
+    assert_matches_reordered(out, q, k, v, num, idx, scale, case["block_size"], kvl, case["kv_unit"], order, flags)
+
+
+@interpreted
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(**cases(max_len=260, dims=[16, 64], block_sizes=[64, 128]), flags_batch=st.booleans())
+def test_triton_kernel_reorders_the_heads_it_is_told_to(flags_batch, **case):
+    """Interpreted: the reordered heads' q, k, v gathered, attended from the moved copies and scattered back; the
+    other heads read in place. q, k, v come as transposes of [B, S, H, D], as diffusers hands them."""
+    case["kv_len"], case["kv_aligned"] = case["q_len"], False
+    q, k, v, num, idx, scale, kvl = make_case(**case)
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    order, flags = reordering(case["q_len"], case["batch"], case["heads"], torch.Generator().manual_seed(case["seed"]),
+                              flags_batch)
+    out = torch.full_like(q, float("nan"))
+    triton_block_sparse.triton_block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl, out=out,
+                                                      kv_unit=case["kv_unit"], token_order=order,
+                                                      reordered_heads=flags)
+    assert_matches_reordered(out, q, k, v, num, idx, scale, case["block_size"], kvl, case["kv_unit"], order, flags)
 
 
 @interpreted
@@ -219,6 +272,18 @@ def test_bad_inputs_raise_naming_the_problem():
         op(q, q, q, num, idx, 0.1, 64, None, torch.tensor([[[1, 1]]], dtype=torch.int32))
     with pytest.raises(ValueError, match="kv_unit must be a divisor of block_size=64"):
         op(q, q, q, num, idx, 0.1, 64, kv_unit=48)
+    order, flags = torch.arange(100).flip(0), torch.tensor([[True, False]])
+    with pytest.raises(ValueError, match="must be given together"):
+        op(q, q, q, num, idx, 0.1, 64, token_order=order)
+    with pytest.raises(ValueError, match=r"token_order must be int64 \[S=100\]"):
+        op(q, q, q, num, idx, 0.1, 64, token_order=order.int(), reordered_heads=flags)
+    with pytest.raises(ValueError, match=r"reordered_heads must be bool \[B=1\|1, H=2\]"):
+        op(q, q, q, num, idx, 0.1, 64, token_order=order, reordered_heads=flags.T)
+    with pytest.raises(ValueError, match="a permutation"):
+        op(q, q, q, num, idx, 0.1, 64, token_order=order.clamp(max=98), reordered_heads=flags)
+    short_num, short_idx = block_mask.full(1, 2, 100, 80, 64)
+    with pytest.raises(ValueError, match="one length, got 100 and 80"):
+        op(q, q[:, :, :80], q[:, :, :80], short_num, short_idx, 0.1, 64, token_order=order, reordered_heads=flags)
     starts = idx.clone()
     starts[0, 0, 0, 0] = 100  # a key block starting at token 100 of 100
     with pytest.raises(ValueError, match=r"kv_indices values must lie in \[0, 100\).*kv_unit=1"):
@@ -282,6 +347,25 @@ def test_gpu_op_matches_float64_sdpa(fixed_config, config, **case):
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl,
                                                    kv_unit=case["kv_unit"])
     assert_matches(out, q, k, v, num, idx, scale, case["block_size"], kvl, case["kv_unit"])
+
+
+@pytest.mark.gpu
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(**cases(max_len=2100, dims=[64, 128], block_sizes=[64, 128]), flags_batch=st.booleans())
+def test_gpu_op_reorders_the_heads_it_is_told_to(fixed_config, flags_batch, **case):
+    """Twice: the first call launches through Triton, the second through the recorded direct launch."""
+    case["kv_len"], case["kv_aligned"] = case["q_len"], False
+    q, k, v, num, idx, scale, kvl = make_case(**case, device="cuda")
+    order, flags = reordering(case["q_len"], case["batch"], case["heads"], torch.Generator().manual_seed(case["seed"]),
+                              flags_batch)
+    order, flags = order.cuda(), flags.cuda()
+    for _ in range(2):
+        poison_cuda_allocator(q)
+        out = torch.ops.vsparse.block_sparse_attention(q, k, v, num, idx, scale, case["block_size"], kvl,
+                                                       kv_unit=case["kv_unit"], token_order=order,
+                                                       reordered_heads=flags)
+        assert_matches_reordered(out, q, k, v, num, idx, scale, case["block_size"], kvl, case["kv_unit"], order,
+                                 flags)
 
 
 @pytest.mark.gpu

@@ -23,27 +23,30 @@ ATTENTION_M, ATTENTION_N, ATTENTION_WARPS, ATTENTION_STAGES = ATTENTION_CONFIGS[
 ATTENTION_TILE = "tensordesc<bf16[1,1,{},128]>"
 
 
-def _attention_case(kv_unit: int) -> tuple:
+def _attention_case(kv_unit: int, reorders: bool = False) -> tuple:
+    descs = {f"{prefix}{name}_desc": ATTENTION_TILE.format(ATTENTION_M if name in "qo" else ATTENTION_N)
+             for prefix in ("", "moved_") for name in "qkvo"}
     return (
         "triton_block_sparse", "_block_sparse_attention_kernel",
-        dict(q_desc=ATTENTION_TILE.format(ATTENTION_M), k_desc=ATTENTION_TILE.format(ATTENTION_N),
-             v_desc=ATTENTION_TILE.format(ATTENTION_N), o_desc=ATTENTION_TILE.format(ATTENTION_M), num_ptr="*i32",
-             idx_ptr="*i32", order_ptr="*i32", kv_lengths_ptr="*i32", stride_nb="i32", stride_nh="i32",
-             stride_ib="i32", stride_ih="i32", stride_iq="i32", stride_orb="i32", stride_orh="i32", heads="i32",
-             kv_len="i32", qk_scale="fp32"),
+        dict(descs, num_ptr="*i32", idx_ptr="*i32", order_ptr="*i32", kv_lengths_ptr="*i32", moved_ptr="*u8",
+             stride_nb="i32", stride_nh="i32", stride_ib="i32", stride_ih="i32", stride_iq="i32", stride_orb="i32",
+             stride_orh="i32", stride_mb="i32", stride_mh="i32", heads="i32", kv_len="i32", qk_scale="fp32"),
         dict(HEAD_DIM=128, BLOCK_SIZE=128, KV_UNIT=kv_unit, BLOCK_M=ATTENTION_M, BLOCK_N=ATTENTION_N,
-             HAS_KV_LENGTHS=False, DOT_FP32=False, IEEE=False),
+             HAS_KV_LENGTHS=False, REORDERS=reorders, DOT_FP32=False, IEEE=False),
         ATTENTION_WARPS, ATTENTION_STAGES, 255)
 
 
 CASES = {
     "block_sparse_attention": _attention_case(128),  # block ids
     "block_sparse_attention_token_starts": _attention_case(1),  # svg-shift's key blocks at token starts
-    "permute_tokens": (
-        "triton_permute", "_gather_tokens_kernel",
-        dict(x_ptr="*bf16", index_ptr="*i64", out_ptr="*bf16", stride_xb="i32", stride_xh="i32", stride_xs="i32",
-             stride_ib="i32", stride_ih="i32", heads="i32", seq_len="i32"),
-        dict(DIM=128, BLOCK_D=128, BLOCK_S=64), 4, 3, 255),  # triton_permute_tokens' defaults
+    "block_sparse_attention_reordered_heads": _attention_case(128, reorders=True),  # svg's temporal heads
+    **{name: (
+        "triton_permute", "_move_tokens_kernel",
+        dict(x_ptr="*bf16", index_ptr="*i64", moved_ptr="*u8", out_ptr="*bf16", stride_xb="i32", stride_xh="i32",
+             stride_xs="i32", stride_ob="i32", stride_oh="i32", stride_os="i32", stride_ib="i32", stride_ih="i32",
+             stride_mb="i32", stride_mh="i32", heads="i32", seq_len="i32"),
+        dict(DIM=128, BLOCK_D=128, BLOCK_S="BLOCK_S", SCATTER=scatter, HAS_MOVED=moved), "NUM_WARPS", 3, 255)
+       for name, scatter, moved in (("permute_tokens", False, False), ("move_tokens_back", True, True))},
     "sampled_rows_partial": (
         "triton_sampled_rows", "_sampled_rows_partial_kernel",
         dict(q_ptr="*bf16", k_desc=f"tensordesc<bf16[1,1,{PARTIAL_N},128]>",

@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dit_compiler.kernels import block_mask
+from dit_compiler.kernels.attention_op import head_orders
 from dit_compiler.options import SPARSITY
 from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.passes.sparse_attention import planner_kv_unit, sparse_attention
@@ -48,9 +49,13 @@ def test_planner_contract(name, layout, density, seed):
         assert _is_permutation(plan.perm, plan.inverse, seq_len)
         text = torch.cat([torch.arange(text_before), torch.arange(seq_len - text_after, seq_len)])
         assert torch.equal(plan.perm[..., text], text.expand(*plan.perm.shape[:-1], -1))
-        index = plan.perm if plan.perm.dim() == 1 else plan.perm.unsqueeze(-1).expand(*q.shape)
-        ordered = [t.index_select(2, plan.perm) if plan.perm.dim() == 1 else torch.gather(t, 2, index)
-                   for t in (q, k)]
+        perm = plan.perm
+        if plan.reordered_heads is not None:  # one [S] order for the heads set, the others in place
+            assert perm.dim() == 1 and plan.reordered_heads.dtype == torch.bool
+            assert plan.reordered_heads.shape in ((2, 3), (1, 3))
+            perm = head_orders(perm, plan.reordered_heads)
+        index = perm if perm.dim() == 1 else perm.unsqueeze(-1).expand(*q.shape)
+        ordered = [t.index_select(2, perm) if perm.dim() == 1 else torch.gather(t, 2, index) for t in (q, k)]
     # The mask is valid for the kernel, its key blocks of one query block never overlap (a key counted twice), and
     # every query sees its own key.
     num, idx = planner.mask(*ordered, plan, constants, layout, block_size=BLOCK, density=density, scale=scale)

@@ -9,13 +9,14 @@ rewrite (passes/sparse_attention.py) calls:
       They live in the compiled module as buffers, so no call recomputes them; with symbolic sizes the graph
       computes them per call.
   plan(q, k, v, constants, layout, *, block_size, density, scale, dense) -> Plan
-      Per call, traced into the graph (no host reads): the order of this call (shared [S], or per-head [B|1, H, S]
-      orders), and whatever the order's choice already decided about the mask. `dense` is the dense phase (a 0-dim
+      Per call, traced into the graph (no host reads): the order of this call (shared [S], per-head [B|1, H, S]
+      orders, or one [S] order for the heads `reordered_heads` [B|1, H] selects, the others staying in place), and
+      whatever the order's choice already decided about the mask. `dense` is the dense phase (a 0-dim
       bool tensor, or None when no call is dense): the call then runs the full mask whatever the plan says, so a
       planner whose own op can read the flag on the device skips its work there (svg's `sampled_rows_attention`).
   mask(q, k, plan, constants, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
       Per call: the block mask (kernels/block_mask.py's format, its key blocks stepped by `kv_unit`) for q, k
-      already in the plan's order.
+      already in the plan's order (as given when the plan has `reordered_heads`: the op moves them later).
   unsupported(layout, block_size) -> str | None (optional)
       At compile time: why this planner cannot serve the layout; the site then stays dense with that reason.
 
@@ -27,7 +28,8 @@ permuting its q, k, v and output.
 
 `layout` is (frames, height, width, text_before, text_after), ints or SymInts. The generic replacement permutes,
 plans, falls back to the full mask in the dense phase, calls `torch.ops.vsparse.block_sparse_attention` and restores
-the order. tests/test_planners.py runs one conformance test over every registered planner.
+the order; a plan with `reordered_heads` hands its order and heads to the op, which moves only those heads' rows.
+tests/test_planners.py runs one conformance test over every registered planner.
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ class Plan:
     # int32 [B|1, H|1, nq]: the kernel's query-block schedule (block_mask.heaviest_first of the mask's counts),
     # when the counts are known without the data; else the op sorts them every call
     q_block_order: Optional[torch.Tensor] = None
+    # bool [B|1, H]: `perm` ([S]) orders only these heads, the others keep the given order; the op then moves the
+    # heads' rows itself (its token_order / reordered_heads), where a per-head perm is a gather of every head
+    reordered_heads: Optional[torch.Tensor] = None
 
 
 class Planner(Protocol):

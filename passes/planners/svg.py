@@ -294,7 +294,8 @@ def svg_shift_constants(layout, block_size: int, density: float, num_sample_rows
 
 class SvgPlanner:
     """The planner contract (passes/planners/__init__.py) for Sparse VideoGen: both head masks and orders are
-    constants of the layout; per call, the sampled-row classification picks one per head."""
+    constants of the layout; per call, the sampled-row classification picks one per head, and the temporal heads
+    are the plan's `reordered_heads`."""
 
     name = "svg"
     fixed_order = False
@@ -306,7 +307,10 @@ class SvgPlanner:
         from dit_compiler.passes.planners import Plan
 
         _check_qkv(q, k, v, layout)
-        return Plan(*plan_with(classify_with(q, k, v, constants, scale, skip=dense), constants, q.shape[-2]))
+        # Only temporal heads move (the op gathers them): a spatial head's order is the identity.
+        temporal = classify_with(q, k, v, constants, scale, skip=dense)
+        return Plan(constants["position_major"], constants["position_major_inverse"],
+                    *masks_by_class(temporal, constants), reordered_heads=temporal)
 
     def mask(self, q, k, plan, constants, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices
