@@ -107,14 +107,13 @@ def _attend_query_tile(q_desc, k_desc, v_desc, o_desc, b, h, q_start, ids, count
 
 @triton.jit
 def _block_sparse_attention_kernel(
-        q_desc, k_desc, v_desc, o_desc, moved_q_desc, moved_k_desc, moved_v_desc, moved_o_desc, num_ptr, idx_ptr,
-        order_ptr, kv_lengths_ptr, moved_ptr, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb,
-        stride_orh, stride_mb, stride_mh, heads, kv_len, qk_scale,
+        q_desc, k_desc, v_desc, o_desc, num_ptr, idx_ptr, order_ptr, kv_lengths_ptr, heads_ptr, stride_nb, stride_nh,
+        stride_ib, stride_ih, stride_iq, stride_orb, stride_orh, stride_hb, stride_hh, heads, kv_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr, REORDERS: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_N: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr, SELECTS_HEADS: tl.constexpr, DOT_FP32: tl.constexpr,
         IEEE: tl.constexpr):
-    """REORDERS: heads whose `moved` flag is set read q, k, v from the moved_* tensors (gathered into the token
-    order by the launcher) and write their output to moved_o; the others read and write q, k, v, o."""
+    """SELECTS_HEADS: only heads whose flag in `heads_ptr` is set run; the others' programs return at once (the
+    launcher runs reordered heads as a second launch over their moved copies)."""
     M_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_M
     N_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
     slot = tl.program_id(0)
@@ -129,14 +128,12 @@ def _block_sparse_attention_kernel(
     key_limit = kv_len
     if HAS_KV_LENGTHS:
         key_limit = tl.minimum(key_limit, tl.load(kv_lengths_ptr + b))
-    moved = False
-    if REORDERS:
-        moved = tl.load(moved_ptr + b * stride_mb + h * stride_mh) != 0
-    # The branch is uniform per program (one head), so each side keeps its own pipelined key loop.
-    if moved:
-        _attend_query_tile(moved_q_desc, moved_k_desc, moved_v_desc, moved_o_desc, b, h, q_start, ids, count,
-                           key_limit, qk_scale, HEAD_DIM, KV_UNIT, BLOCK_M, BLOCK_N, N_TILES, DOT_FP32, IEEE)
-    else:
+    runs = True
+    if SELECTS_HEADS:
+        runs = tl.load(heads_ptr + b * stride_hb + h * stride_hh) != 0
+    # One key loop under a branch uniform per program: two loops (one per descriptor set) doubled the pipeline's
+    # shared memory, and the autotuner fell back to a slower tile (H100, kernels/NOTES.md).
+    if runs:
         _attend_query_tile(q_desc, k_desc, v_desc, o_desc, b, h, q_start, ids, count, key_limit, qk_scale,
                            HEAD_DIM, KV_UNIT, BLOCK_M, BLOCK_N, N_TILES, DOT_FP32, IEEE)
 
@@ -144,9 +141,8 @@ def _block_sparse_attention_kernel(
 def _set_block_shapes(args):
     """Descriptors carry their tile shape, so it must follow the config being tried or run."""
     q_rows, kv_rows, dim = args["BLOCK_M"], args["BLOCK_N"], args["HEAD_DIM"]
-    for prefix in ("", "moved_"):  # the same descriptors twice when no head is reordered
-        args[prefix + "q_desc"].block_shape = args[prefix + "o_desc"].block_shape = [1, 1, q_rows, dim]
-        args[prefix + "k_desc"].block_shape = args[prefix + "v_desc"].block_shape = [1, 1, kv_rows, dim]
+    args["q_desc"].block_shape = args["o_desc"].block_shape = [1, 1, q_rows, dim]
+    args["k_desc"].block_shape = args["v_desc"].block_shape = [1, 1, kv_rows, dim]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages), the measured best first: it is also the config used without autotuning.
@@ -173,7 +169,7 @@ def _tuned(dtype: torch.dtype):
     """One autotuner per dtype: descriptors carry no dtype Triton's autotuner could key on."""
     if dtype not in _tuned_kernels:
         _tuned_kernels[dtype] = triton.autotune(
-            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "KV_UNIT", "HAS_KV_LENGTHS", "REORDERS"],
+            configs=_configs(), key=["HEAD_DIM", "BLOCK_SIZE", "KV_UNIT", "HAS_KV_LENGTHS", "SELECTS_HEADS"],
             prune_configs_by={"early_config_prune": _prune})(_block_sparse_attention_kernel)
     return _tuned_kernels[dtype]
 
@@ -238,12 +234,18 @@ def _descriptor(fields: dict, base: torch.Tensor) -> TensorDescriptor:
     return desc
 
 
-def _moved_inputs(q, k, v, token_order, reordered_heads):
-    """q, k, v of the reordered heads gathered into `token_order` (contiguous; other heads' rows left unwritten),
-    and the buffer their output is written to in that order."""
-    moved = [triton_move_tokens(t, token_order, torch.empty(t.shape, dtype=t.dtype, device=t.device),
-                                reordered_heads) for t in (q, k, v)]
-    return (*moved, torch.empty(q.shape, dtype=q.dtype, device=q.device))
+def _passes(q, k, v, out, token_order, reordered_heads, flags_placeholder):
+    """The kernel launches of one call, as ((q, k, v, out), head flags or a placeholder): one over the given
+    tensors, or with reordered heads two: the other heads in place, then the reordered ones over copies gathered
+    into `token_order` (contiguous; the other heads' rows left unwritten) with an output buffer in that order, which
+    the caller scatters back."""
+    if token_order is None:
+        return [((q, k, v, out), flags_placeholder)]
+    moved = reordered_heads.contiguous()
+    copies = [triton_move_tokens(t, token_order, torch.empty(t.shape, dtype=t.dtype, device=t.device), moved)
+              for t in (q, k, v)]
+    moved_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return [((q, k, v, out), (~moved).view(torch.uint8)), ((*copies, moved_out), moved.view(torch.uint8))]
 
 
 def _strides_bh(t):
@@ -256,11 +258,10 @@ class _DirectLaunch:
     only on the key; a call supplies the data, allocates the output and launches through Triton's runner, which
     reads the current stream and builds the TMA descriptors from the bases as JITFunction.run's launch would."""
 
-    def __init__(self, kernel, grid, descs, mask_args: tuple, constexprs: tuple, sorts: bool, reorders: bool):
+    def __init__(self, kernel, grid, pass_descs, mask_args: tuple, constexprs: tuple, sorts: bool):
         self.runner = kernel[grid]
-        self.fields = [{**d.__dict__, "base": None} for d in descs]
-        self.reorders = reorders
-        out = descs[3].base
+        self.fields = [[{**d.__dict__, "base": None} for d in descs] for descs in pass_descs]
+        out = pass_descs[0][3].base
         self.out_shape, self.out_stride, self.out_dtype, self.out_device = out.shape, out.stride(), out.dtype, \
             out.device
         self.mask_args, self.constexprs, self.sorts = mask_args, constexprs, sorts
@@ -269,15 +270,13 @@ class _DirectLaunch:
                  reordered_heads=None):
         out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.out_dtype, device=self.out_device)
         order = block_mask.heaviest_first(kv_num_blocks) if self.sorts else q_block_order
-        bases = (q, k, v, out)
-        moved_bases, flags = bases, kv_num_blocks
-        if self.reorders:
-            moved_bases, flags = _moved_inputs(q, k, v, token_order, reordered_heads), reordered_heads.view(torch.uint8)
-        descs = [_descriptor(f, base) for f, base in zip(self.fields, (*bases, *moved_bases))]
-        self.runner(*descs, kv_num_blocks, kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths,
-                    flags, *self.mask_args, scale * LOG2E, *self.constexprs)
-        if self.reorders:
-            triton_move_tokens(moved_bases[3], token_order, out, reordered_heads, scatter=True)
+        passes = _passes(q, k, v, out, token_order, reordered_heads, kv_num_blocks)
+        for fields, (tensors, flags) in zip(self.fields, passes):
+            self.runner(*(_descriptor(f, t) for f, t in zip(fields, tensors)), kv_num_blocks, kv_indices, order,
+                        kv_num_blocks if kv_lengths is None else kv_lengths, flags, *self.mask_args, scale * LOG2E,
+                        *self.constexprs)
+        if token_order is not None:
+            triton_move_tokens(passes[1][0][3], token_order, out, reordered_heads, scatter=True)
         return out
 
 
@@ -295,7 +294,7 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
     checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is. `kv_unit`,
     `token_order` and `reordered_heads`: see the op; the reordered heads' q, k, v are gathered into the order
-    (`triton_move_tokens`), attended there and their output scattered back into `out`."""
+    (`triton_move_tokens`), attended there by a second launch and their output scattered back into `out`."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     given = (q, k, v, kv_num_blocks, kv_indices, q_block_order)
@@ -315,39 +314,44 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     if order.stride(-1) != 1:
         order = order.contiguous()
 
-    reorders = token_order is not None
-    tensors = (q, k, v, out)
-    moved, flags = tensors, kv_num_blocks
-    if reorders:
-        moved, flags = _moved_inputs(q, k, v, token_order, reordered_heads), reordered_heads.view(torch.uint8)
-    descs = [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim]) for t in (*tensors, *moved)]
+    passes = _passes(q, k, v, out, token_order, reordered_heads, kv_num_blocks)
+    selects = token_order is not None
     mask_args = (*_strides_bh(kv_num_blocks), *_strides_bh(kv_indices), kv_indices.stride(2), *_strides_bh(order),
-                 *_strides_bh(flags), heads, kv_len)
-    args = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
-            flags, *mask_args, scale * LOG2E)
+                 *_strides_bh(passes[0][1]), heads, kv_len)
     consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, KV_UNIT=block_mask.key_unit(kv_unit, block_size),
-                  HAS_KV_LENGTHS=kv_lengths is not None, REORDERS=reorders, IEEE=q.dtype == torch.float32)
+                  HAS_KV_LENGTHS=kv_lengths is not None, SELECTS_HEADS=selects, IEEE=q.dtype == torch.float32)
 
     def grid(meta):
         return (num_q_blocks * (block_size // meta["BLOCK_M"]), batch * heads)
 
-    def launch(block_m, block_n, num_warps, num_stages, dot_fp32=False):
-        _set_block_shapes({**_descriptor_args(descs), "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim})
-        return _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n,
-                                                    DOT_FP32=dot_fp32, num_warps=num_warps, num_stages=num_stages)
+    def run(descs, flags):
+        args = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
+                flags, *mask_args, scale * LOG2E)
 
-    if INTERPRET and config is None:
-        kernel = launch(64, 64, 4, 1, dot_fp32=True)
-    elif config is not None:
-        kernel = launch(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"],
-                        dot_fp32=INTERPRET)
-    elif _autotune:
-        kernel = _tuned(q.dtype)[grid](*args, **consts, DOT_FP32=False)
-    else:
-        first = _prune(_configs(), _descriptor_args(descs), **consts)[0]
-        kernel = launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages)
-    if reorders:
-        triton_move_tokens(moved[3], token_order, out, reordered_heads, scatter=True)
+        def launch(block_m, block_n, num_warps, num_stages, dot_fp32=False):
+            _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], "o_desc": descs[3],
+                               "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim})
+            return _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                        DOT_FP32=dot_fp32, num_warps=num_warps,
+                                                        num_stages=num_stages)
+
+        if INTERPRET and config is None:
+            return launch(64, 64, 4, 1, dot_fp32=True)
+        if config is not None:
+            return launch(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"],
+                          dot_fp32=INTERPRET)
+        if _autotune:  # the second pass reuses the first one's choice (one key)
+            return _tuned(q.dtype)[grid](*args, **consts, DOT_FP32=False)
+        first = _prune(_configs(), {"q_desc": descs[0]}, **consts)[0]
+        return launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages)
+
+    pass_descs = []
+    for tensors, flags in passes:
+        pass_descs.append([TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim])
+                           for t in tensors])
+        kernel = run(pass_descs[-1], flags)
+    if selects:
+        triton_move_tokens(passes[1][0][3], token_order, out, reordered_heads, scatter=True)
     # Repeatable as is: the op's own call (default config), every base aligned (the key's last entry) and no tensor
     # copied or made contiguous here. The descriptors now carry the launched config's tiles (BLOCK_M, BLOCK_N),
     # which the constexprs must match.
@@ -355,18 +359,12 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
             and all(a is b for a, b in zip((q, k, v, kv_num_blocks, kv_indices, order), given) if b is not None)):
         if len(_launches) >= _MAX_LAUNCHES:
             _launches.clear()
-        block_m, block_n = descs[0].block_shape[2], descs[1].block_shape[2]
-        constexprs = (head_dim, block_size, consts["KV_UNIT"], block_m, block_n, kv_lengths is not None, reorders,
+        block_m, block_n = pass_descs[0][0].block_shape[2], pass_descs[0][1].block_shape[2]
+        constexprs = (head_dim, block_size, consts["KV_UNIT"], block_m, block_n, kv_lengths is not None, selects,
                       False, consts["IEEE"])
-        _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, mask_args, constexprs,
-                                          sorts=q_block_order is None, reorders=reorders)
+        _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), pass_descs, mask_args,
+                                          constexprs, sorts=q_block_order is None)
     return out
-
-
-def _descriptor_args(descs) -> dict:
-    """The kernel's descriptor arguments by name."""
-    names = [prefix + name + "_desc" for prefix in ("", "moved_") for name in "qkvo"]
-    return dict(zip(names, descs))
 
 
 def set_autotune(enabled: bool) -> None:
@@ -376,10 +374,10 @@ def set_autotune(enabled: bool) -> None:
 
 
 def tuned_config(head_dim: int, block_size: int, dtype: torch.dtype, has_kv_lengths: bool = False,
-                 kv_unit: Optional[int] = None, reorders: bool = False) -> Optional[str]:
+                 kv_unit: Optional[int] = None, selects_heads: bool = False) -> Optional[str]:
     """The config the autotuner chose for a key, for benchmark reports (None before the first call)."""
     tuner = _tuned_kernels.get(dtype)
-    wanted = (head_dim, block_size, block_mask.key_unit(kv_unit, block_size), has_kv_lengths, reorders)
+    wanted = (head_dim, block_size, block_mask.key_unit(kv_unit, block_size), has_kv_lengths, selects_heads)
     for key, cfg in (tuner.cache.items() if tuner else ()):
         if tuple(key[:5]) == wanted:
             return str(cfg)
