@@ -82,7 +82,6 @@ def _fake_kernel(x, order, block_size):
     return x.new_empty(x.shape[0], x.shape[1], num_blocks(x.shape[2], block_size), x.shape[3], dtype=torch.float32)
 
 
-# No autograd kernel: planners take the means of detached inputs (PyTorch's fallback raises at backward if an input
-# requires grad).
-_lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel)
+# The means only rank key blocks.
+_lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel, nondifferentiable=True)
 block_means = torch.ops.vsparse.block_means

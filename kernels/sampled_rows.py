@@ -91,7 +91,6 @@ def _fake_kernel(q, k, v, rows, masks, scale, skip=None):
     return q.new_empty(q.shape[0], q.shape[1], masks.shape[0], rows.shape[0], q.shape[3], dtype=torch.float32)
 
 
-# No autograd kernel: the result chooses among masks, nothing differentiates through it (callers pass detached
-# inputs; PyTorch's fallback raises at backward if one does not).
-_lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel)
+# The result only chooses among masks.
+_lib = register_op(SCHEMA, cpu=_cpu_kernel, cuda=_cuda_kernel, fake=_fake_kernel, nondifferentiable=True)
 sampled_rows_attention = torch.ops.vsparse.sampled_rows_attention

@@ -53,8 +53,8 @@ def _to_plan_order(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -
     their scatter, fused there, more than doubled that kernel's time (H100,
     results/h100-2026-11-24/site-profile-e60ab47.txt), and Inductor's own gather recomputed RoPE's last step at the
     gathered rows (H200, results/h200-2026-12-04/svg-fused-gather-kernel-72160ab.txt)."""
-    if perm.dim() != 1:  # [B|1, H, S]; a batch dim of 1 is shared by every batch element
-        return torch.ops.vsparse.permute_tokens(x, perm[0] if perm.shape[0] == 1 else perm)
+    if perm.dim() != 1:  # [H, S] (shared by every batch element) or [B, H, S]
+        return torch.ops.vsparse.permute_tokens(x, perm)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device).index_copy(2, inverse, x)
 
 
@@ -70,7 +70,9 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
         raise ValueError(f"planner {planner!r} has no fixed order for q, k, v to come in")
     reorders = not in_plan_order and plan.perm is not None and plan.reordered_heads is None
     if reorders:
-        q, k, v = (_to_plan_order(t, plan.perm, plan.inverse) for t in (q, k, v))
+        # A per-head order's batch dim of 1 dropped once: one index node for q, k and v, not a view each.
+        perm = plan.perm[0] if plan.perm.dim() == 3 and plan.perm.shape[0] == 1 else plan.perm
+        q, k, v = (_to_plan_order(t, perm, plan.inverse) for t in (q, k, v))
     kv_num_blocks, kv_indices = chosen.mask(q, k, plan, constants, layout, block_size=block_size, density=density,
                                            scale=scale)
     kv_unit = planner_kv_unit(planner)

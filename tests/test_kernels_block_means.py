@@ -92,3 +92,10 @@ def test_compiles_as_one_opaque_call_with_symbolic_shapes():
     for seq_len in (50, 70):
         x, order = draw_case(0, 1, 2, seq_len, 16, torch.float32, True)
         torch.testing.assert_close(compiled(x, order), means(x, order))
+
+
+def test_result_is_a_constant_to_autograd():
+    """The means only rank key blocks: inputs that require grad give an output without grad_fn."""
+    x = torch.randn(1, 2, 40, 16, requires_grad=True)
+    out = kernels.block_means(x, torch.randperm(40), 16)
+    assert not out.requires_grad and out.grad_fn is None

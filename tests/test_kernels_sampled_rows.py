@@ -156,3 +156,12 @@ def test_gpu_kernels_match_float64_sdpa(splits, **case):
     assert_matches(out, q, k, v, rows, masks, scale)
     skip = torch.tensor(True, device="cuda")
     assert (torch.ops.vsparse.sampled_rows_attention(q, k, v, rows, masks, scale, skip) == 0).all()
+
+
+def test_result_is_a_constant_to_autograd():
+    """It only chooses among masks: inputs that require grad give an output without grad_fn (callers need not
+    detach, which made a second graph node of q and k: tests/test_planners.py)."""
+    q, k, v = (torch.randn(1, 2, 40, 16, requires_grad=True) for _ in range(3))
+    rows, masks = torch.tensor([3, 17]), torch.rand(2, 2, 40) < 0.5
+    out = torch.ops.vsparse.sampled_rows_attention(q, k, v, rows, masks, 0.25)
+    assert not out.requires_grad and out.grad_fn is None

@@ -364,3 +364,4 @@ def test_svg_shift_classifies_like_svg_on_the_same_candidates():
     rows = shift["sample_rows"]
     expected = block_mask.to_token_mask(num, idx, seq_len(*layout), seq_len(*layout), block, kv_unit=1)[0, 0, rows]
     assert torch.equal(shift["sample_masks"][2], expected)
+

@@ -94,4 +94,41 @@ def test_the_plan_order_is_the_gather_it_stands_for(seq_len, order, seed):
     batch = {"shared": 0, "per batch and head": 2, "per head": 1}[order]
     perm = torch.stack([torch.randperm(seq_len) for _ in range(3 * batch)]).view(batch, 3, seq_len) if batch \
         else torch.randperm(seq_len)
-    torch.testing.assert_close(_to_plan_order(x, perm, invert_permutation(perm)), _reorder(x, perm), rtol=0, atol=0)
+    index = perm[0] if order == "per head" else perm  # [S], [H, S] or [B, H, S], as the site hands it over
+    torch.testing.assert_close(_to_plan_order(x, index, invert_permutation(index)), _reorder(x, perm), rtol=0,
+                               atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(PLANNERS))
+def test_the_site_reads_each_value_through_one_graph_node(name):
+    """Every vsparse op of a compiled site reads q, k and v through the same graph nodes: each op's inputs are
+    realized with their traced strides, so two nodes for one value are written out twice. svg's `detach()` for the
+    sampled rows came out of functionalization as a second permute of RoPE's output, and Inductor's RoPE kernel
+    stored q and k twice (H100, Wan-1.3B: +32 µs a site for each; README, "End to end")."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from tiny_models import wan
+
+    graphs = []
+
+    class Capture(CustomGraphPass):
+        def __call__(self, graph):
+            graphs.append(graph)
+
+        def uuid(self):
+            return None  # no FX graph cache entry: every compile runs the pass
+
+    model, inputs = wan(frames=2, height=32, width=32, text=5, layers=1, head_dim=64)  # svg-shift: frames > 3 blocks
+    torch._dynamo.reset()
+    options = dict(sparsity=name, density=0.5, block_size=64, dense_layers=0, dense_steps=0.0, cache="none",
+                   force_sparse=True)
+    compiled = torch.compile(model, backend="vsparse", options=options)
+    with torch.no_grad(), torch._inductor.config.patch(post_grad_custom_post_pass=Capture(), fx_graph_cache=False):
+        compiled(**inputs)
+    ops = [n for graph in graphs for n in graph.nodes
+           if n.op == "call_function" and str(n.target).startswith("vsparse.")]
+    assert any(op.target is torch.ops.vsparse.block_sparse_attention.default for op in ops), "no site rewritten"
+    producers: dict = {}
+    for node in (a for op in ops for a in op.all_input_nodes if a.op == "call_function"):
+        producers.setdefault((node.target, repr(node.args), repr(node.kwargs)), set()).add(node)
+    assert not [(key, nodes) for key, nodes in producers.items() if len(nodes) > 1], "one value, several graph nodes"

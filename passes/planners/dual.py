@@ -37,7 +37,7 @@ def dual_plan(q, k, constants: dict, *, block_size: int, scale=None):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     counts = constants["block_counts"]
     for name in LAYOUTS:
-        q_means, k_means = (torch.ops.vsparse.block_means(t.detach(), constants[name], block_size) for t in (q, k))
+        q_means, k_means = (torch.ops.vsparse.block_means(t, constants[name], block_size) for t in (q, k))
         scores = pooled_map(q_means, k_means, counts, scale)
         num, idx = common.strongest_blocks(scores, constants["forced"], constants["kept"])
         masses.append(kept_mass(scores, constants["kept_slots"], idx))

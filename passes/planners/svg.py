@@ -205,8 +205,8 @@ def sampled_errors(q, k, v, constants: dict, scale=None, skip=None) -> tuple[tor
     against their full-attention output, all three from one `sampled_rows_attention` call (one pass over K and V on
     CUDA). `skip` (0-dim bool, the dense phase) set: zeros, computed by nothing."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    outputs = torch.ops.vsparse.sampled_rows_attention(q.detach(), k.detach(), v.detach(), constants["sample_rows"],
-                                                       constants["sample_masks"], scale, skip)
+    outputs = torch.ops.vsparse.sampled_rows_attention(q, k, v, constants["sample_rows"], constants["sample_masks"],
+                                                       scale, skip)
     full, spatial, temporal = outputs.unbind(2)
     return (spatial - full).square().mean(dim=(-2, -1)), (temporal - full).square().mean(dim=(-2, -1))
 
