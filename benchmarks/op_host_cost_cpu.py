@@ -6,12 +6,14 @@ benchmarks/site_breakdown.py --host-only measures the whole call on a GPU.
 
   normal path   the op as a torch.library.custom_op (before) or the Library op with direct launches off: checks,
                 descriptors and the launch through `kernel[grid](...)` (stubbed) every call
-  direct path   the Library op after the first call for a key: launch key, recorded launch
+  direct path   the Library op after the first call for a key: launch key, recorded launch; also as svg calls
+                it (a token order and reordered heads: two attention launches, the moves' two)
 
     python benchmarks/op_host_cost_cpu.py
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 import types
@@ -20,7 +22,7 @@ from typing import Optional
 import torch
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
-from dit_compiler.kernels import attention_op, block_mask, triton_block_sparse as tbs
+from dit_compiler.kernels import attention_op, block_mask, triton_block_sparse as tbs, triton_permute
 
 
 class _StubKernel:
@@ -33,8 +35,8 @@ class _StubKernel:
         return self
 
 
-def us_per_call(fn, calls: int = 20000) -> float:
-    for _ in range(500):
+def us_per_call(fn, calls: int) -> float:
+    for _ in range(min(500, calls)):
         fn()
     start = time.perf_counter()
     for _ in range(calls):
@@ -42,13 +44,16 @@ def us_per_call(fn, calls: int = 20000) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def main() -> None:
+def main(calls: int = 20000) -> dict:
     # As on CUDA: the checks read metadata only; Triton launches nothing; the launch key needs no CUDA device.
     attention_op.block_mask = types.SimpleNamespace(
-        validate=block_mask.validate_shapes,
+        validate=lambda *args: block_mask.validate_shapes(*args[:7]),  # without kv_unit, which needs values
         validate_shapes=block_mask.validate_shapes,
         validate_order=lambda *args, values: block_mask.validate_order(*args, values=False))
     tbs._block_sparse_attention_kernel = _StubKernel()
+    triton_permute._move_tokens_kernel = _StubKernel()
+    reordering_check = attention_op.check_reordering
+    attention_op.check_reordering = lambda *args: reordering_check(*args[:-1], False)
     tbs.INTERPRET, tbs._autotune, tbs._current_device = False, False, lambda: 0
     lib = torch.library.Library("vsparse", "IMPL")
     lib.impl("block_sparse_attention", attention_op._cuda_kernel, "CPU")  # CPU tensors take the CUDA path
@@ -67,16 +72,23 @@ def main() -> None:
     order = block_mask.heaviest_first(num)
     op = torch.ops.vsparse.block_sparse_attention
     result = {"before_custom_op_normal_path_us": us_per_call(
-        lambda: torch.ops.vsparse_before.block_sparse_attention(q, k, v, num, idx, 0.125, 128, None, order))}
+        lambda: torch.ops.vsparse_before.block_sparse_attention(q, k, v, num, idx, 0.125, 128, None, order), calls)}
     tbs._direct_launch = False
-    result["library_op_normal_path_us"] = us_per_call(lambda: op(q, k, v, num, idx, 0.125, 128, None, order))
+    result["library_op_normal_path_us"] = us_per_call(lambda: op(q, k, v, num, idx, 0.125, 128, None, order), calls)
     tbs._direct_launch = True
-    result["library_op_direct_path_us"] = us_per_call(lambda: op(q, k, v, num, idx, 0.125, 128, None, order))
+    result["library_op_direct_path_us"] = us_per_call(lambda: op(q, k, v, num, idx, 0.125, 128, None, order), calls)
     assert tbs._launches, "the direct path was not taken"
-    result["library_op_direct_path_sorting_us"] = us_per_call(lambda: op(q, k, v, num, idx, 0.125, 128, None))
+    result["library_op_direct_path_sorting_us"] = us_per_call(lambda: op(q, k, v, num, idx, 0.125, 128, None), calls)
+    q2, k2, v2 = (torch.randn(1, 2, 256, 64, dtype=torch.bfloat16) for _ in range(3))
+    token_order, reordered = torch.randperm(256), torch.tensor([[True, False]])
+    result["library_op_direct_path_reordering_us"] = us_per_call(
+        lambda: op(q2, k2, v2, num, idx, 0.125, 128, None, order, None, token_order, reordered), calls)
     result["torch"], result["triton"] = torch.__version__, tbs.triton.__version__
     print(json.dumps({n: round(x, 1) if isinstance(x, float) else x for n, x in result.items()}, indent=1))
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=20000, help="calls timed per variant")
+    main(parser.parse_args().calls)

@@ -15,8 +15,8 @@ planning = site - fixed; permutation = fixed - unpermuted (a gather Inductor fus
 transpose is charged only what it adds to that kernel). kernel: the op alone on the planned inputs; FlexAttention
 with the identical block mask as a peer. "site share" is (planning + permutation) / kernel, the figure the planning
 target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per call of
-`torch.ops.vsparse.block_sparse_attention` (with the query-block schedule given, as the rewrite calls it, and without)
-and of SDPA on a tiny problem, enqueued back to back (no syncs), so the GPU never limits them; also with the
+`torch.ops.vsparse.block_sparse_attention` (with the query-block schedule given, as the rewrite calls it, without,
+and as svg calls it, with a token order and reordered heads) and of SDPA on a tiny problem, enqueued back to back (no syncs), so the GPU never limits them; also with the
 op's direct launches off (Triton's JITFunction.run / autotuner binding every call, as before they existed). Medians of
 `triton.testing.do_bench`; random inputs (planning cost does not depend on values). `--device cpu` with a small
 `--grid` is a smoke run (tests/test_site_breakdown.py): wall-clock medians, no FlexAttention, no op host cost.
@@ -183,9 +183,15 @@ def op_host_cost() -> dict:
     def ours():  # as the rewrite calls it: the planner gives the kernel's schedule
         return op(q, k, v, num, idx, 0.125, 128, None, order)
 
+    # svg's call: one token order, the temporal heads' rows moved (two heads, one reordered)
+    q2, k2, v2 = (torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    token_order = torch.randperm(256, device="cuda")
+    reordered = torch.tensor([[True, False]], device="cuda")
     result = {"block_sparse_attention_us": round(host_us_per_call(ours), 1),
               "block_sparse_attention_sorting_us": round(host_us_per_call(
                   lambda: op(q, k, v, num, idx, 0.125, 128, None)), 1),
+              "block_sparse_attention_reordering_us": round(host_us_per_call(
+                  lambda: op(q2, k2, v2, num, idx, 0.125, 128, None, order, None, token_order, reordered)), 1),
               "sdpa_us": round(host_us_per_call(lambda: F.scaled_dot_product_attention(q, k, v)), 1),
               "direct_launches": len(triton_block_sparse._launches)}
     direct = triton_block_sparse._direct_launch
@@ -325,6 +331,7 @@ def main() -> None:
     if host:
         print(f"\nop host cost per call: block_sparse_attention {host['block_sparse_attention_us']} µs with the "
               f"schedule given ({host['block_sparse_attention_sorting_us']} µs sorting it itself, "
+              f"{host['block_sparse_attention_reordering_us']} µs with svg's reordered heads, "
               f"{host['block_sparse_attention_normal_path_us']} µs without direct launches), "
               f"SDPA {host['sdpa_us']} µs")
     if args.out:

@@ -2,8 +2,8 @@
 # One command on a lent GPU machine (the library's `device` tool): install the carried wheels and this checkout, record
 # the machine, then run the named steps, each writing under $OUT. The device's copy has no git metadata, so the caller
 # names the commit. benchmarks/README.md, "On a lent GPU", shows a call.
-#   COMMIT=<hash> STEPS="tests kernel ab site e2e" [TESTS=...] [VARIANTS=...] [PLANNERS=...] [DENSITIES=...] \
-#     [PROFILE=--profile] [LIMIT=s] [CACHE=shared] [AB_BASE=.ab/base] bash scripts/device_steps.sh
+#   COMMIT=<hash> STEPS="tests kernel ab site overhead e2e" [TESTS=...] [VARIANTS=...] [PLANNERS=...] \
+#     [DENSITIES=...] [PROFILE=--profile] [LIMIT=s] [CACHE=shared] [AB_BASE=.ab/base] bash scripts/device_steps.sh
 # e2e compiles every variant cold (its own Inductor cache) unless CACHE=shared: only cold compile times compare.
 set -uo pipefail
 : "${COMMIT:?name the commit of this checkout}" "${STEPS:?name the steps}" "${OUT:?run under the device tool}"
@@ -28,6 +28,10 @@ for step in $STEPS; do
     site)  # one Wan-1.3B layer's site taken apart: planning, permutation, kernel (PLANNERS, DENSITIES)
       timeout 300 python3 benchmarks/site_breakdown.py --planners ${PLANNERS:-svg} --densities ${DENSITIES:-0.1} \
         ${PROFILE:-} --out "$OUT/site.json" 2>&1 | tee "$OUT/site.txt" | grep -v "^  *[0-9]" | tail -30 ;;
+    overhead)  # the small Wan model's forward, default options against Inductor, with and without CUDA graphs
+      small=inductor,vsparse-defaults,inductor-reduce-overhead,vsparse-defaults-reduce-overhead
+      timeout 300 python3 benchmarks/runtime_overhead.py --variants "${OVERHEAD_VARIANTS:-$small}" \
+        --out "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.txt" | tail -30 ;;
     e2e)  # whole Wan-1.3B forwards, Inductor dense first for the ratios
       shared=; [ "${CACHE:-cold}" = shared ] && shared=--shared-cache
       timeout "${LIMIT:-470}" python3 benchmarks/end_to_end.py $shared ${PROFILE:-} \

@@ -11,7 +11,8 @@ import sys
 import pytest
 import triton
 
-from dit_compiler.kernels.triton_block_sparse import CONFIGS as ATTENTION_CONFIGS
+from dit_compiler.kernels.triton_block_sparse import ALL_HEADS, CONFIGS as ATTENTION_CONFIGS, FLAGGED_HEADS, \
+    UNFLAGGED_HEADS
 from dit_compiler.kernels.triton_sampled_rows import CONFIG
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -24,7 +25,7 @@ ATTENTION_M, ATTENTION_N, ATTENTION_WARPS, ATTENTION_STAGES = ATTENTION_CONFIGS[
 ATTENTION_TILE = "tensordesc<bf16[1,1,{},128]>"
 
 
-def _attention_case(kv_unit: int, selects_heads: bool = False) -> tuple:
+def _attention_case(kv_unit: int, heads: int = ALL_HEADS.value) -> tuple:
     return (
         "triton_block_sparse", "_block_sparse_attention_kernel",
         dict(q_desc=ATTENTION_TILE.format(ATTENTION_M), k_desc=ATTENTION_TILE.format(ATTENTION_N),
@@ -33,21 +34,25 @@ def _attention_case(kv_unit: int, selects_heads: bool = False) -> tuple:
              stride_nh="i32", stride_ib="i32", stride_ih="i32", stride_iq="i32", stride_orb="i32", stride_orh="i32",
              stride_hb="i32", stride_hh="i32", heads="i32", kv_len="i32", qk_scale="fp32"),
         dict(HEAD_DIM=128, BLOCK_SIZE=128, KV_UNIT=kv_unit, BLOCK_M=ATTENTION_M, BLOCK_N=ATTENTION_N,
-             HAS_KV_LENGTHS=False, SELECTS_HEADS=selects_heads, DOT_FP32=False, IEEE=False),
+             HAS_KV_LENGTHS=False, HEADS=heads, DOT_FP32=False, IEEE=False),
         ATTENTION_WARPS, ATTENTION_STAGES, 255)
 
 
 CASES = {
     "block_sparse_attention": _attention_case(128),  # block ids
     "block_sparse_attention_token_starts": _attention_case(1),  # svg-shift's key blocks at token starts
-    "block_sparse_attention_selected_heads": _attention_case(128, selects_heads=True),  # svg's reordered heads
+    "block_sparse_attention_flagged_heads": _attention_case(128, FLAGGED_HEADS.value),  # svg's reordered heads
+    "block_sparse_attention_unflagged_heads": _attention_case(128, UNFLAGGED_HEADS.value),  # and its others
     **{name: (
         "triton_permute", "_move_tokens_kernel",
-        dict(x_ptr="*bf16", index_ptr="*i64", moved_ptr="*u8", out_ptr="*bf16", stride_xb="i32", stride_xh="i32",
-             stride_xs="i32", stride_ob="i32", stride_oh="i32", stride_os="i32", stride_ib="i32", stride_ih="i32",
-             stride_mb="i32", stride_mh="i32", heads="i32", seq_len="i32"),
-        dict(DIM=128, BLOCK_D=128, BLOCK_S="BLOCK_S", SCATTER=scatter, HAS_MOVED=moved), "NUM_WARPS", 3, 255)
-       for name, scatter, moved in (("permute_tokens", False, False), ("move_tokens_back", True, True))},
+        dict(x0_ptr="*bf16", x1_ptr="*bf16", x2_ptr="*bf16", index_ptr="*i64", moved_ptr="*u8", out0_ptr="*bf16",
+             out1_ptr="*bf16", out2_ptr="*bf16", stride_xb="i32", stride_xh="i32", stride_xs="i32", stride_ob="i32",
+             stride_oh="i32", stride_os="i32", stride_ib="i32", stride_ih="i32", stride_mb="i32", stride_mh="i32",
+             heads="i32", seq_len="i32"),
+        dict(DIM=128, BLOCK_D=128, BLOCK_S="BLOCK_S", SCATTER=scatter, HAS_MOVED=moved, NUM_TENSORS=tensors),
+        "NUM_WARPS", 3, 255)
+       for name, scatter, moved, tensors in (("permute_tokens", False, False, 1), ("move_tokens_back", True, True, 1),
+                                             ("move_qkv_tokens", False, True, 3))},  # svg's reordered heads
     "sampled_rows_partial": (
         "triton_sampled_rows", "_sampled_rows_partial_kernel",
         dict(q_ptr="*bf16", k_desc=f"tensordesc<bf16[1,1,{PARTIAL_N},128]>",

@@ -1,13 +1,18 @@
 """The op's host fast path (kernels/triton_block_sparse.py, "Host cost"): a CUDA call whose launch key was seen
 launches the recorded compiled kernel with the arguments the normal path would bind. On CPU, Triton's launch is
 replaced by a recorder (`FakeJIT`), so these tests check the caching logic; test_gpu_* run the real kernel."""
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
-from dit_compiler.kernels import attention_op, block_mask, triton_block_sparse as tbs
+from dit_compiler.kernels import attention_op, block_mask, triton_block_sparse as tbs, triton_permute
 from dit_compiler.kernels.masks.random import random_block_mask
 
 ARG_NAMES = tbs._block_sparse_attention_kernel.arg_names
@@ -96,6 +101,66 @@ def test_direct_launch_passes_what_the_normal_launch_binds(fake_triton, monkeypa
         assert same_argument(a, b), f"{name}: direct {a!r} vs normal {b!r}"
     for t, desc in zip(second[:3], direct_args[:3]):
         assert desc.base is t
+
+
+class FakeMoveJIT:
+    """Stands in for triton_permute's move kernel: records the normal launches (arguments in parameter order,
+    constexprs last) and the direct ones of the compiled kernel it returns."""
+
+    def __init__(self):
+        self.launches, self.direct = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps=None, **consts):
+            self.launches.append(([*args, *consts.values()], grid))
+            return FakeCompiledMove(self)
+
+        return run
+
+
+class FakeCompiledMove:
+    def __init__(self, jit):
+        self.jit = jit
+
+    def __getitem__(self, grid):
+        return lambda *args: self.jit.direct.append((list(args), grid))
+
+
+def reordering_case(seed):
+    """case()'s inputs in diffusers' layout with svg's reordering: one token order, the first head reordered."""
+    order = torch.randperm(150, generator=torch.Generator().manual_seed(seed))
+    return (*case(seed=seed, heads_major=True), None, order, torch.tensor([[True, False]]))
+
+
+def test_reordered_heads_repeat_their_moves_directly(fake_triton, monkeypatch):
+    """A recorded call with reordered heads launches both attention passes and both moves (q, k, v gathered in one
+    launch, the output scattered back) directly, with what the normal path binds for the same inputs."""
+    moves = FakeMoveJIT()
+    monkeypatch.setattr(triton_permute, "_move_tokens_kernel", moves)
+    call(reordering_case(1))
+    assert (len(fake_triton.launches), len(moves.launches), len(moves.direct)) == (2, 2, 0)
+    second = reordering_case(2)
+    call(second)
+    assert (len(fake_triton.launches), len(fake_triton.direct)) == (2, 2)
+    assert (len(moves.launches), len(moves.direct)) == (2, 2), "the moves did not launch directly"
+    monkeypatch.setattr(tbs, "_direct_launch", False)
+    call(second)
+    for (direct, direct_grid), (normal, normal_grid) in zip(moves.direct, moves.launches[2:]):
+        assert direct_grid == normal_grid and len(direct) == len(normal)
+        for a, b in zip(direct, normal):
+            if isinstance(a, torch.Tensor):  # the given tensors themselves; fresh copies alike in layout
+                assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            else:
+                assert type(a) is type(b) and a == b
+    for (direct, direct_grid), (normal, normal_grid) in zip(fake_triton.direct, fake_triton.launches[2:]):
+        assert direct_grid == normal_grid and len(direct) == len(normal) == len(ARG_NAMES)
+        for name, a, b in zip(ARG_NAMES, direct, normal):
+            assert same_argument(a, b), f"{name}: direct {a!r} vs normal {b!r}"
+    assert [args[ARG_NAMES.index("HEADS")] for args, _ in fake_triton.direct] == [tbs.UNFLAGGED_HEADS.value,
+                                                                                  tbs.FLAGGED_HEADS.value]
+    q, k, v = second[:3]
+    gather = moves.direct[0][0]
+    assert gather[0] is q and gather[1] is k and gather[2] is v and gather[3] is second[-2]
 
 
 @pytest.mark.parametrize("change", [dict(dtype=torch.float16), dict(dim=32), dict(block_size=128),
@@ -213,6 +278,22 @@ def test_gpu_direct_launch_matches_the_normal_launch(monkeypatch, order):
     assert len(direct) == 1  # seed 1 repeats seed 0's key; seed 2 adds kv_lengths, a new key
 
 
+@pytest.mark.gpu
+def test_gpu_direct_launch_with_reordered_heads_matches_the_normal_launch(monkeypatch):
+    monkeypatch.setattr(tbs, "_launches", {})
+    monkeypatch.setattr(attention_op, "_check_mask_values_on_cuda", False)
+    op = torch.ops.vsparse.block_sparse_attention
+    for seed in range(3):
+        q, k, v, num, idx, scale, block_size, kvl, schedule, kv_unit, order, flags = (
+            a.cuda() if isinstance(a, torch.Tensor) else a for a in reordering_case(seed))
+        got = op(q, k, v, num, idx, scale, block_size, kvl, schedule, kv_unit, order, flags)
+        monkeypatch.setattr(tbs, "_direct_launch", False)
+        want = op(q, k, v, num, idx, scale, block_size, kvl, schedule, kv_unit, order, flags)
+        monkeypatch.setattr(tbs, "_direct_launch", True)
+        assert torch.equal(got, want)
+    assert len(tbs._launches) == 1
+
+
 @pytest.mark.skipif(not tbs.INTERPRET, reason="needs TRITON_INTERPRET=1")
 def test_triton_kernel_copies_a_misaligned_contiguous_base():
     """`contiguous()` returned such a tensor as it was, and TensorDescriptor refused the base."""
@@ -222,3 +303,15 @@ def test_triton_kernel_copies_a_misaligned_contiguous_base():
     out = tbs.triton_block_sparse_attention(shifted, k, v, num, idx, scale, block_size, q_block_order=order)
     torch.testing.assert_close(out, attention_op.reference_block_sparse_attention(q, k, v, num, idx, scale,
                                                                                    block_size), atol=1e-4, rtol=1e-4)
+
+
+def test_host_cost_benchmark_runs_without_a_gpu():
+    """benchmarks/op_host_cost_cpu.py stubs the launches and times the host path: it had kept an old signature of
+    block_mask.validate and raised before timing anything."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmarks/op_host_cost_cpu.py", "--calls", "20"], cwd=root,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert all(result[name] > 0 for name in ("library_op_normal_path_us", "library_op_direct_path_us",
+                                              "library_op_direct_path_reordering_us"))

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import dit_compiler.kernels as kernels
-from dit_compiler.kernels.triton_permute import triton_permute_tokens
+from dit_compiler.kernels.triton_permute import move_tokens, triton_permute_tokens
 
 # Tests that run Triton kernels on CPU tensors through the interpreter (GPU runs set TRITON_INTERPRET=0).
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
@@ -48,6 +48,68 @@ def test_triton_gather_and_inverse(**drawn):
     back = torch.full_like(x, float("nan"))
     triton_permute_tokens(out, kernels.invert_permutation(index), out=back)
     assert torch.equal(back, x)
+
+
+def moves_case(seed, batch, heads, seq_len, dim, tensors, strided, flag_batch, device="cpu"):
+    """`tensors` inputs [B, H, S, D] (the `strided` ones transposes of [B, S, H, D], as diffusers lays q, k, v out),
+    one order [S] and head flags [B|1, H] with at least one set and, where H > 1, one clear."""
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(batch, seq_len, heads, dim, generator=g).transpose(1, 2) if i in strided else
+          torch.randn(batch, heads, seq_len, dim, generator=g) for i in range(tensors)]
+    flags = torch.rand(batch if flag_batch else 1, heads, generator=g) < 0.5
+    flags[:, 0], flags[:, -1] = True, heads == 1
+    return [x.to(device) for x in xs], torch.randperm(seq_len, generator=g).to(device), flags.to(device)
+
+
+def expected_moves(x, order, flags, scatter, out):
+    """Each flagged head's rows gathered into `order` (or scattered out of it); the others' rows left as in out."""
+    want = out.clone()
+    for b in range(x.shape[0]):
+        for h in range(x.shape[1]):
+            if flags[min(b, flags.shape[0] - 1), h]:
+                if scatter:
+                    want[b, h, order] = x[b, h]
+                else:
+                    want[b, h] = x[b, h, order]
+    return want
+
+
+moves = dict(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), heads=st.integers(1, 3),
+             seq_len=st.integers(1, 200), dim=st.sampled_from([16, 64, 128]), tensors=st.integers(1, 4),
+             strided=st.sets(st.integers(0, 3)), flag_batch=st.booleans(), scatter=st.booleans())
+
+
+@interpreted
+@settings(max_examples=20, deadline=None)
+@given(**moves)
+def test_triton_moves_several_tensors_of_the_flagged_heads(scatter, **drawn):
+    """q, k and v in one launch where their strides agree, in separate ones where not, more than three in two;
+    rows of heads left unflagged are neither read nor written (the outputs are poisoned)."""
+    xs, order, flags = moves_case(**drawn)
+    outs = [torch.full(x.shape, float("nan")) for x in xs]
+    launches = move_tokens(xs, order, outs, flags, scatter=scatter)
+    assert len(launches) == sum((len(group) + 2) // 3 for group in (
+        [i for i in range(len(xs)) if (i in drawn["strided"]) == strided] for strided in (False, True)) if group)
+    for x, out in zip(xs, outs):
+        torch.testing.assert_close(out, expected_moves(x, order, flags, scatter, torch.full(x.shape, float("nan"))),
+                                   rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+@settings(max_examples=20, deadline=None)
+@given(**moves)
+def test_gpu_recorded_moves_repeat_the_first_launch(scatter, **drawn):
+    """The compiled launches `move_tokens` returns, called with another call's tensors of the same layout, move
+    those (the block-sparse op's direct launch replays them)."""
+    xs, order, flags = moves_case(**drawn, device="cuda")
+    launches = move_tokens(xs, order, [torch.empty_like(x) for x in xs], flags, scatter=scatter)
+    again, order2, _ = moves_case(**{**drawn, "seed": drawn["seed"] + 1}, device="cuda")
+    outs = [torch.full(x.shape, float("nan"), device="cuda") for x in again]
+    for launch in launches:
+        launch(again, order2, outs, flags)
+    for x, out in zip(again, outs):
+        torch.testing.assert_close(out, expected_moves(x, order2, flags, scatter, torch.full_like(x, float("nan"))),
+                                   rtol=0, atol=0, equal_nan=True)
 
 
 @settings(max_examples=25, deadline=None)
