@@ -33,11 +33,6 @@ from dit_compiler.kernels.triton_permute import move_tokens
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
-# The kernel's HEADS: every head, or one side of a per-head flag (a selecting launch skips the other heads; the tile
-# loop is the same, so every HEADS shares one autotuned config).
-ALL_HEADS: tl.constexpr = tl.constexpr(0)
-FLAGGED_HEADS: tl.constexpr = tl.constexpr(1)
-UNFLAGGED_HEADS: tl.constexpr = tl.constexpr(2)
 # Triton versions whose `CompiledKernel.__getitem__(grid)` runner was checked to be the tail of `JITFunction.run`
 # (3.6.0 and 3.7.1: the same launch_metadata + run(grid, stream, function, packed_metadata, ..., *args) call).
 DIRECT_LAUNCH_VERSIONS = ("3.6", "3.7")
@@ -112,14 +107,13 @@ def _attend_query_tile(q_desc, k_desc, v_desc, o_desc, b, h, q_start, ids, count
 
 @triton.jit
 def _block_sparse_attention_kernel(
-        q_desc, k_desc, v_desc, o_desc, num_ptr, idx_ptr, order_ptr, kv_lengths_ptr, heads_ptr, stride_nb, stride_nh,
-        stride_ib, stride_ih, stride_iq, stride_orb, stride_orh, stride_hb, stride_hh, heads, kv_len, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_UNIT: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr, HEADS: tl.constexpr, DOT_FP32: tl.constexpr,
-        IEEE: tl.constexpr):
-    """HEADS: which heads run, the others' programs returning at once: ALL_HEADS, FLAGGED_HEADS (flag in
-    `heads_ptr` set) or UNFLAGGED_HEADS (the launcher runs reordered heads as a second launch over their moved
-    copies, from the same flags: no complement to compute per call)."""
+        q_desc, k_desc, v_desc, o_desc, moved_q_desc, moved_k_desc, moved_v_desc, moved_o_desc, num_ptr, idx_ptr,
+        order_ptr, kv_lengths_ptr, heads_ptr, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb,
+        stride_orh, stride_hb, stride_hh, heads, kv_len, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        KV_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
+        MOVED_HEADS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """MOVED_HEADS: the heads whose flag in `heads_ptr` is set read and write through the moved_* descriptors (the
+    launcher's copies of their rows in another token order), the others through q/k/v/o_desc."""
     M_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_M
     N_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
     slot = tl.program_id(0)
@@ -134,21 +128,26 @@ def _block_sparse_attention_kernel(
     key_limit = kv_len
     if HAS_KV_LENGTHS:
         key_limit = tl.minimum(key_limit, tl.load(kv_lengths_ptr + b))
-    runs = True
-    if HEADS != ALL_HEADS:
-        runs = (tl.load(heads_ptr + b * stride_hb + h * stride_hh) != 0) == (HEADS == FLAGGED_HEADS)
-    # One key loop under a branch uniform per program: two loops (one per descriptor set) doubled the pipeline's
-    # shared memory, and the autotuner fell back to a slower tile (H100, kernels/NOTES.md).
-    if runs:
-        _attend_query_tile(q_desc, k_desc, v_desc, o_desc, b, h, q_start, ids, count, key_limit, qk_scale,
-                           HEAD_DIM, KV_UNIT, BLOCK_M, BLOCK_N, N_TILES, DOT_FP32, IEEE)
+    # The descriptor set is chosen before the one key loop: a loop per set doubled the pipeline's shared memory,
+    # and the autotuner fell back to a slower tile (H100, kernels/NOTES.md).
+    if MOVED_HEADS:
+        if tl.load(heads_ptr + b * stride_hb + h * stride_hh) != 0:
+            q_desc, k_desc, v_desc, o_desc = moved_q_desc, moved_k_desc, moved_v_desc, moved_o_desc
+    _attend_query_tile(q_desc, k_desc, v_desc, o_desc, b, h, q_start, ids, count, key_limit, qk_scale,
+                       HEAD_DIM, KV_UNIT, BLOCK_M, BLOCK_N, N_TILES, DOT_FP32, IEEE)
+
+
+DESCRIPTOR_ARGS = ("q_desc", "k_desc", "v_desc", "o_desc", "moved_q_desc", "moved_k_desc", "moved_v_desc",
+                   "moved_o_desc")  # the kernel's first parameters
 
 
 def _set_block_shapes(args):
     """Descriptors carry their tile shape, so it must follow the config being tried or run."""
     q_rows, kv_rows, dim = args["BLOCK_M"], args["BLOCK_N"], args["HEAD_DIM"]
-    args["q_desc"].block_shape = args["o_desc"].block_shape = [1, 1, q_rows, dim]
-    args["k_desc"].block_shape = args["v_desc"].block_shape = [1, 1, kv_rows, dim]
+    for prefix in ("", "moved_"):
+        if args[f"{prefix}q_desc"] is not None:
+            args[f"{prefix}q_desc"].block_shape = args[f"{prefix}o_desc"].block_shape = [1, 1, q_rows, dim]
+            args[f"{prefix}k_desc"].block_shape = args[f"{prefix}v_desc"].block_shape = [1, 1, kv_rows, dim]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages), the measured best first: it is also the config used without autotuning.
@@ -250,18 +249,16 @@ def _move(recorded: Optional[list], xs, index, outs, moved, scatter: bool = Fals
     return recorded
 
 
-def _passes(q, k, v, out, token_order, reordered_heads, flags_placeholder, gather: Optional[list] = None):
-    """The kernel launches of one call, as ((q, k, v, out), head flags or a placeholder, HEADS): one over the given
-    tensors, or with reordered heads two: the other heads in place, then the reordered ones over copies gathered
-    into `token_order` (one allocation for the copies and their output; the other heads' rows left unwritten; one
-    launch for q, k and v where their strides agree) with an output in that order, which the caller scatters back.
-    Returns the passes and the gather's launches (`gather`: those recorded for this key)."""
+def _moved_heads(q, k, v, token_order, reordered_heads, gather: Optional[list] = None):
+    """The kernel's moved descriptor set for reordered heads: copies of q, k, v gathered into `token_order` (the
+    other heads' rows left unwritten; one launch for the three where their strides agree) and an output buffer in
+    that order, which the caller scatters back, in one allocation; with the heads' flags and the gather's launches
+    (`gather`: those recorded for this key). (None, None, None) without reordered heads."""
     if token_order is None:
-        return [((q, k, v, out), flags_placeholder, ALL_HEADS.value)], None
-    flags = reordered_heads.view(torch.uint8)
-    copies = torch.empty((4, *q.shape), dtype=q.dtype, device=q.device).unbind(0)
-    gather = _move(gather, (q, k, v), token_order, copies[:3], reordered_heads)
-    return [((q, k, v, out), flags, UNFLAGGED_HEADS.value), (copies, flags, FLAGGED_HEADS.value)], gather
+        return None, None, None
+    moved = torch.empty((4, *q.shape), dtype=q.dtype, device=q.device).unbind(0)
+    gather = _move(gather, (q, k, v), token_order, moved[:3], reordered_heads)
+    return moved, reordered_heads.view(torch.uint8), gather
 
 
 def _strides_bh(t):
@@ -274,12 +271,12 @@ class _DirectLaunch:
     only on the key; a call supplies the data, allocates the output and launches through Triton's runner, which
     reads the current stream and builds the TMA descriptors from the bases as JITFunction.run's launch would."""
 
-    def __init__(self, kernels, grid, pass_descs, mask_args: tuple, constexprs: tuple, sorts: bool,
+    def __init__(self, kernel, grid, descs, mask_args: tuple, constexprs: tuple, sorts: bool,
                  moves: tuple = (None, None)):
-        self.runners = [kernel[grid] for kernel in kernels]  # one a pass: HEADS is a constexpr
+        self.runner = kernel[grid]
         self.gather, self.scatter = moves
-        self.fields = [[{**d.__dict__, "base": None} for d in descs] for descs in pass_descs]
-        out = pass_descs[0][3].base
+        self.fields = [None if d is None else {**d.__dict__, "base": None} for d in descs]
+        out = descs[3].base
         self.out_shape, self.out_stride, self.out_dtype, self.out_device = out.shape, out.stride(), out.dtype, \
             out.device
         self.mask_args, self.constexprs, self.sorts = mask_args, constexprs, sorts
@@ -288,13 +285,13 @@ class _DirectLaunch:
                  reordered_heads=None):
         out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.out_dtype, device=self.out_device)
         order = block_mask.heaviest_first(kv_num_blocks) if self.sorts else q_block_order
-        passes, _ = _passes(q, k, v, out, token_order, reordered_heads, kv_num_blocks, self.gather)
-        for runner, fields, (tensors, flags, heads) in zip(self.runners, self.fields, passes):
-            runner(*(_descriptor(f, t) for f, t in zip(fields, tensors)), kv_num_blocks, kv_indices, order,
-                   kv_num_blocks if kv_lengths is None else kv_lengths, flags, *self.mask_args, scale * LOG2E,
-                   *self.constexprs[0], heads, *self.constexprs[1])
-        if token_order is not None:
-            _move(self.scatter, (passes[1][0][3],), token_order, (out,), reordered_heads, scatter=True)
+        moved, flags, _ = _moved_heads(q, k, v, token_order, reordered_heads, self.gather)
+        tensors = (q, k, v, out, *(moved or (None,) * 4))
+        self.runner(*(None if f is None else _descriptor(f, t) for f, t in zip(self.fields, tensors)), kv_num_blocks,
+                    kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths,
+                    kv_num_blocks if flags is None else flags, *self.mask_args, scale * LOG2E, *self.constexprs)
+        if moved is not None:
+            _move(self.scatter, (moved[3],), token_order, (out,), reordered_heads, scatter=True)
         return out
 
 
@@ -312,7 +309,8 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
     checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is. `kv_unit`,
     `token_order` and `reordered_heads`: see the op; the reordered heads' q, k, v are gathered into the order
-    (`triton_permute.move_tokens`), attended there by a second launch and their output scattered back into `out`."""
+    (`triton_permute.move_tokens`), attended there in the same launch (the kernel's moved descriptor set) and their
+    output scattered back into `out`."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     given = (q, k, v, kv_num_blocks, kv_indices, q_block_order, token_order)
@@ -334,24 +332,32 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
 
     if token_order is not None and token_order.stride(-1) != 1:
         token_order = token_order.contiguous()
-    passes, gather = _passes(q, k, v, out, token_order, reordered_heads, kv_num_blocks)
+    moved, flags, gather = _moved_heads(q, k, v, token_order, reordered_heads)
+    if flags is None:
+        flags = kv_num_blocks  # a placeholder the kernel does not read
     mask_args = (*_strides_bh(kv_num_blocks), *_strides_bh(kv_indices), kv_indices.stride(2), *_strides_bh(order),
-                 *_strides_bh(passes[0][1]), heads, kv_len)
+                 *_strides_bh(flags), heads, kv_len)
     consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, KV_UNIT=block_mask.key_unit(kv_unit, block_size),
-                  HAS_KV_LENGTHS=kv_lengths is not None, IEEE=q.dtype == torch.float32)
+                  HAS_KV_LENGTHS=kv_lengths is not None, MOVED_HEADS=moved is not None,
+                  IEEE=q.dtype == torch.float32)
 
     def grid(meta):
         return (num_q_blocks * (block_size // meta["BLOCK_M"]), batch * heads)
 
-    def run(descs, flags, heads_run):
+    # Descriptors with a placeholder block shape (the config's tiles are set before each launch); None for an
+    # absent moved set, which Triton passes as a constant.
+    descs = [None if t is None else TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim])
+             for t in (q, k, v, out, *(moved or (None,) * 4))]
+    named = dict(zip(DESCRIPTOR_ARGS, descs))
+
+    def run():
         args = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
                 flags, *mask_args, scale * LOG2E)
 
         def launch(block_m, block_n, num_warps, num_stages, dot_fp32=False):
-            _set_block_shapes({"q_desc": descs[0], "k_desc": descs[1], "v_desc": descs[2], "o_desc": descs[3],
-                               "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim})
-            return _block_sparse_attention_kernel[grid](*args, **consts, HEADS=heads_run, BLOCK_M=block_m,
-                                                        BLOCK_N=block_n, DOT_FP32=dot_fp32, num_warps=num_warps,
+            _set_block_shapes({**named, "BLOCK_M": block_m, "BLOCK_N": block_n, "HEAD_DIM": head_dim})
+            return _block_sparse_attention_kernel[grid](*args, **consts, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                        DOT_FP32=dot_fp32, num_warps=num_warps,
                                                         num_stages=num_stages)
 
         if INTERPRET and config is None:
@@ -359,32 +365,26 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         if config is not None:
             return launch(config["BLOCK_M"], config["BLOCK_N"], config["num_warps"], config["num_stages"],
                           dot_fp32=INTERPRET)
-        if _autotune:  # the second pass reuses the first one's choice (one key)
-            return _tuned(q.dtype)[grid](*args, **consts, HEADS=heads_run, DOT_FP32=False)
+        if _autotune:
+            return _tuned(q.dtype)[grid](*args, **consts, DOT_FP32=False)
         first = _prune(_configs(), {"q_desc": descs[0]}, **consts)[0]
         return launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages)
 
-    pass_descs, kernels = [], []
-    for tensors, flags, heads_run in passes:
-        pass_descs.append([TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim])
-                           for t in tensors])
-        kernels.append(run(pass_descs[-1], flags, heads_run))
-    scatter = None if token_order is None else _move(None, (passes[1][0][3],), token_order, (out,), reordered_heads,
-                                                      scatter=True)
+    kernel = run()
+    scatter = None if moved is None else _move(None, (moved[3],), token_order, (out,), reordered_heads, scatter=True)
     # Repeatable as is: the op's own call (default config), every base aligned (the key's last entry) and no tensor
     # copied or made contiguous here. The descriptors now carry the launched config's tiles (BLOCK_M, BLOCK_N),
     # which the constexprs must match.
-    if (record is not None and _direct_launch and config is None and None not in kernels and record[-1]
+    if (record is not None and _direct_launch and config is None and kernel is not None and record[-1]
             and all(a is b for a, b in zip((q, k, v, kv_num_blocks, kv_indices, order, token_order), given)
                     if b is not None)
             and None not in (gather or []) + (scatter or [])):
         if len(_launches) >= _MAX_LAUNCHES:
             _launches.clear()
-        block_m, block_n = pass_descs[0][0].block_shape[2], pass_descs[0][1].block_shape[2]
-        # The parameters' order, around each pass's HEADS.
-        constexprs = ((head_dim, block_size, consts["KV_UNIT"], block_m, block_n, kv_lengths is not None),
-                      (False, consts["IEEE"]))
-        _launches[record] = _DirectLaunch(kernels, (*grid({"BLOCK_M": block_m}), 1), pass_descs, mask_args,
+        block_m, block_n = descs[0].block_shape[2], descs[1].block_shape[2]
+        constexprs = (head_dim, block_size, consts["KV_UNIT"], block_m, block_n, kv_lengths is not None,
+                      moved is not None, False, consts["IEEE"])
+        _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, mask_args,
                                           constexprs, sorts=q_block_order is None,
                                           moves=(gather, scatter))
     return out

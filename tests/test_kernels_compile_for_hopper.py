@@ -11,8 +11,7 @@ import sys
 import pytest
 import triton
 
-from dit_compiler.kernels.triton_block_sparse import ALL_HEADS, CONFIGS as ATTENTION_CONFIGS, FLAGGED_HEADS, \
-    UNFLAGGED_HEADS
+from dit_compiler.kernels.triton_block_sparse import CONFIGS as ATTENTION_CONFIGS
 from dit_compiler.kernels.triton_sampled_rows import CONFIG
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -25,24 +24,27 @@ ATTENTION_M, ATTENTION_N, ATTENTION_WARPS, ATTENTION_STAGES = ATTENTION_CONFIGS[
 ATTENTION_TILE = "tensordesc<bf16[1,1,{},128]>"
 
 
-def _attention_case(kv_unit: int, heads: int = ALL_HEADS.value) -> tuple:
+def _attention_case(kv_unit: int, moved_heads: bool = False) -> tuple:
+    moved = {f"moved_{name}_desc": ATTENTION_TILE.format(ATTENTION_N if name in "kv" else ATTENTION_M)
+             for name in "qkvo"}
     return (
         "triton_block_sparse", "_block_sparse_attention_kernel",
         dict(q_desc=ATTENTION_TILE.format(ATTENTION_M), k_desc=ATTENTION_TILE.format(ATTENTION_N),
-             v_desc=ATTENTION_TILE.format(ATTENTION_N), o_desc=ATTENTION_TILE.format(ATTENTION_M), num_ptr="*i32",
+             v_desc=ATTENTION_TILE.format(ATTENTION_N), o_desc=ATTENTION_TILE.format(ATTENTION_M),
+             **(moved if moved_heads else {}), num_ptr="*i32",
              idx_ptr="*i32", order_ptr="*i32", kv_lengths_ptr="*i32", heads_ptr="*u8", stride_nb="i32",
              stride_nh="i32", stride_ib="i32", stride_ih="i32", stride_iq="i32", stride_orb="i32", stride_orh="i32",
              stride_hb="i32", stride_hh="i32", heads="i32", kv_len="i32", qk_scale="fp32"),
         dict(HEAD_DIM=128, BLOCK_SIZE=128, KV_UNIT=kv_unit, BLOCK_M=ATTENTION_M, BLOCK_N=ATTENTION_N,
-             HAS_KV_LENGTHS=False, HEADS=heads, DOT_FP32=False, IEEE=False),
+             HAS_KV_LENGTHS=False, MOVED_HEADS=moved_heads, DOT_FP32=False, IEEE=False,
+             **({} if moved_heads else dict.fromkeys(moved))),  # an absent moved set is passed as None
         ATTENTION_WARPS, ATTENTION_STAGES, 255)
 
 
 CASES = {
     "block_sparse_attention": _attention_case(128),  # block ids
     "block_sparse_attention_token_starts": _attention_case(1),  # svg-shift's key blocks at token starts
-    "block_sparse_attention_flagged_heads": _attention_case(128, FLAGGED_HEADS.value),  # svg's reordered heads
-    "block_sparse_attention_unflagged_heads": _attention_case(128, UNFLAGGED_HEADS.value),  # and its others
+    "block_sparse_attention_moved_heads": _attention_case(128, moved_heads=True),  # svg's reordered heads
     **{name: (
         "triton_permute", "_move_tokens_kernel",
         dict(x0_ptr="*bf16", x1_ptr="*bf16", x2_ptr="*bf16", index_ptr="*i64", moved_ptr="*u8", out0_ptr="*bf16",

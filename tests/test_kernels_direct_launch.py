@@ -133,15 +133,16 @@ def reordering_case(seed):
 
 
 def test_reordered_heads_repeat_their_moves_directly(fake_triton, monkeypatch):
-    """A recorded call with reordered heads launches both attention passes and both moves (q, k, v gathered in one
-    launch, the output scattered back) directly, with what the normal path binds for the same inputs."""
+    """A recorded call with reordered heads launches the kernel (both descriptor sets) and both moves (q, k, v
+    gathered in one launch, the output scattered back) directly, with what the normal path binds for the same
+    inputs."""
     moves = FakeMoveJIT()
     monkeypatch.setattr(triton_permute, "_move_tokens_kernel", moves)
     call(reordering_case(1))
-    assert (len(fake_triton.launches), len(moves.launches), len(moves.direct)) == (2, 2, 0)
+    assert (len(fake_triton.launches), len(moves.launches), len(moves.direct)) == (1, 2, 0)
     second = reordering_case(2)
     call(second)
-    assert (len(fake_triton.launches), len(fake_triton.direct)) == (2, 2)
+    assert (len(fake_triton.launches), len(fake_triton.direct)) == (1, 1)
     assert (len(moves.launches), len(moves.direct)) == (2, 2), "the moves did not launch directly"
     monkeypatch.setattr(tbs, "_direct_launch", False)
     call(second)
@@ -152,12 +153,12 @@ def test_reordered_heads_repeat_their_moves_directly(fake_triton, monkeypatch):
                 assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
             else:
                 assert type(a) is type(b) and a == b
-    for (direct, direct_grid), (normal, normal_grid) in zip(fake_triton.direct, fake_triton.launches[2:]):
-        assert direct_grid == normal_grid and len(direct) == len(normal) == len(ARG_NAMES)
-        for name, a, b in zip(ARG_NAMES, direct, normal):
-            assert same_argument(a, b), f"{name}: direct {a!r} vs normal {b!r}"
-    assert [args[ARG_NAMES.index("HEADS")] for args, _ in fake_triton.direct] == [tbs.UNFLAGGED_HEADS.value,
-                                                                                  tbs.FLAGGED_HEADS.value]
+    (direct, direct_grid), (normal, normal_grid) = fake_triton.direct[0], fake_triton.launches[1]
+    assert direct_grid == normal_grid and len(direct) == len(normal) == len(ARG_NAMES)
+    for name, a, b in zip(ARG_NAMES, direct, normal):
+        assert same_argument(a, b), f"{name}: direct {a!r} vs normal {b!r}"
+    assert direct[ARG_NAMES.index("MOVED_HEADS")] is True
+    assert all(isinstance(direct[ARG_NAMES.index(f"moved_{t}_desc")], tbs.TensorDescriptor) for t in "qkvo")
     q, k, v = second[:3]
     gather = moves.direct[0][0]
     assert gather[0] is q and gather[1] is k and gather[2] is v and gather[3] is second[-2]
