@@ -102,7 +102,8 @@ def test_gpu_recorded_moves_repeat_the_first_launch(scatter, **drawn):
     """The compiled launches `move_tokens` returns, called with another call's tensors of the same layout, move
     those (the block-sparse op's direct launch replays them)."""
     xs, order, flags = moves_case(**drawn, device="cuda")
-    launches = move_tokens(xs, order, [torch.empty_like(x) for x in xs], flags, scatter=scatter)
+    # Outputs laid out as the replay's (contiguous): a launch is recorded for its tensors' strides.
+    launches = move_tokens(xs, order, [torch.empty(x.shape, device="cuda") for x in xs], flags, scatter=scatter)
     again, order2, _ = moves_case(**{**drawn, "seed": drawn["seed"] + 1}, device="cuda")
     outs = [torch.full(x.shape, float("nan"), device="cuda") for x in again]
     for launch in launches:
