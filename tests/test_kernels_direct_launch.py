@@ -38,6 +38,8 @@ class FakeJIT:
 
 
 class FakeCompiledKernel:
+    """What a fake JIT's launch returns: its `[grid]` runner records direct launches on that JIT."""
+
     def __init__(self, jit):
         self.jit = jit
 
@@ -113,17 +115,9 @@ class FakeMoveJIT:
     def __getitem__(self, grid):
         def run(*args, num_warps=None, **consts):
             self.launches.append(([*args, *consts.values()], grid))
-            return FakeCompiledMove(self)
+            return FakeCompiledKernel(self)
 
         return run
-
-
-class FakeCompiledMove:
-    def __init__(self, jit):
-        self.jit = jit
-
-    def __getitem__(self, grid):
-        return lambda *args: self.jit.direct.append((list(args), grid))
 
 
 def reordering_case(seed):
