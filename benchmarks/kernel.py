@@ -11,7 +11,9 @@ FlexAttention's output (and, at density 1, with cuDNN's). Then the permutation k
 and Sparse VideoGen's sampled-row measurement (`sampled_rows_attention`, svg's SAMPLE_ROWS rows under the full,
 spatial and temporal masks) against the same arithmetic in torch compiled by Inductor (the formula svg used before
 the op), and the planners' block ranking (`descending_order` over Draft's pooled logits, [H, n, n] with n the
-shape's blocks) against Inductor's and ATen's stable sorts. Prints a table and writes JSON.
+shape's blocks) against Inductor's and ATen's stable sorts, and the block means of q (`block_means`: Draft's pooled
+map in q's own order, dual's in a permutation) against Inductor's reduction of the same formula. Prints a table and
+writes JSON.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
-from dit_compiler.kernels import row_order, triton_block_sparse, triton_row_order, triton_sampled_rows
+from dit_compiler.kernels import row_order, triton_block_means, triton_block_sparse, triton_row_order, \
+    triton_sampled_rows
+from dit_compiler.kernels.block_means import consecutive_block_means, reference_block_means
 from dit_compiler.passes.planners.svg import position_major_permutation, svg_constants
 from dit_compiler.kernels.triton_permute import triton_permute_tokens
 from dit_compiler.kernels import block_mask
@@ -217,6 +221,34 @@ def run_row_order(name, shape, budget_ms, sweep, rows):
         print(f"{name:8s} row order {case:18s} {ms * 1000:8.1f} us  ({batch * heads * n} rows of {n})", flush=True)
 
 
+BLOCK_MEANS_SWEEP = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (rows a step, warps) tried with --sweep
+
+
+def run_block_means(name, shape, budget_ms, sweep, rows):
+    """q's means over 128-token blocks: q [B, H, S, D] as a view of the projections' [B, S, H, D] output."""
+    batch, heads, seq, dim = shape
+    g = torch.Generator(device="cuda").manual_seed(4)
+    q = torch.randn(batch, seq, heads, dim, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    order = torch.randperm(seq, device="cuda", generator=g)
+    inductor = torch.compile(lambda x: consecutive_block_means(x, 128)[0], dynamic=False)
+    cases = {"ours": (None, lambda: torch.ops.vsparse.block_means(q, None, 128)),
+             "inductor": (None, lambda: inductor(q)),
+             "ours:permutation": (order, lambda: torch.ops.vsparse.block_means(q, order, 128))}
+    for rows_a_step, warps in sweep:
+        cases[f"ours:rows={rows_a_step},warps={warps}"] = (None, (lambda r, w: lambda: triton_block_means.
+                                                                  triton_block_means(q, None, 128, rows=r,
+                                                                                     num_warps=w))(rows_a_step, warps))
+    gb = q.numel() * q.element_size() / 1e9
+    for case, (case_order, fn) in cases.items():
+        error = rel_err(fn(), reference_block_means(q.float(), case_order, 128))
+        ms = bench(fn, budget_ms)
+        rows.append(dict(shape=name, impl="block_means:" + case, ms=ms, read_gb_s=gb / ms * 1e3, rel_err=error))
+        print(f"{name:8s} block means {case:24s} {ms * 1000:8.1f} us  {gb / ms * 1e3:7.0f} GB/s read  "
+              f"rel. error {error:.1e}", flush=True)
+    del q
+    torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -229,6 +261,7 @@ def main():
     parser.add_argument("--no-sampled-rows", action="store_true")
     parser.add_argument("--no-attention", action="store_true", help="skip the block-sparse attention cases")
     parser.add_argument("--no-row-order", action="store_true")
+    parser.add_argument("--no-block-means", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -244,6 +277,8 @@ def main():
                              SAMPLED_ROWS_SWEEP if args.sweep and name == args.shapes[0] else [], rows)
         if not args.no_row_order:
             run_row_order(name, SHAPES[name], args.budget_ms, ROW_ORDER_WARPS if args.sweep else [], rows)
+        if not args.no_block_means:
+            run_block_means(name, SHAPES[name], args.budget_ms, BLOCK_MEANS_SWEEP if args.sweep else [], rows)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 host=platform.node())

@@ -1,10 +1,11 @@
 """`torch.ops.vsparse.block_means`: the mean of each block of `block_size` consecutive tokens of x taken in a given
 order, out[b, h, j] = mean over t in block j of x[b, h, order[t]] (a partial last block averages its real tokens).
 The dual planner's pooled maps need q's and k's block means in two token orders; this reads x once per order, as it
-was written, with no gathered copy and no scatter.
+was written, with no gathered copy and no scatter. Draft's pooled map takes them in x's own order (`order` None):
+Inductor's reduction over those blocks read q at half the bandwidth of this kernel (H100, kernels/NOTES.md).
 
 Contract: x `[B, H, S, D]` (last dim contiguous; fp16 / bf16 / fp32 on CUDA, any float on CPU), `order` int64 `[S]`
-(token ids; any ids in range(S), normally a permutation), `block_size` >= 1. Returns float32
+(token ids; any ids in range(S), normally a permutation) or None (the tokens as they are), `block_size` >= 1. Returns float32
 `[B, H, ceil(S / block_size), D]`, summed in float32. CUDA runs the Triton kernel in triton_block_means.py (imported on
 first use, so CPU-only installs need no Triton); CPU runs the reference. Why an op: Inductor materialized the
 gather of the means' first form (dual's planning 589 µs a site on the H100, README "Results"), and their scatter form
@@ -19,20 +20,21 @@ from dit_compiler.kernels.attention_op import SUPPORTED_DTYPES, check_bhsd
 from dit_compiler.kernels.block_mask import num_blocks
 from dit_compiler.kernels.registration import register_op
 
-SCHEMA = "block_means(Tensor x, Tensor order, int block_size) -> Tensor"
+SCHEMA = "block_means(Tensor x, Tensor? order, int block_size) -> Tensor"
 
 
 def check_inputs(x, order, block_size) -> None:
     """Raise TypeError / ValueError naming what is wrong; reads metadata only."""
-    if not isinstance(x, torch.Tensor) or not isinstance(order, torch.Tensor):
-        raise TypeError("x and order must be Tensors")
+    if not isinstance(x, torch.Tensor) or not (order is None or isinstance(order, torch.Tensor)):
+        raise TypeError("x must be a Tensor and order a Tensor or None")
     check_bhsd("x", x)
     if not x.is_floating_point():
         raise TypeError(f"x must be floating point, got {x.dtype}")
-    if order.dtype != torch.int64 or tuple(order.shape) != (x.shape[2],):
-        raise ValueError(f"order must be int64 [S={x.shape[2]}], got {order.dtype} {tuple(order.shape)}")
-    if order.device != x.device:
-        raise ValueError(f"order is on {order.device}, x on {x.device}")
+    if order is not None:
+        if order.dtype != torch.int64 or tuple(order.shape) != (x.shape[2],):
+            raise ValueError(f"order must be int64 [S={x.shape[2]}], got {order.dtype} {tuple(order.shape)}")
+        if order.device != x.device:
+            raise ValueError(f"order is on {order.device}, x on {x.device}")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
 
@@ -55,9 +57,9 @@ def consecutive_block_means(x: torch.Tensor, block_size: int) -> tuple[torch.Ten
     return sums / counts[:, None], counts
 
 
-def reference_block_means(x: torch.Tensor, order: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Pure torch: the consecutive block means of the gathered tokens."""
-    return consecutive_block_means(x.index_select(2, order), block_size)[0]
+def reference_block_means(x: torch.Tensor, order, block_size: int) -> torch.Tensor:
+    """Pure torch: the consecutive block means of the tokens, gathered by `order` unless it is None."""
+    return consecutive_block_means(x if order is None else x.index_select(2, order), block_size)[0]
 
 
 def _cpu_kernel(x, order, block_size):

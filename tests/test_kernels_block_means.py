@@ -12,17 +12,22 @@ from dit_compiler.kernels.triton_block_means import triton_block_means
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
 
 
-def draw_case(seed, batch, heads, seq_len, dim, dtype, permutation, device="cpu"):
-    """x [B, H, S, D] (random, never zeros) and an order: a random permutation, or random ids with repeats."""
+def draw_case(seed, batch, heads, seq_len, dim, dtype, order_kind, device="cpu"):
+    """x [B, H, S, D] (random, never zeros) and an order: a random permutation, random ids with repeats, or None
+    (the tokens as they are)."""
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(batch, heads, seq_len, dim, generator=g) + 0.5).to(dtype).to(device)
-    order = torch.randperm(seq_len, generator=g) if permutation else torch.randint(0, seq_len, (seq_len,), generator=g)
+    if order_kind == "none":
+        return x, None
+    order = torch.randperm(seq_len, generator=g) if order_kind == "permutation" else \
+        torch.randint(0, seq_len, (seq_len,), generator=g)
     return x, order.to(device)
 
 
 def definition(x, order, block_size):
     """[B, H, n, D] float64, block by block straight from the definition."""
     seq_len = x.shape[2]
+    order = torch.arange(seq_len) if order is None else order
     blocks = [x[:, :, order[start:start + block_size]].double().mean(2) for start in range(0, seq_len, block_size)]
     return torch.stack(blocks, 2)
 
@@ -37,7 +42,8 @@ def assert_close_to_definition(out, x, order, block_size):
 
 case = dict(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), heads=st.integers(1, 3),
             seq_len=st.integers(1, 300), dim=st.sampled_from([16, 48, 64, 128]),
-            dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), permutation=st.booleans(),
+            dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+            order_kind=st.sampled_from(["permutation", "repeats", "none"]),
             block_size=st.sampled_from([1, 16, 64, 100, 128, 200]))
 
 
@@ -90,8 +96,9 @@ def test_compiles_as_one_opaque_call_with_symbolic_shapes():
 
     compiled = torch.compile(means, dynamic=True, fullgraph=True)
     for seq_len in (50, 70):
-        x, order = draw_case(0, 1, 2, seq_len, 16, torch.float32, True)
-        torch.testing.assert_close(compiled(x, order), means(x, order))
+        for order_kind in ("permutation", "none"):
+            x, order = draw_case(0, 1, 2, seq_len, 16, torch.float32, order_kind)
+            torch.testing.assert_close(compiled(x, order), means(x, order))
 
 
 def test_result_is_a_constant_to_autograd():

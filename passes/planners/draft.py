@@ -31,7 +31,7 @@ import math
 import torch
 
 from dit_compiler.kernels import block_mask
-from dit_compiler.kernels.block_means import consecutive_block_means
+from dit_compiler.kernels.block_means import block_counts
 from dit_compiler.passes.planners import common
 
 
@@ -84,9 +84,9 @@ def pooled_attention_map(q: torch.Tensor, k: torch.Tensor, block_size: int, scal
 def pooled_attention_logits(q: torch.Tensor, k: torch.Tensor, block_size: int, scale=None) -> torch.Tensor:
     """[B, H, nq, nkv] float32: the scaled scores of block-averaged q and k (`pooled_logits`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q_means, _ = consecutive_block_means(q, block_size)
-    k_means, k_counts = consecutive_block_means(k, block_size)
-    return pooled_logits(q_means, k_means, k_counts, scale)
+    # Our kernel, not Inductor's reduction: that one read q and k at half the bandwidth (kernels/NOTES.md).
+    q_means, k_means = (torch.ops.vsparse.block_means(t, None, block_size) for t in (q, k))
+    return pooled_logits(q_means, k_means, block_counts(k.shape[-2], block_size, k.device), scale)
 
 
 def pooled_map(q_means: torch.Tensor, k_means: torch.Tensor, k_counts: torch.Tensor, scale: float) -> torch.Tensor:
