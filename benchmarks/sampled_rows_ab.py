@@ -49,7 +49,9 @@ def main() -> None:
     q, k, v = (torch.randn(SHAPES["wan1.3b"], device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
     scale = dim ** -0.5
     exact = torch_sampled_rows(q.double(), k.double(), v.double(), rows, masks, scale)
-    cases = {"base": lambda: base.triton_sampled_rows_attention(q, k, v, rows, masks, scale),
+    # The base's masks as its planner stored them (contiguous), so neither side copies them per call.
+    base_masks = masks.contiguous()
+    cases = {"base": lambda: base.triton_sampled_rows_attention(q, k, v, rows, base_masks, scale),
              "ours": lambda: ours.triton_sampled_rows_attention(q, k, v, rows, masks, scale)}
     for config in CONFIGS:
         cases[f"ours {config}"] = (lambda c: lambda: ours.triton_sampled_rows_attention(

@@ -5,8 +5,10 @@ many keys: one program per (key split, batch·head, tile of virtual rows) runs a
 of the keys and writes a partial (row max, row sum, unnormalized output), and a second kernel merges the splits,
 so the launch fills the GPU although R is small. K and V are read once per row tile from memory (the row tiles of
 one split share them through L2) through TMA descriptors, as the block-sparse kernel reads them (by pointer tensors
-the kernel spilled: kernels/NOTES.md); the masks are read as bytes. With `skip` set both kernels read it first: the
-first writes nothing, the second writes zeros.
+the kernel spilled: kernels/NOTES.md); so are the masks, as bytes, a [virtual rows, keys] tile a step (TMA wants
+their rows 16 bytes apart: `sampled_rows.aligned_masks`; the pointer tensor of the tile's mask loads held registers
+the kernel spilled or ran short of). With `skip` set both kernels read it first: the first writes nothing, the
+second writes zeros.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from dit_compiler.kernels.sampled_rows import aligned_masks
 from dit_compiler.kernels.triton_block_sparse import INTERPRET, LOG2E, fold_scores, scores, tma_ready
 # (BLOCK_M, BLOCK_N, warps, stages); under the interpreter a small tile keeps the tests quick.
 CONFIG = (64, 64, 4, 2)
@@ -34,7 +37,7 @@ _sm_counts: dict = {}
 
 @triton.jit
 def _sampled_rows_partial_kernel(
-        q_ptr, k_desc, v_desc, rows_ptr, masks_ptr, skip_ptr, m_ptr, l_ptr, acc_ptr,
+        q_ptr, k_desc, v_desc, masks_desc, rows_ptr, skip_ptr, m_ptr, l_ptr, acc_ptr,
         stride_qb, stride_qh, stride_qs, heads, kv_len, num_rows, num_virtual, keys_per_split, padded_virtual, qk_scale,
         HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
@@ -48,8 +51,7 @@ def _sampled_rows_partial_kernel(
     h = bh % heads
     virtual = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = virtual < num_virtual
-    mask_row = tl.where(row_ok, virtual, 0)  # row (c, r) of masks [C, R, Skv] is c * R + r
-    token = tl.load(rows_ptr + mask_row % num_rows)
+    token = tl.load(rows_ptr + tl.where(row_ok, virtual, 0) % num_rows)  # virtual row c * R + r samples row r
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + token[:, None] * stride_qs + dims[None, :],
                 mask=row_ok[:, None], other=0.0)
@@ -63,11 +65,10 @@ def _sampled_rows_partial_kernel(
     for key_start in tl.range(first, last, BLOCK_N):
         keys = key_start + tl.arange(0, BLOCK_N)
         key_ok = keys < last
-        # Past S the descriptors give zeros; keys of the next split are hidden by key_ok below.
+        # Past S and past the virtual rows the descriptors give zeros; keys of the next split are hidden by key_ok.
         k = k_desc.load([b, h, key_start, 0]).reshape(BLOCK_N, HEAD_DIM)
         v = v_desc.load([b, h, key_start, 0]).reshape(BLOCK_N, HEAD_DIM)
-        visible = tl.load(masks_ptr + mask_row[:, None].to(tl.int64) * kv_len + keys[None, :],
-                          mask=row_ok[:, None] & key_ok[None, :], other=0) != 0
+        visible = (masks_desc.load([tile * BLOCK_M, key_start]) != 0) & key_ok[None, :]
         if DOT_FP32:
             k = k.to(tl.float32)
         qk = tl.where(visible, scores(q, k, IEEE), float("-inf"))
@@ -151,11 +152,13 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
     elif not out.is_contiguous() or out.shape != shape or out.dtype != torch.float32:
         raise ValueError(f"out must be contiguous float32 {shape}")
     flag = skip.view(torch.uint8) if skip is not None else rows  # unread without HAS_SKIP
-    masks = masks.contiguous().view(torch.uint8)
     k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim])
                       for t in (tma_ready(k), tma_ready(v)))
+    masks = aligned_masks(masks).view(torch.uint8)
+    mask_rows = masks.as_strided((num_virtual, kv_len), (masks.stride(1), 1))  # virtual row c * R + r
+    masks_desc = TensorDescriptor(mask_rows, list(mask_rows.shape), list(mask_rows.stride()), [block_m, block_n])
     _sampled_rows_partial_kernel[(splits, batch * heads, tiles)](
-        q, k_desc, v_desc, rows, masks, flag, partial_m, partial_l, partial_acc, *q.stride()[:3], heads, kv_len,
+        q, k_desc, v_desc, masks_desc, rows, flag, partial_m, partial_l, partial_acc, *q.stride()[:3], heads, kv_len,
         num_rows, num_virtual, keys_per_split, padded, scale * LOG2E,
         HAS_SKIP=skip is not None, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_FP32=INTERPRET, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)

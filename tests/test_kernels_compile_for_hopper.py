@@ -58,7 +58,8 @@ CASES = {
     "sampled_rows_partial": (
         "triton_sampled_rows", "_sampled_rows_partial_kernel",
         dict(q_ptr="*bf16", k_desc=f"tensordesc<bf16[1,1,{PARTIAL_N},128]>",
-             v_desc=f"tensordesc<bf16[1,1,{PARTIAL_N},128]>", rows_ptr="*i64", masks_ptr="*u8", skip_ptr="*u8",
+             v_desc=f"tensordesc<bf16[1,1,{PARTIAL_N},128]>", masks_desc=f"tensordesc<u8[{PARTIAL_M},{PARTIAL_N}]>",
+             rows_ptr="*i64", skip_ptr="*u8",
              m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", stride_qb="i32", stride_qh="i32", stride_qs="i32",
              heads="i32", kv_len="i32", num_rows="i32", num_virtual="i32", keys_per_split="i32",
              padded_virtual="i32", qk_scale="fp32"),
@@ -69,11 +70,12 @@ CASES = {
         dict(m_ptr="*fp32", l_ptr="*fp32", acc_ptr="*fp32", out_ptr="*fp32", skip_ptr="*u8", splits="i32",
              num_virtual="i32", padded_virtual="i32"),
         dict(HAS_SKIP=True, HEAD_DIM=128, SPLIT_CHUNK="MERGE_SPLIT_CHUNK"), "MERGE_WARPS", 3, 128),
-    "block_means": (
+    **{name: (
         "triton_block_means", "_block_means_kernel",
-        dict(x_ptr="*bf16", order_ptr="*i64", out_ptr="*fp32", stride_xb="i32", stride_xh="i32", stride_xs="i32",
-             heads="i32", seq_len="i32", num_blocks="i32", block_size="i32"),
-        dict(DIM=128, BLOCK_D=128, ROWS="ROWS"), "NUM_WARPS", 3, 128),
+        dict(x_ptr="*bf16", order_ptr="*i64" if gather else "*bf16", out_ptr="*fp32", stride_xb="i32",
+             stride_xh="i32", stride_xs="i32", heads="i32", seq_len="i32", num_blocks="i32", block_size="i32"),
+        dict(DIM=128, BLOCK_D=128, ROWS="ROWS", GATHER=gather), "NUM_WARPS", 3, 128)
+       for name, gather in (("block_means", True), ("block_means_consecutive", False))},  # dual's, draft's
 }
 
 

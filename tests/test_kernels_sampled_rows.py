@@ -165,3 +165,18 @@ def test_result_is_a_constant_to_autograd():
     rows, masks = torch.tensor([3, 17]), torch.rand(2, 2, 40) < 0.5
     out = torch.ops.vsparse.sampled_rows_attention(q, k, v, rows, masks, 0.25)
     assert not out.requires_grad and out.grad_fn is None
+
+
+def test_aligned_masks_keep_aligned_rows_and_copy_others():
+    """The CUDA kernel reads the masks through TMA (rows 16 bytes apart): a planner's masks are stored so, and are
+    passed on as they are; others are copied into such rows, values unchanged."""
+    from dit_compiler.kernels.sampled_rows import MASK_ROW_BYTES, aligned_masks
+    from dit_compiler.passes.planners.svg import svg_constants
+
+    masks = torch.rand(3, 5, 40, generator=torch.Generator().manual_seed(0)) > 0.5
+    aligned = aligned_masks(masks)
+    assert aligned is not masks and torch.equal(aligned, masks)
+    assert aligned.stride(1) % MASK_ROW_BYTES == 0 and aligned.stride(0) == 5 * aligned.stride(1)
+    assert aligned_masks(aligned) is aligned
+    stored = svg_constants((3, 4, 10, 2, 1), 16, 0.5)["sample_masks"]
+    assert aligned_masks(stored) is stored
