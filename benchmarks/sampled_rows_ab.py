@@ -23,7 +23,7 @@ from dit_compiler.kernels import triton_sampled_rows as ours  # noqa: E402
 from dit_compiler.passes.planners.svg import svg_constants  # noqa: E402
 
 CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 4, 3),
-           (64, 128, 8, 2), (32, 64, 4, 2), (16, 64, 4, 2)]
+           (64, 128, 8, 2), (64, 32, 4, 3), (64, 32, 4, 4), (32, 64, 4, 2), (32, 64, 4, 3), (16, 64, 4, 2)]
 SPLITS = [11, 18, 24, 36, 48, 66, 88, 132]
 
 
