@@ -50,18 +50,24 @@ def check_inputs(q, k, v, rows, masks, skip) -> None:
 MASK_ROW_BYTES = 16  # the CUDA kernel reads the masks through TMA: each row must start on a multiple of 16 bytes
 
 
-def aligned_masks(masks: torch.Tensor) -> torch.Tensor:
-    """`masks` [C, R, Skv] bool as the CUDA kernel reads them without a copy: one [C*R, Skv] matrix whose rows start
-    MASK_ROW_BYTES apart (a view of a buffer with padded rows). Returns `masks` itself when they already are; a
-    planner stores its constant masks this way, so the op copies nothing per call."""
+def padded_masks(masks: torch.Tensor) -> torch.Tensor:
+    """A copy of `masks` [C, R, Skv] bool that the CUDA kernel reads as it is: one [C*R, Skv] matrix whose rows start
+    MASK_ROW_BYTES apart (a view of a buffer with padded rows). A planner stores its constant masks this way, so the
+    op copies nothing per call; pure torch, so it traces with symbolic sizes."""
     num_masks, num_rows, kv_len = masks.shape
-    row_stride = masks.stride(1)
+    padded = (kv_len + MASK_ROW_BYTES - 1) // MASK_ROW_BYTES * MASK_ROW_BYTES
+    out = torch.empty(num_masks, num_rows, padded, dtype=torch.bool, device=masks.device)[..., :kv_len]
+    return out.copy_(masks)
+
+
+def aligned_masks(masks: torch.Tensor) -> torch.Tensor:
+    """`masks` itself when the CUDA kernel can read them as they are (rows as `padded_masks` lays them out, on an
+    aligned base), else `padded_masks(masks)`. Reads the data pointer: real tensors only."""
+    num_rows, row_stride = masks.shape[1], masks.stride(1)
     if (masks.stride(2) == 1 and masks.stride(0) == num_rows * row_stride and row_stride % MASK_ROW_BYTES == 0
             and masks.data_ptr() % MASK_ROW_BYTES == 0):
         return masks
-    padded = -(-kv_len // MASK_ROW_BYTES) * MASK_ROW_BYTES
-    out = torch.empty(num_masks, num_rows, padded, dtype=torch.bool, device=masks.device)[..., :kv_len]
-    return out.copy_(masks)
+    return padded_masks(masks)
 
 
 def check_kernel_head_dim(q) -> None:

@@ -6,8 +6,8 @@ of the keys and writes a partial (row max, row sum, unnormalized output), and a 
 so the launch fills the GPU although R is small. K and V are read once per row tile from memory (the row tiles of
 one split share them through L2) through TMA descriptors, as the block-sparse kernel reads them (by pointer tensors
 the kernel spilled: kernels/NOTES.md); so are the masks, as bytes, a [virtual rows, keys] tile a step (TMA wants
-their rows 16 bytes apart: `sampled_rows.aligned_masks`; the pointer tensor of the tile's mask loads held registers
-the kernel spilled or ran short of). With `skip` set both kernels read it first: the first writes nothing, the
+their rows 16 bytes apart: `sampled_rows.aligned_masks`; a pointer tensor for the tile's mask bytes took the kernel
+from 208 to 254 registers on sm_90). With `skip` set both kernels read it first: the first writes nothing, the
 second writes zeros.
 """
 from __future__ import annotations

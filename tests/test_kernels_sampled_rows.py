@@ -168,8 +168,8 @@ def test_result_is_a_constant_to_autograd():
 
 
 def test_aligned_masks_keep_aligned_rows_and_copy_others():
-    """The CUDA kernel reads the masks through TMA (rows 16 bytes apart): a planner's masks are stored so, and are
-    passed on as they are; others are copied into such rows, values unchanged."""
+    """The CUDA kernel reads the masks through TMA (rows 16 bytes apart): a planner's masks are stored so
+    (`padded_masks`), and are passed on as they are; others are copied into such rows, values unchanged."""
     from dit_compiler.kernels.sampled_rows import MASK_ROW_BYTES, aligned_masks
     from dit_compiler.passes.planners.svg import svg_constants
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from dit_compiler.kernels import block_mask
-from dit_compiler.kernels.sampled_rows import aligned_masks
+from dit_compiler.kernels.sampled_rows import padded_masks
 from dit_compiler.passes.planners import common
 
 _GOLDEN = 0.6180339887498949  # 1 / phi: consecutive rows land far apart in the frame, never in a short cycle
@@ -181,7 +181,7 @@ def svg_constants(layout, block_size: int, density: float, num_sample_rows: int 
     spatial_num, spatial_indices = block_mask.from_block_bool(spatial_visit)
     temporal_num, temporal_indices = block_mask.from_block_bool(temporal_visit)
     return {"position_major": position_major, "position_major_inverse": inverse, "sample_rows": rows,
-            "sample_masks": aligned_masks(torch.stack([
+            "sample_masks": padded_masks(torch.stack([
                 torch.ones(rows.shape[0], seq_len, dtype=torch.bool, device=device),
                 spatial_visit[rows // block_size][:, spatial_blocks],
                 temporal_visit[temporal_blocks[rows]][:, temporal_blocks]])),
@@ -286,7 +286,7 @@ def svg_shift_constants(layout, block_size: int, density: float, num_sample_rows
     masks = [block_mask.token_visits(num[0, 0, row_blocks], idx[0, 0, row_blocks], seq_len, block_size, 1)
              for num, idx in ((spatial_num[None, None], spatial_indices[None, None]), (temporal_num, temporal_indices))]
     return {"sample_rows": rows,
-            "sample_masks": aligned_masks(torch.stack([
+            "sample_masks": padded_masks(torch.stack([
                 torch.ones(rows.shape[0], seq_len, dtype=torch.bool, device=device), *masks])),
             "spatial_num": spatial_num, "spatial_indices": spatial_indices,
             "spatial_order": block_mask.heaviest_first(spatial_num),
