@@ -44,7 +44,7 @@ GRIDS = {"wan1.3b": (21, 30, 52), "wan14b": (21, 45, 80)}
 SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s) for m, n, w, s in triton_block_sparse.CONFIGS]
 # (BLOCK_M, BLOCK_N, warps, stages) of the sampled-row kernel tried with --sweep, the default first.
 SAMPLED_ROWS_SWEEP = [triton_sampled_rows.CONFIG, (64, 64, 8, 2), (64, 128, 4, 2), (64, 64, 4, 3), (64, 128, 8, 3),
-                      (128, 64, 8, 2), (32, 64, 4, 2)]
+                      (128, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 2)]
 SAMPLED_ROWS_SPLITS = [4, 8, 12, 22, 33, 44, 66]  # key splits tried with --sweep (default: ~4 programs per SM)
 
 

@@ -3,12 +3,12 @@
 The C masks make C·R "virtual rows" (mask c, sampled row r), each its own masked softmax over the keys. Few rows and
 many keys: one program per (key split, batch·head, tile of virtual rows) runs a flash-attention loop over its split
 of the keys and writes a partial (row max, row sum, unnormalized output), and a second kernel merges the splits,
-so the launch fills the GPU although R is small. K and V are read once per row tile from memory (the row tiles of
-one split share them through L2) through TMA descriptors, as the block-sparse kernel reads them (by pointer tensors
-the kernel spilled: kernels/NOTES.md); so are the masks, as bytes, a [virtual rows, keys] tile a step (TMA wants
-their rows 16 bytes apart: `sampled_rows.aligned_masks`; a pointer tensor for the tile's mask bytes took the kernel
-from 208 to 254 registers on sm_90). With `skip` set both kernels read it first: the first writes nothing, the
-second writes zeros.
+so the launch fills the GPU although R is small. Every operand moves through a TMA descriptor: K and V, read once
+per row tile from memory (the row tiles of one split share them through L2), as the block-sparse kernel reads them;
+q's sampled rows, gathered into virtual-row order by the launcher (a few KB); the masks, as bytes, a [virtual rows,
+keys] tile a step (TMA wants their rows 16 bytes apart: `sampled_rows.aligned_masks`). Pointer loads of K and V
+spilled, and of q and the masks took 254 registers a thread where descriptors take 156 (sm_90, kernels/NOTES.md).
+With `skip` set both kernels read it first: the first writes nothing, the second writes zeros.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ _sm_counts: dict = {}
 
 @triton.jit
 def _sampled_rows_partial_kernel(
-        q_ptr, k_desc, v_desc, masks_desc, rows_ptr, skip_ptr, m_ptr, l_ptr, acc_ptr,
-        stride_qb, stride_qh, stride_qs, heads, kv_len, num_rows, num_virtual, keys_per_split, padded_virtual, qk_scale,
+        q_desc, k_desc, v_desc, masks_desc, skip_ptr, m_ptr, l_ptr, acc_ptr, heads, kv_len, keys_per_split,
+        padded_virtual, qk_scale,
         HAS_SKIP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
     split = tl.program_id(0)
@@ -50,11 +50,8 @@ def _sampled_rows_partial_kernel(
     b = bh // heads
     h = bh % heads
     virtual = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = virtual < num_virtual
-    token = tl.load(rows_ptr + tl.where(row_ok, virtual, 0) % num_rows)  # virtual row c * R + r samples row r
     dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + token[:, None] * stride_qs + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = q_desc.load([b, h, tile * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_DIM)  # zeros past the virtual rows
     if DOT_FP32:  # the interpreter's bf16/fp16 dot is wrong (triton-lang/triton#11584)
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -154,12 +151,15 @@ def triton_sampled_rows_attention(q, k, v, rows, masks, scale: float, skip: Opti
     flag = skip.view(torch.uint8) if skip is not None else rows  # unread without HAS_SKIP
     k_desc, v_desc = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, head_dim])
                       for t in (tma_ready(k), tma_ready(v)))
+    # q's sampled rows in virtual-row order (row c * R + r is sampled row r), read through TMA: gathered by pointer in
+    # the kernel they took 208 registers a thread at the default tile, 156 this way (sm_90, kernels/NOTES.md).
+    q_desc = TensorDescriptor.from_tensor(q.index_select(2, rows.repeat(num_masks)), [1, 1, block_m, head_dim])
     masks = aligned_masks(masks).view(torch.uint8)
     mask_rows = masks.as_strided((num_virtual, kv_len), (masks.stride(1), 1))  # virtual row c * R + r
     masks_desc = TensorDescriptor(mask_rows, list(mask_rows.shape), list(mask_rows.stride()), [block_m, block_n])
     _sampled_rows_partial_kernel[(splits, batch * heads, tiles)](
-        q, k_desc, v_desc, masks_desc, rows, flag, partial_m, partial_l, partial_acc, *q.stride()[:3], heads, kv_len,
-        num_rows, num_virtual, keys_per_split, padded, scale * LOG2E,
+        q_desc, k_desc, v_desc, masks_desc, flag, partial_m, partial_l, partial_acc, heads, kv_len, keys_per_split,
+        padded, scale * LOG2E,
         HAS_SKIP=skip is not None, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_FP32=INTERPRET, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages)
     _sampled_rows_merge_kernel[(batch * heads, num_virtual)](
