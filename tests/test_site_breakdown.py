@@ -22,6 +22,7 @@ def test_a_cpu_smoke_run_attributes_planning_and_permutation_from_its_layers(tmp
     site_breakdown.main()
     (row,) = json.loads(out.read_text())["sites"]
     assert row["planner"] == "draft" and 0 < row["visited"] <= 1
+    assert row["moved_heads"] == site_breakdown.HEADS  # one window order for every head
     # The row rounds µs to 0.1 and ms to 4 decimals: a difference of rounded figures is within 0.15 µs
     # (0.2 leaves room for float noise).
     assert row["planning_us"] == pytest.approx((row["layer_site_ms"] - row["layer_fixed_ms"]) * 1e3, abs=0.2)
@@ -50,6 +51,7 @@ def test_a_plan_that_moves_no_token_is_measured_without_gathers(tmp_path, monkey
     site_breakdown.main()
     (row,) = json.loads(out.read_text())["sites"]
     assert row["planner"] == "svg-shift" and 0 < row["visited"] <= 1 and row["flex_us"] is None
+    assert row["moved_heads"] == 0
     tables = {variant: {name for name, _, _ in table} for variant, table in row["kernels"].items()}
     assert any("sampled_rows_attention" in name for name in tables["site"])
     # (aten::gather is the CPU op's reference reading its key blocks, in every variant alike)
