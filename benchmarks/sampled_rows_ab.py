@@ -1,7 +1,9 @@
 """A/B of svg's sampled-row kernels: this checkout's `triton_sampled_rows` against another checkout's (a version kept
 for comparison, e.g. `git worktree add ../base <commit>`), on the same inputs in one process, with a sweep of this
 checkout's tile configs and key splits. Wan-1.3B's shape, svg's SAMPLE_ROWS rows under the full, spatial and temporal
-masks of density 0.1, bf16; µs are `do_bench` medians, errors against the float64 formula.
+masks of density 0.1, bf16; µs are `do_bench` medians, errors against the float64 formula. A case's do_bench time
+can also count the launcher's host work where that outlasts the GPU's (README "End to end", dabcf1c), so each case
+also reports its GPU time per call from torch.profiler (every kernel it launches), which ranks the tiles.
 
     TRITON_INTERPRET=0 python3 benchmarks/sampled_rows_ab.py --base ../base --out ab.json
 """
@@ -18,6 +20,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
 from kernel import GRIDS, SHAPES, torch_sampled_rows  # noqa: E402
+from profiling import kernel_table  # noqa: E402
 
 from dit_compiler.kernels import triton_sampled_rows as ours  # noqa: E402
 from dit_compiler.passes.planners.svg import svg_constants  # noqa: E402
@@ -64,11 +67,12 @@ def main() -> None:
         try:
             error = float((fn().double() - exact).norm() / exact.norm())
             ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+            gpu_us = sum(us for _, _, us in kernel_table(fn, q.device, iterations=20))
         except Exception as e:  # a config that does not compile on this device
             print(f"{name:28s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
             continue
-        results.append(dict(case=name, us=round(ms * 1e3, 1), rel_err_vs_float64=error))
-        print(f"{name:28s} {ms * 1e3:8.1f} us  rel. error vs float64 {error:.2e}", flush=True)
+        results.append(dict(case=name, us=round(ms * 1e3, 1), gpu_us=round(gpu_us, 1), rel_err_vs_float64=error))
+        print(f"{name:28s} {ms * 1e3:8.1f} us  GPU {gpu_us:7.1f} us  rel. error vs float64 {error:.2e}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
