@@ -84,7 +84,7 @@ def pooled_attention_map(q: torch.Tensor, k: torch.Tensor, block_size: int, scal
 def pooled_attention_logits(q: torch.Tensor, k: torch.Tensor, block_size: int, scale=None) -> torch.Tensor:
     """[B, H, nq, nkv] float32: the scaled scores of block-averaged q and k (`pooled_logits`)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    # Our kernel, not Inductor's reduction: that one read q and k at half the bandwidth (kernels/NOTES.md).
+    # Our kernel, not Inductor's reduction of pad + sum: 101.1 against 144.0 µs a site (H100, kernels/NOTES.md).
     q_means, k_means = (torch.ops.vsparse.block_means(t, None, block_size) for t in (q, k))
     return pooled_logits(q_means, k_means, block_counts(k.shape[-2], block_size, k.device), scale)
 
