@@ -15,11 +15,12 @@ planning = site - fixed; permutation = fixed - unpermuted (a gather Inductor fus
 transpose is charged only what it adds to that kernel). kernel: the op alone on the planned inputs; FlexAttention
 with the identical block mask as a peer. "site share" is (planning + permutation) / kernel, the figure the planning
 target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per call of
-`torch.ops.vsparse.block_sparse_attention` (with the query-block schedule given, as the rewrite calls it, without,
-and as svg calls it, with a token order and reordered heads) and of SDPA on a tiny problem, enqueued back to back (no syncs), so the GPU never limits them; also with the
-op's direct launches off (Triton's JITFunction.run / autotuner binding every call, as before they existed). Medians of
-`triton.testing.do_bench`; random inputs (planning cost does not depend on values). `--device cpu` with a small
-`--grid` is a smoke run (tests/test_site_breakdown.py): wall-clock medians, no FlexAttention, no op host cost.
+`torch.ops.vsparse.block_sparse_attention` (with the query-block schedule given, as the rewrite calls it, without, and
+as svg calls it, with a token order and reordered heads) and of SDPA on a tiny problem, enqueued back to back (no
+syncs), so the GPU never limits them; also with the op's direct launches off (Triton's JITFunction.run / autotuner
+binding every call, as before they existed). Medians of `triton.testing.do_bench`; random inputs (planning cost does not
+depend on values). `--device cpu` with a small `--grid` is a smoke run (tests/test_site_breakdown.py): wall-clock
+medians, no FlexAttention, no op host cost.
 
     python benchmarks/site_breakdown.py --out site.json
     python benchmarks/site_breakdown.py --planners draft --densities 0.1
@@ -319,8 +320,8 @@ def main() -> None:
         print(host["profile"], flush=True)
     print(f"\n{device_name(device)}, torch {torch.__version__}, triton {triton.__version__}; one layer "
           f"1x{seq}x{HEADS * HEAD_DIM}, dense {dense_ms * 1e3:.0f} µs\n")
-    print("| planner | density | heads moved | planning µs | permutation µs | kernel µs | (planning + permutation) / "
-          "kernel | FlexAttention µs | layer: sparse / dense µs |")
+    print("| planner | density | heads moved | planning µs | permutation µs | kernel µs | "
+          "(planning + permutation) / kernel | FlexAttention µs | layer: sparse / dense µs |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['planner']} | {r['density']} | {r['moved_heads']} of {HEADS} | {r['planning_us']} | "

@@ -7,10 +7,11 @@ Inductor's reduction over those blocks took 144.0 µs a site where this kernel t
 Contract: x `[B, H, S, D]` (last dim contiguous; fp16 / bf16 / fp32 on CUDA, any float on CPU), `order` int64 `[S]`
 (token ids; any ids in range(S), normally a permutation) or None (the tokens as they are), `block_size` >= 1.
 Returns float32 `[B, H, ceil(S / block_size), D]`, summed in float32. CUDA runs the Triton kernel in
-triton_block_means.py (imported on first use, so CPU-only installs need no Triton); CPU runs the reference. Why an
-op: Inductor materialized the gather of the means' first form (dual's planning 589 µs a site on the H100, README "Results"), and their scatter form
-(`index_add` into zeros, four a site) came with a compile of 1.46x Inductor's and 817 generated kernels against svg's
-517 (H200, results/h200-2026-12-05/e2e-svg-dual-4698356.txt); one kernel of our own serves every site.
+triton_block_means.py (imported on first use, so CPU-only installs need no Triton); CPU runs the reference. Why an op:
+Inductor materialized the gather of the means' first form (dual's planning 589 µs a site on the H100, README "Results"),
+and their scatter form (`index_add` into zeros, four a site) came with a compile of 1.46x Inductor's and 817 generated
+kernels against svg's 517 (H200, results/h200-2026-12-05/e2e-svg-dual-4698356.txt); one kernel of our own serves every
+site.
 """
 from __future__ import annotations
 

@@ -3,12 +3,12 @@
 The C masks make C·R "virtual rows" (mask c, sampled row r), each its own masked softmax over the keys. Few rows and
 many keys: one program per (key split, batch·head, tile of virtual rows) runs a flash-attention loop over its split
 of the keys and writes a partial (row max, row sum, unnormalized output), and a second kernel merges the splits,
-so the launch fills the GPU although R is small. Every operand moves through a TMA descriptor: K and V, read once
-per row tile from memory (the row tiles of one split share them through L2), as the block-sparse kernel reads them;
-q's sampled rows, gathered into virtual-row order by the launcher (C·R rows a head); the masks, as bytes, a [virtual rows,
-keys] tile a step (TMA wants their rows 16 bytes apart: `sampled_rows.aligned_masks`). Pointer loads of K and V
-spilled, and of q and the masks took 254 registers a thread where descriptors take 156 (sm_90, kernels/NOTES.md).
-With `skip` set both kernels read it first: the first writes nothing, the second writes zeros.
+so the launch fills the GPU although R is small. Every operand moves through a TMA descriptor: K and V, read once per
+row tile from memory (the row tiles of one split share them through L2), as the block-sparse kernel reads them; q's
+sampled rows, gathered into virtual-row order by the launcher (C·R rows a head); the masks, as bytes, a [virtual rows,
+keys] tile a step (TMA wants their rows 16 bytes apart: `sampled_rows.aligned_masks`). Pointer loads of K and V spilled,
+and of q and the masks took 254 registers a thread where descriptors take 156 (sm_90, kernels/NOTES.md). With `skip` set
+both kernels read it first: the first writes nothing, the second writes zeros.
 """
 from __future__ import annotations
 

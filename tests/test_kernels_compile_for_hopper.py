@@ -1,8 +1,8 @@
 """Triton kernels compile for sm_90 (the H100 and H200) without a GPU: Triton's wheel carries ptxas and cuobjdump.
 Compilation only, with no spilled registers and shared memory within the SM's (the sampled-row partial kernel spilled
-through its pointer loads: kernels/NOTES.md); numerics are the interpreter tests' and the GPU tests' (`pytest -m gpu`). Each compile runs in a
-fresh process with TRITON_INTERPRET=0: the interpreter the other tests select patches triton.language, and compiling
-beside it failed at random."""
+through its pointer loads: kernels/NOTES.md); numerics are the interpreter tests' and the GPU tests' (`pytest -m gpu`).
+Each compile runs in a fresh process with TRITON_INTERPRET=0: the interpreter the other tests select patches
+triton.language, and compiling beside it failed at random."""
 import json
 import os
 import subprocess
