@@ -10,6 +10,7 @@ one cache (later variants compile warm: the forward table in less GPU time, comp
     python benchmarks/end_to_end.py --config small --variants inductor,vsparse-none,vsparse-draft-0.25
     python benchmarks/end_to_end.py --variant inductor                 # one, in this process
     python benchmarks/end_to_end.py --variants inductor,vsparse-draft-0.1 --profile   # + each forward's kernels
+                                                                     # and the device's busy time
 """
 from __future__ import annotations
 
@@ -135,7 +136,10 @@ def measure(variant: str, config: str, repeats: int, profile: bool = False) -> d
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
         from profiling import kernel_table
 
-        row["kernels"] = kernel_table(lambda: fn(**inputs), torch.device(device), iterations=2, top=60)
+        kernels = kernel_table(lambda: fn(**inputs), torch.device(device), iterations=2, top=None)
+        # Against forward_ms: how much of the forward the device is busy (the rest is host work it waits for).
+        row["device_busy_ms"] = round(sum(us for _, _, us in kernels) / 1e3, 1)
+        row["kernels"] = kernels[:60]
     return row
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 
-def kernel_table(fn, device: torch.device, iterations: int = 5, top: int = 40) -> list:
+def kernel_table(fn, device: torch.device, iterations: int = 5, top: int | None = 40) -> list:
     """What one call of `fn` runs, from torch.profiler: [name, launches per call, µs per call] of the costliest
     kernels (GPU time on CUDA, self CPU time of the ops on a CPU), so the differences between variants (planning,
-    permutation) can be read kernel by kernel."""
+    permutation) can be read kernel by kernel. `top=None`: every kernel."""
     activity = torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU
     with torch.no_grad():
         fn()

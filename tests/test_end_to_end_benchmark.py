@@ -1,5 +1,6 @@
 """benchmarks/end_to_end.py on its CPU config: a vsparse variant runs, and --profile records the forward's ops,
-Draft's block ranking and the block-sparse op among them; the row breaks the compile down."""
+Draft's block ranking and the block-sparse op among them, and the time they keep the device busy; the row breaks the
+compile down."""
 import importlib.util
 import sys
 from pathlib import Path
@@ -21,3 +22,5 @@ def test_a_profiled_draft_forward_lists_the_ranking_and_the_attention_ops():
     assert row["compile_phases_s"]["_compile.compile_inner"] <= row["first_call_s"]
     names = {name for name, _, _ in row["kernels"]}
     assert "vsparse::block_sparse_attention" in names and "vsparse::descending_order" in names
+    # The busy time sums every kernel, the listed ones among them.
+    assert 0 < sum(us for _, _, us in row["kernels"]) / 1e3 <= row["device_busy_ms"] + 0.05
