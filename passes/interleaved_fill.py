@@ -7,9 +7,11 @@ dim).
 Replacement: one node `interleave((v_0, ..., v_{k-1}), dim, dtype)`, i.e. `torch.stack([v_j.to(dtype)], dim + 1)
 .flatten(dim, dim + 1)`: the same values (setitem casts to out's dtype the same way), contiguous as out was.
 
-Why: functionalized, each setitem is a slice_scatter over the whole buffer; Inductor realized the first one, so the
-fill took two kernels that each read and wrote the whole tensor, and kept RoPE out of the RMS norm's kernel (H100,
-Wan-1.3B 480p: 20 ms a forward under plain Inductor, results/h100-2026-12-06/e2e-profile-e1638af.json).
+Why: functionalized, each setitem is a slice_scatter over the whole buffer, and Inductor's kernels read and write
+the whole tensor for each. Measured on the H100 (Wan-1.3B 480p, 30 layers, `benchmarks/end_to_end.py --profile`,
+results/h100-2026-12-06/e2e-profile-*): under Draft's token order the kernel applying RMS norm and RoPE took 13.05
+ms a forward, interleaved 5.31 ms plus the norm's 2.71 ms reduction (forward 213.7 -> 209.6 ms). Under plain
+Inductor and svg RoPE stays two kernels (10.4 + 9.7 ms) either way: the fill is not what splits them there.
 """
 from __future__ import annotations
 
