@@ -31,6 +31,7 @@ from dit_compiler.dump import Dump, DumpObserver, render_report
 from dit_compiler.options import Options, parse_options
 from dit_compiler.passes.call_record import add_call_record, insert_dense_phase
 from dit_compiler.passes.interleaved_fill import rewrite_interleaved_fills
+from dit_compiler.passes.shared_values import materialize_shared_values
 from dit_compiler.passes.cost_model import why_cache_does_not_pay
 from dit_compiler.passes.sparse_attention import rewrite_sparse_attention
 from dit_compiler.passes.split_block_stack import (complete_partition, piece_example_inputs, split_block_stack,
@@ -227,6 +228,9 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     fills = rewrite_interleaved_fills(gm)
     if fills:
         notes.append(f"{fills} strided fills of a fresh buffer written as one interleaving (RoPE's rotated pairs)")
+    shared = materialize_shared_values(gm, analysis)
+    if shared:
+        notes.append(f"{shared} values the blocks share written out once")
     outputs = add_call_record(gm, t_max, dense, site_names, densities, masks)
     if dump:
         dump.write_text("rewritten.py", gm.print_readable(print_output=False))
