@@ -9,8 +9,8 @@ one cache (later variants compile warm: the forward table in less GPU time, comp
     python benchmarks/end_to_end.py --out results.json                 # all variants, Wan2.1-1.3B on the GPU
     python benchmarks/end_to_end.py --config small --variants inductor,vsparse-none,vsparse-draft-0.25
     python benchmarks/end_to_end.py --variant inductor                 # one, in this process
-    python benchmarks/end_to_end.py --variants inductor,vsparse-draft-0.1 --profile   # + each forward's kernels
-                                                                     # and the device's busy time
+    python benchmarks/end_to_end.py --variants inductor,vsparse-draft-0.1 --profile   # + each forward's kernels,
+                                                         # the device's busy time and where it waits (CUDA)
 """
 from __future__ import annotations
 
@@ -134,12 +134,14 @@ def measure(variant: str, config: str, repeats: int, profile: bool = False) -> d
            **breakdown}
     if profile:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/ is no package
-        from profiling import kernel_table
+        from profiling import device_timeline, kernel_table
 
         kernels = kernel_table(lambda: fn(**inputs), torch.device(device), iterations=2, top=None)
         # Against forward_ms: how much of the forward the device is busy (the rest is host work it waits for).
         row["device_busy_ms"] = round(sum(us for _, _, us in kernels) / 1e3, 1)
         row["kernels"] = kernels[:60]
+        if device == "cuda":  # where the device waits within the forward, and for what
+            row["device_timeline"] = device_timeline(lambda: fn(**inputs))
     return row
 
 
@@ -170,11 +172,17 @@ def main() -> None:
             print(f"{variant}: FAILED\n{proc.stderr[-2000:]}", flush=True)
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("kernels", "compile_phases_s")}),
-                  flush=True)
+            print(json.dumps({k: v for k, v in rows[-1].items()
+                              if k not in ("kernels", "compile_phases_s", "device_timeline")}), flush=True)
             print("  compile phases (s):", json.dumps(rows[-1].get("compile_phases_s")), flush=True)
             for name, launches, us in rows[-1].get("kernels", []):
                 print(f"  {us:9.1f} µs {launches:6.1f}x  {name[:140]}", flush=True)
+            if "device_timeline" in rows[-1]:
+                timeline = dict(rows[-1]["device_timeline"])
+                gaps = timeline.pop("gaps")
+                print("  device timeline (ms):", json.dumps(timeline), flush=True)
+                for gap in gaps:
+                    print("    gap", json.dumps(gap), flush=True)
         if args.out:  # after every variant: a run cut short keeps what it measured
             with open(args.out, "w") as f:
                 json.dump(rows, f, indent=2)
