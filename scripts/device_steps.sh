@@ -2,7 +2,7 @@
 # One command on a lent GPU machine (the library's `device` tool): install the carried wheels and this checkout, record
 # the machine, then run the named steps, each writing under $OUT. The device's copy has no git metadata, so the caller
 # names the commit. benchmarks/README.md, "On a lent GPU", shows a call.
-#   COMMIT=<hash> STEPS="tests kernel ab site overhead e2e" [TESTS=...] [VARIANTS=...] [PLANNERS=...] \
+#   COMMIT=<hash> STEPS="tests kernel ab site overhead e2e gelu" [TESTS=...] [VARIANTS=...] [PLANNERS=...] \
 #     [DENSITIES=...] [PROFILE=--profile] [LIMIT=s] [CACHE=shared] [AB_BASE=.ab/base] [SWEEP=--sweep] \
 #     bash scripts/device_steps.sh
 # e2e compiles every variant cold (its own Inductor cache) unless CACHE=shared: only cold compile times compare.
@@ -38,6 +38,9 @@ for step in $STEPS; do
       timeout "${LIMIT:-470}" python3 benchmarks/end_to_end.py $shared ${PROFILE:-} \
         --variants "${VARIANTS:-inductor,vsparse-svg-0.1}" --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.txt" \
         | grep -v "^  *[0-9]" | tail -40 ;;
+    gelu)  # a feed-forward's linear + tanh-GELU: Inductor's two kernels against cuBLASLt's GELU epilogue
+      timeout 150 python3 benchmarks/linear_gelu.py --out "$OUT/linear_gelu.json" 2>&1 | tee "$OUT/linear_gelu.txt" \
+        | tail -8 ;;
     *) echo "unknown step $step" ;;
   esac
 done
