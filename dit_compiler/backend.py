@@ -31,6 +31,7 @@ from dit_compiler.dump import Dump, DumpObserver, render_report
 from dit_compiler.options import Options, parse_options
 from dit_compiler.passes.call_record import add_call_record, insert_dense_phase
 from dit_compiler.passes.interleaved_fill import rewrite_interleaved_fills
+from dit_compiler.passes.linear_gelu import fuse_linear_gelus
 from dit_compiler.passes.shared_values import materialize_shared_values
 from dit_compiler.passes.cost_model import why_cache_does_not_pay
 from dit_compiler.passes.sparse_attention import rewrite_sparse_attention
@@ -231,6 +232,9 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     shared = materialize_shared_values(gm, analysis)
     if shared:
         notes.append(f"{shared} values the blocks share written out once")
+    gelus = fuse_linear_gelus(gm)
+    if gelus:
+        notes.append(f"{gelus} linear + tanh-GELU pairs as one product with the GELU in its epilogue")
     outputs = add_call_record(gm, t_max, dense, site_names, densities, masks)
     if dump:
         dump.write_text("rewritten.py", gm.print_readable(print_output=False))

@@ -1,0 +1,124 @@
+"""passes/linear_gelu.py: a biased linear read only by a tanh-GELU becomes one `_addmm_activation` with the same
+values; other GELUs, linears without bias or with other readers, and graphs that compute gradients stay as they are."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from dit_compiler.passes.linear_gelu import fuse_linear_gelus, linear_gelu
+from tiny_models import hunyuan, wan
+
+
+def capture(fn, *args):
+    """fn's Dynamo graph with the pass applied, run as captured: (outputs, pairs fused, the rewritten graph)."""
+    seen = {}
+
+    def backend_fn(gm, example_inputs):
+        seen["fused"] = fuse_linear_gelus(gm)
+        seen["graph"] = gm.graph
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(fn, backend=backend_fn, fullgraph=True)(*args)
+    return out, seen["fused"], seen["graph"]
+
+
+def fused_calls(graph) -> int:
+    return sum(n.op == "call_function" and n.target is linear_gelu for n in graph.nodes)
+
+
+@settings(max_examples=10, deadline=None)
+@given(leading=st.lists(st.integers(1, 5), min_size=1, max_size=3), features=st.integers(1, 9),
+       hidden=st.integers(1, 9), functional=st.booleans(), keyword=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_a_biased_linear_into_tanh_gelu_is_one_product_with_the_same_values(leading, features, hidden, functional,
+                                                                          keyword, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*leading, features, generator=g)
+    w, b = torch.randn(hidden, features, generator=g), torch.randn(hidden, generator=g)
+    linear = F.linear if functional else torch._C._nn.linear
+
+    def fn(x, w, b):
+        h = linear(x, w, bias=b) if keyword else linear(x, w, b)
+        return F.gelu(h, approximate="tanh") * 2
+
+    out, fused, graph = capture(fn, x, w, b)
+    assert fused == 1 and fused_calls(graph) == 1
+    torch.testing.assert_close(out, fn(x, w, b), rtol=1e-6, atol=1e-6)
+    assert out.shape == (*leading, hidden)
+
+
+def unchanged_cases():
+    def exact_gelu(x, w, b):
+        return F.gelu(F.linear(x, w, b))
+
+    def no_bias(x, w, b):
+        return F.gelu(F.linear(x, w), approximate="tanh")
+
+    def linear_read_twice(x, w, b):
+        h = F.linear(x, w, b)
+        return F.gelu(h, approximate="tanh") + h
+
+    def grad_inside(x, w, b):
+        with torch.enable_grad():
+            return F.gelu(F.linear(x, w, b), approximate="tanh")
+
+    return [exact_gelu, no_bias, linear_read_twice, grad_inside]
+
+
+@pytest.mark.parametrize("fn", unchanged_cases(), ids=lambda f: f.__name__)
+def test_what_the_pattern_does_not_prove_is_left_alone(fn):
+    x, w, b = torch.randn(2, 3, 4), torch.randn(5, 4), torch.randn(5)
+    out, fused, graph = capture(fn, x, w, b)
+    assert fused == 0 and fused_calls(graph) == 0
+    torch.testing.assert_close(out, fn(x, w, b))
+
+
+def compile_dumped(model, inputs, tmp_path, **options):
+    torch._dynamo.reset()
+    tmp_path.mkdir(exist_ok=True)
+    compiled = torch.compile(model, backend="vsparse", options=dict(options, dump_dir=str(tmp_path)), fullgraph=True)
+    with torch.no_grad():
+        got, expected = compiled(**inputs)[0], model(**inputs)[0]
+    graph_dirs = sorted(d for d in tmp_path.iterdir() if d.is_dir())
+    notes = [n for d in graph_dirs for n in json.loads((d / "analysis.json").read_text())["notes"]]
+    return got, expected, notes
+
+
+@pytest.mark.parametrize("model_of, options, pairs", [
+    # three blocks' feed-forwards and the text embedding's projection
+    (lambda: wan(frames=3, height=16, width=20, layers=3), dict(sparsity="none", cache="none"), 4),
+    # two stacks split into head / stack / tail pieces for the cache; each block's feed-forward and the single
+    # blocks' parallel MLP (tanh-GELU too)
+    (lambda: hunyuan(layers=2, single_layers=2), dict(sparsity="none", cache="easycache", force_cache=True), None),
+], ids=["wan", "hunyuan-cached"])
+def test_models_keep_their_outputs_with_their_feed_forwards_fused(tmp_path, model_of, options, pairs):
+    model, inputs = model_of()
+    got, expected, notes = compile_dumped(model, inputs, tmp_path, **options)
+    note = next((n for n in notes if n.endswith("linear + tanh-GELU pairs as one product with the GELU in its "
+                                                "epilogue")), None)
+    assert note is not None, notes
+    if pairs is not None:
+        assert note.startswith(f"{pairs} "), note
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_the_epilogue_gelu_is_tanh_gelu_within_the_unfused_rounding(dtype):
+    """On CUDA the fused form must compute the tanh approximation (as the pair it replaces), within a small multiple
+    of the unfused pair's own error against float64."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(3, 700, 96, device="cuda", generator=g)
+    w, b = torch.randn(160, 96, device="cuda", generator=g) / 10, torch.randn(160, device="cuda", generator=g)
+    reference = F.gelu(F.linear(x.double(), w.double(), b.double()), approximate="tanh")
+    x, w, b = x.to(dtype), w.to(dtype), b.to(dtype)
+    fused, unfused = linear_gelu(x, w, b), F.gelu(F.linear(x, w, b), approximate="tanh")
+
+    def error(t):
+        return ((t.double() - reference).norm() / reference.norm()).item()
+
+    assert fused.shape == unfused.shape and fused.dtype == dtype
+    assert error(fused) <= 2 * error(unfused) + 1e-6, (error(fused), error(unfused))
