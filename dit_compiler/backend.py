@@ -3,7 +3,9 @@
 parse    options (dit_compiler/options.py) and a private copy of the Dynamo graph
 analyze  patterns.analyze: attention sites, token grids, block stacks, the timestep input
 rewrite  passes: the dense phase and sparse attention (passes/sparse_attention.py), the block stack in the
-         planner's token order (passes/stack_token_order.py), the call record (passes/call_record.py)
+         planner's token order (passes/stack_token_order.py), RoPE's fill as one interleaving
+         (passes/interleaved_fill.py), shared values written once (passes/shared_values.py), linear + tanh-GELU
+         as one product (passes/linear_gelu.py), the call record (passes/call_record.py)
 split    passes/split_block_stack.py: head / stack / tail when a cache policy is on
 compile  each piece with Inductor (`compile_piece`)
 run      runtime/runner.py: a DiTRunner keeping state per model instance
