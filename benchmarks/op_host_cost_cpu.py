@@ -7,7 +7,8 @@ benchmarks/site_breakdown.py --host-only measures the whole call on a GPU.
   normal path   the op as a torch.library.custom_op (before) or the Library op with direct launches off: checks,
                 descriptors and the launch through `kernel[grid](...)` (stubbed) every call
   direct path   the Library op after the first call for a key: launch key, recorded launch; also as svg calls
-                it (a token order and reordered heads: the attention launch and the move of their k and v)
+                it (a token order and reordered heads: the attention launch and two moves, their q, k and v
+                gathered and their output scattered back)
 
     python benchmarks/op_host_cost_cpu.py
 """

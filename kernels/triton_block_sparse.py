@@ -85,13 +85,14 @@ def _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limi
 
 
 @triton.jit
-def _attend_query_tile(q, k_desc, v_desc, b, h, ids, count, key_limit, qk_scale, HEAD_DIM: tl.constexpr,
-                       KV_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, N_TILES: tl.constexpr,
-                       DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """A query tile `q` of head (b, h) over the `count` key blocks listed at `ids`: its normalized output."""
+def _attend_query_tile(q_desc, k_desc, v_desc, o_desc, b, h, q_start, ids, count, key_limit, qk_scale,
+                       HEAD_DIM: tl.constexpr, KV_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       N_TILES: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """Query tile [q_start, q_start+BLOCK_M) of head (b, h) over the `count` key blocks listed at `ids`, stored."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    q = q_desc.load([b, h, q_start, 0]).reshape(BLOCK_M, HEAD_DIM)
     if DOT_FP32:
         q = q.to(tl.float32)
     for t in tl.range(0, count * N_TILES):
@@ -100,33 +101,19 @@ def _attend_query_tile(q, k_desc, v_desc, b, h, ids, count, key_limit, qk_scale,
         acc, l_i, m_i = _attend_key_tile(acc, l_i, m_i, q, k_desc, v_desc, b, h, key_start, key_limit, qk_scale,
                                          HEAD_DIM, BLOCK_N, DOT_FP32, IEEE)
     # Rows that saw no visible key have l = 0 and acc = 0: they store zeros.
-    return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-
-
-@triton.jit
-def _token_rows(base_ptr, token_order_ptr, b, h, q_start, seq_len, stride_b, stride_h, stride_s,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Addresses of the rows a moved head's query tile [q_start, q_start+BLOCK_M) holds in the token order: row r
-    is token token_order[r] of (b, h); with the mask of rows inside the sequence."""
-    rows = q_start + tl.arange(0, BLOCK_M)
-    inside = rows < seq_len
-    tokens = tl.load(token_order_ptr + rows, mask=inside, other=0)
-    base = base_ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-    return base + tokens[:, None] * stride_s + tl.arange(0, HEAD_DIM)[None, :], inside[:, None]
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_desc.store([b, h, q_start, 0], acc.to(o_desc.dtype).reshape(1, 1, BLOCK_M, HEAD_DIM))
 
 
 @triton.jit
 def _block_sparse_attention_kernel(
-        q_desc, k_desc, v_desc, o_desc, moved_k_desc, moved_v_desc, q_ptr, o_ptr, token_order_ptr, num_ptr, idx_ptr,
-        order_ptr, kv_lengths_ptr, heads_ptr, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
-        stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb, stride_orh, stride_hb, stride_hh, heads,
-        kv_len, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_UNIT: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr, MOVED_HEADS: tl.constexpr,
-        DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
-    """MOVED_HEADS: the heads whose flag in `heads_ptr` is set attend in `token_order` (q and kv lengths equal):
-    their keys and values through the moved_* descriptors (the launcher's copies of their rows in that order),
-    their query rows gathered from q (q_ptr) and their output rows stored back at their tokens in o (o_ptr) by
-    indexed loads and stores, once a program; the other heads read and write through q/k/v/o_desc."""
+        q_desc, k_desc, v_desc, o_desc, moved_q_desc, moved_k_desc, moved_v_desc, moved_o_desc, num_ptr, idx_ptr,
+        order_ptr, kv_lengths_ptr, heads_ptr, stride_nb, stride_nh, stride_ib, stride_ih, stride_iq, stride_orb,
+        stride_orh, stride_hb, stride_hh, heads, kv_len, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        KV_UNIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV_LENGTHS: tl.constexpr,
+        MOVED_HEADS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr):
+    """MOVED_HEADS: the heads whose flag in `heads_ptr` is set read and write through the moved_* descriptors (the
+    launcher's copies of their rows in another token order), the others through q/k/v/o_desc."""
     M_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_M
     N_TILES: tl.constexpr = BLOCK_SIZE // BLOCK_N
     slot = tl.program_id(0)
@@ -141,42 +128,26 @@ def _block_sparse_attention_kernel(
     key_limit = kv_len
     if HAS_KV_LENGTHS:
         key_limit = tl.minimum(key_limit, tl.load(kv_lengths_ptr + b))
+    # The descriptor set is chosen before the one key loop: a loop per set doubled the pipeline's shared memory,
+    # and the autotuner fell back to a slower tile (H100, kernels/NOTES.md).
     if MOVED_HEADS:
-        moved = tl.load(heads_ptr + b * stride_hb + h * stride_hh) != 0
-        # The descriptor set is chosen before the one key loop: a loop per set doubled the pipeline's shared
-        # memory, and the autotuner fell back to a slower tile (H100, kernels/NOTES.md).
-        if moved:
-            k_desc, v_desc = moved_k_desc, moved_v_desc
-            q_rows, inside = _token_rows(q_ptr, token_order_ptr, b, h, q_start, kv_len, stride_qb, stride_qh,
-                                         stride_qs, HEAD_DIM, BLOCK_M)
-            q = tl.load(q_rows, mask=inside, other=0.0)
-        else:
-            q = q_desc.load([b, h, q_start, 0]).reshape(BLOCK_M, HEAD_DIM)
-    else:
-        q = q_desc.load([b, h, q_start, 0]).reshape(BLOCK_M, HEAD_DIM)
-    out = _attend_query_tile(q, k_desc, v_desc, b, h, ids, count, key_limit, qk_scale, HEAD_DIM, KV_UNIT, BLOCK_M,
-                             BLOCK_N, N_TILES, DOT_FP32, IEEE).to(o_desc.dtype)
-    if MOVED_HEADS:
-        if moved:
-            o_rows, inside = _token_rows(o_ptr, token_order_ptr, b, h, q_start, kv_len, stride_ob, stride_oh,
-                                         stride_os, HEAD_DIM, BLOCK_M)
-            tl.store(o_rows, out, mask=inside)
-        else:
-            o_desc.store([b, h, q_start, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
-    else:
-        o_desc.store([b, h, q_start, 0], out.reshape(1, 1, BLOCK_M, HEAD_DIM))
+        if tl.load(heads_ptr + b * stride_hb + h * stride_hh) != 0:
+            q_desc, k_desc, v_desc, o_desc = moved_q_desc, moved_k_desc, moved_v_desc, moved_o_desc
+    _attend_query_tile(q_desc, k_desc, v_desc, o_desc, b, h, q_start, ids, count, key_limit, qk_scale,
+                       HEAD_DIM, KV_UNIT, BLOCK_M, BLOCK_N, N_TILES, DOT_FP32, IEEE)
 
 
-DESCRIPTOR_ARGS = ("q_desc", "k_desc", "v_desc", "o_desc", "moved_k_desc", "moved_v_desc")  # the first parameters
+DESCRIPTOR_ARGS = ("q_desc", "k_desc", "v_desc", "o_desc", "moved_q_desc", "moved_k_desc", "moved_v_desc",
+                   "moved_o_desc")  # the kernel's first parameters
 
 
 def _set_block_shapes(args):
     """Descriptors carry their tile shape, so it must follow the config being tried or run."""
     q_rows, kv_rows, dim = args["BLOCK_M"], args["BLOCK_N"], args["HEAD_DIM"]
-    args["q_desc"].block_shape = args["o_desc"].block_shape = [1, 1, q_rows, dim]
-    for name in ("k_desc", "v_desc", "moved_k_desc", "moved_v_desc"):
-        if args[name] is not None:
-            args[name].block_shape = [1, 1, kv_rows, dim]
+    for prefix in ("", "moved_"):
+        if args[f"{prefix}q_desc"] is not None:
+            args[f"{prefix}q_desc"].block_shape = args[f"{prefix}o_desc"].block_shape = [1, 1, q_rows, dim]
+            args[f"{prefix}k_desc"].block_shape = args[f"{prefix}v_desc"].block_shape = [1, 1, kv_rows, dim]
 
 
 # (BLOCK_M, BLOCK_N, warps, stages), the measured best first: it is also the config used without autotuning.
@@ -268,20 +239,25 @@ def _descriptor(fields: dict, base: torch.Tensor) -> TensorDescriptor:
     return desc
 
 
-def _moved_heads(k, v, token_order, reordered_heads, gather: Optional[list] = None):
-    """The kernel's moved descriptor set for reordered heads: copies of k and v gathered into `token_order` (the
-    other heads' rows left unwritten; one launch for both where their strides agree), in one allocation; with the
-    heads' flags and the gather's launches (`gather`: those recorded for this key, replayed without
-    triton_permute.move_tokens' binding). (None, None, None) without reordered heads. Their q and output rows need
-    no copy: the kernel reads and writes them at their tokens, once a program."""
+def _move(recorded: Optional[list], xs, index, outs, moved, scatter: bool = False) -> list:
+    """Move token rows (triton_permute.move_tokens) through the launches recorded for this key, else normally;
+    returns the launches."""
+    if recorded is None:
+        return move_tokens(xs, index, outs, moved, scatter)
+    for launch in recorded:
+        launch(xs, index, outs, moved)
+    return recorded
+
+
+def _moved_heads(q, k, v, token_order, reordered_heads, gather: Optional[list] = None):
+    """The kernel's moved descriptor set for reordered heads: copies of q, k, v gathered into `token_order` (the
+    other heads' rows left unwritten; one launch for the three where their strides agree) and an output buffer in
+    that order, which the caller scatters back, in one allocation; with the heads' flags and the gather's launches
+    (`gather`: those recorded for this key). (None, None, None) without reordered heads."""
     if token_order is None:
         return None, None, None
-    moved = torch.empty((2, *k.shape), dtype=k.dtype, device=k.device).unbind(0)
-    if gather is None:
-        gather = move_tokens((k, v), token_order, moved, reordered_heads)
-    else:
-        for launch in gather:
-            launch((k, v), token_order, moved, reordered_heads)
+    moved = torch.empty((4, *q.shape), dtype=q.dtype, device=q.device).unbind(0)
+    gather = _move(gather, (q, k, v), token_order, moved[:3], reordered_heads)
     return moved, reordered_heads.view(torch.uint8), gather
 
 
@@ -296,9 +272,9 @@ class _DirectLaunch:
     reads the current stream and builds the TMA descriptors from the bases as JITFunction.run's launch would."""
 
     def __init__(self, kernel, grid, descs, mask_args: tuple, constexprs: tuple, sorts: bool,
-                 gather: Optional[list] = None):
+                 moves: tuple = (None, None)):
         self.runner = kernel[grid]
-        self.gather = gather
+        self.gather, self.scatter = moves
         self.fields = [None if d is None else {**d.__dict__, "base": None} for d in descs]
         out = descs[3].base
         self.out_shape, self.out_stride, self.out_dtype, self.out_device = out.shape, out.stride(), out.dtype, \
@@ -309,11 +285,13 @@ class _DirectLaunch:
                  reordered_heads=None):
         out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.out_dtype, device=self.out_device)
         order = block_mask.heaviest_first(kv_num_blocks) if self.sorts else q_block_order
-        moved, flags, _ = _moved_heads(k, v, token_order, reordered_heads, self.gather)
-        tensors = (q, k, v, out, *(moved or (None,) * 2))
-        self.runner(*(None if f is None else _descriptor(f, t) for f, t in zip(self.fields, tensors)), q, out,
-                    token_order, kv_num_blocks, kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths,
+        moved, flags, _ = _moved_heads(q, k, v, token_order, reordered_heads, self.gather)
+        tensors = (q, k, v, out, *(moved or (None,) * 4))
+        self.runner(*(None if f is None else _descriptor(f, t) for f, t in zip(self.fields, tensors)), kv_num_blocks,
+                    kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths,
                     kv_num_blocks if flags is None else flags, *self.mask_args, scale * LOG2E, *self.constexprs)
+        if moved is not None:
+            _move(self.scatter, (moved[3],), token_order, (out,), reordered_heads, scatter=True)
         return out
 
 
@@ -330,9 +308,9 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     strides with a contiguous last dim; by default `attention_op.output_like(q)`: [B, S, H, D] in memory), if given,
     receives the result. `q_block_order` (see the op) saves the per-call sort. `record` (the op passes its
     checked inputs' `launch_key`) keeps this launch for `recorded_launch` when it can be repeated as is. `kv_unit`,
-    `token_order` and `reordered_heads`: see the op; the reordered heads' k and v are gathered into the order
-    (`triton_permute.move_tokens`) and attended there in the same launch (the kernel's moved descriptor set), their
-    query rows read and output rows written at their tokens by the kernel."""
+    `token_order` and `reordered_heads`: see the op; the reordered heads' q, k, v are gathered into the order
+    (`triton_permute.move_tokens`), attended there in the same launch (the kernel's moved descriptor set) and their
+    output scattered back into `out`."""
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     given = (q, k, v, kv_num_blocks, kv_indices, q_block_order, token_order)
@@ -354,10 +332,10 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
 
     if token_order is not None and token_order.stride(-1) != 1:
         token_order = token_order.contiguous()
-    moved, flags, gather = _moved_heads(k, v, token_order, reordered_heads)
+    moved, flags, gather = _moved_heads(q, k, v, token_order, reordered_heads)
     if flags is None:
         flags = kv_num_blocks  # a placeholder the kernel does not read
-    mask_args = (*q.stride()[:3], *out.stride()[:3], *_strides_bh(kv_num_blocks), *_strides_bh(kv_indices), kv_indices.stride(2), *_strides_bh(order),
+    mask_args = (*_strides_bh(kv_num_blocks), *_strides_bh(kv_indices), kv_indices.stride(2), *_strides_bh(order),
                  *_strides_bh(flags), heads, kv_len)
     consts = dict(HEAD_DIM=head_dim, BLOCK_SIZE=block_size, KV_UNIT=block_mask.key_unit(kv_unit, block_size),
                   HAS_KV_LENGTHS=kv_lengths is not None, MOVED_HEADS=moved is not None,
@@ -369,11 +347,11 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
     # Descriptors with a placeholder block shape (the config's tiles are set before each launch); None for an
     # absent moved set, which Triton passes as a constant.
     descs = [None if t is None else TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, head_dim])
-             for t in (q, k, v, out, *(moved or (None,) * 2))]
+             for t in (q, k, v, out, *(moved or (None,) * 4))]
     named = dict(zip(DESCRIPTOR_ARGS, descs))
 
     def run():
-        args = (*descs, q, out, token_order, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
+        args = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
                 flags, *mask_args, scale * LOG2E)
 
         def launch(block_m, block_n, num_warps, num_stages, dot_fp32=False):
@@ -393,20 +371,22 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         return launch(first.kwargs["BLOCK_M"], first.kwargs["BLOCK_N"], first.num_warps, first.num_stages)
 
     kernel = run()
+    scatter = None if moved is None else _move(None, (moved[3],), token_order, (out,), reordered_heads, scatter=True)
     # Repeatable as is: the op's own call (default config), every base aligned (the key's last entry) and no tensor
     # copied or made contiguous here. The descriptors now carry the launched config's tiles (BLOCK_M, BLOCK_N),
     # which the constexprs must match.
     if (record is not None and _direct_launch and config is None and kernel is not None and record[-1]
             and all(a is b for a, b in zip((q, k, v, kv_num_blocks, kv_indices, order, token_order), given)
                     if b is not None)
-            and None not in (gather or [])):
+            and None not in (gather or []) + (scatter or [])):
         if len(_launches) >= _MAX_LAUNCHES:
             _launches.clear()
         block_m, block_n = descs[0].block_shape[2], descs[1].block_shape[2]
         constexprs = (head_dim, block_size, consts["KV_UNIT"], block_m, block_n, kv_lengths is not None,
                       moved is not None, False, consts["IEEE"])
         _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, mask_args,
-                                          constexprs, sorts=q_block_order is None, gather=gather)
+                                          constexprs, sorts=q_block_order is None,
+                                          moves=(gather, scatter))
     return out
 
 

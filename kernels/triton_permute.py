@@ -1,5 +1,6 @@
 """Triton moves of token rows: `permute_tokens`' gather, out[b, h, s] = x[b, h, index[((b,) h,) s]], and the
-block-sparse launcher's gather of k and v into the token order of the heads a flag selects (svg's temporal heads). Reads and writes are whole rows (D elements, 16-byte vectors), so a move is a copy with indexed row
+block-sparse launcher's per-head reordering (gather into the order, scatter back out of it) of the heads a flag
+selects. Reads and writes are whole rows (D elements, 16-byte vectors), so a move is a copy with indexed row
 addresses on one side: the gather measured 95-97% of a device-to-device copy's bandwidth on H100 (kernels/NOTES.md).
 Rows of heads the flag leaves out are neither read nor written."""
 from __future__ import annotations
@@ -12,20 +13,21 @@ import triton.language as tl
 
 
 MAX_BLOCK_D = 256  # columns per program
-MAX_TENSORS = 2  # tensors one launch moves (k and v), reading the index and the head flag once for both
+MAX_TENSORS = 3  # tensors one launch moves (q, k, v), reading the index and the head flag once for all
 # Rows per program and warps: with 4 warps, 64 rows of 128 columns spilled registers on sm_90 (the row addresses are
 # 64-bit on both sides; tests/test_kernels_compile_for_hopper.py).
 BLOCK_S, NUM_WARPS = 64, 8
 
 
 @triton.jit
-def _move_tokens_kernel(x0_ptr, x1_ptr, index_ptr, moved_ptr, out0_ptr, out1_ptr, stride_xb,
+def _move_tokens_kernel(x0_ptr, x1_ptr, x2_ptr, index_ptr, moved_ptr, out0_ptr, out1_ptr, out2_ptr, stride_xb,
                         stride_xh, stride_xs, stride_ob, stride_oh, stride_os, stride_ib, stride_ih, stride_mb,
                         stride_mh, heads, seq_len, DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                        HAS_MOVED: tl.constexpr, NUM_TENSORS: tl.constexpr):
-    """out[b, h, s] = x[b, h, index[s]] for the first NUM_TENSORS (x, out) pairs, which share strides, one pair a
-    program (grid dim 2: pair, then column split: a program moving three tensors held them in registers at once and
-    spilled on sm_90). HAS_MOVED: only heads whose moved[b, h] is set."""
+                        SCATTER: tl.constexpr, HAS_MOVED: tl.constexpr, NUM_TENSORS: tl.constexpr):
+    """Gather: out[b, h, s] = x[b, h, index[s]]; SCATTER: out[b, h, index[s]] = x[b, h, s]; for the first
+    NUM_TENSORS (x, out) pairs, which share strides, one pair a program (grid dim 2: pair, then column split: a
+    program moving all three held them in registers at once and spilled on sm_90). HAS_MOVED: only heads whose
+    moved[b, h] is set."""
     COL_SPLITS: tl.constexpr = (DIM + BLOCK_D - 1) // BLOCK_D
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -36,6 +38,9 @@ def _move_tokens_kernel(x0_ptr, x1_ptr, index_ptr, moved_ptr, out0_ptr, out1_ptr
     if NUM_TENSORS > 1:
         if pair == 1:
             x_ptr, out_ptr = x1_ptr, out1_ptr
+    if NUM_TENSORS > 2:
+        if pair == 2:
+            x_ptr, out_ptr = x2_ptr, out2_ptr
     rows = tile * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
     cols = (tl.program_id(2) % COL_SPLITS) * BLOCK_D + tl.arange(0, BLOCK_D)
     inside = rows < seq_len
@@ -43,8 +48,12 @@ def _move_tokens_kernel(x0_ptr, x1_ptr, index_ptr, moved_ptr, out0_ptr, out1_ptr
         inside = inside & (tl.load(moved_ptr + b * stride_mb + h * stride_mh) != 0)
     keep = inside[:, None] & (cols < DIM)[None, :]
     index = tl.load(index_ptr + b * stride_ib + h * stride_ih + rows, mask=inside, other=0)
-    values = tl.load(x_ptr + b * stride_xb + h * stride_xh + index[:, None] * stride_xs + cols[None, :], mask=keep)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + cols[None, :], values, mask=keep)
+    if SCATTER:
+        src, dst = rows, index
+    else:
+        src, dst = index, rows
+    values = tl.load(x_ptr + b * stride_xb + h * stride_xh + src[:, None] * stride_xs + cols[None, :], mask=keep)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + dst[:, None] * stride_os + cols[None, :], values, mask=keep)
 
 
 class MoveLaunch:
@@ -70,9 +79,10 @@ def _flags(index: torch.Tensor, moved: Optional[torch.Tensor]) -> torch.Tensor:
     return index if moved is None else moved.view(torch.uint8)
 
 
-def move_tokens(xs, index: torch.Tensor, outs, moved: Optional[torch.Tensor] = None) -> list:
-    """Launch a gather of each x of `xs` (one shape and dtype, [B, H, S, D], any strides with a contiguous last dim)
-    into the out at its position in `outs` (likewise) by `index` ([S], [H, S] or [B, H, S] int64). `moved` (bool [B|1, H]): only those heads. Tensors whose strides agree (on both sides)
+def move_tokens(xs, index: torch.Tensor, outs, moved: Optional[torch.Tensor] = None, scatter: bool = False) -> list:
+    """Launch a move of each x of `xs` (one shape and dtype, [B, H, S, D], any strides with a contiguous last dim)
+    into the out at its position in `outs` (likewise) by `index` ([S], [H, S] or [B, H, S] int64): a gather, or with
+    `scatter` its inverse. `moved` (bool [B|1, H]): only those heads. Tensors whose strides agree (on both sides)
     share a launch. Returns the compiled launches as `MoveLaunch`es (None under the interpreter)."""
     batch, heads, seq_len, dim = xs[0].shape
     index = index.contiguous()
@@ -95,10 +105,10 @@ def move_tokens(xs, index: torch.Tensor, outs, moved: Optional[torch.Tensor] = N
             pick = _slots(chunk)
             grid = (*rows_grid, len(chunk) * triton.cdiv(dim, block_d))
             shape_args = (*x_strides, *out_strides, stride_ib, stride_ih, stride_mb, stride_mh, heads, seq_len, dim,
-                          block_d, BLOCK_S, moved is not None, len(chunk))
+                          block_d, BLOCK_S, scatter, moved is not None, len(chunk))
             compiled = _move_tokens_kernel[grid](
-                *(xs[i] for i in pick), index, flags, *(outs[i] for i in pick), *shape_args[:-5], DIM=dim,
-                BLOCK_D=block_d, BLOCK_S=BLOCK_S, HAS_MOVED=moved is not None,
+                *(xs[i] for i in pick), index, flags, *(outs[i] for i in pick), *shape_args[:-6], DIM=dim,
+                BLOCK_D=block_d, BLOCK_S=BLOCK_S, SCATTER=scatter, HAS_MOVED=moved is not None,
                 NUM_TENSORS=len(chunk), num_warps=NUM_WARPS)
             launches.append(None if compiled is None else MoveLaunch(compiled, grid, chunk, shape_args))
     return launches

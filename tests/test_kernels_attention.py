@@ -145,8 +145,8 @@ def test_op_cpu_reorders_the_heads_it_is_told_to(flags_batch, **case):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**cases(max_len=260, dims=[16, 64], block_sizes=[64, 128]), flags_batch=st.booleans())
 def test_triton_kernel_reorders_the_heads_it_is_told_to(flags_batch, **case):
-    """Interpreted: the reordered heads' k and v gathered, their q rows read and output rows written at their
-    tokens; the other heads read in place. q, k, v come as transposes of [B, S, H, D], as diffusers hands them."""
+    """Interpreted: the reordered heads' q, k, v gathered, attended from the moved copies and scattered back; the
+    other heads read in place. q, k, v come as transposes of [B, S, H, D], as diffusers hands them."""
     case["kv_len"], case["kv_aligned"] = case["q_len"], False
     q, k, v, num, idx, scale, kvl = make_case(**case)
     q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))

@@ -25,20 +25,19 @@ ATTENTION_TILE = "tensordesc<bf16[1,1,{},128]>"
 
 
 def _attention_case(kv_unit: int, moved_heads: bool = False) -> tuple:
-    moved = dict(moved_k_desc=ATTENTION_TILE.format(ATTENTION_N), moved_v_desc=ATTENTION_TILE.format(ATTENTION_N),
-                 token_order_ptr="*i64")
+    moved = {f"moved_{name}_desc": ATTENTION_TILE.format(ATTENTION_N if name in "kv" else ATTENTION_M)
+             for name in "qkvo"}
     return (
         "triton_block_sparse", "_block_sparse_attention_kernel",
         dict(q_desc=ATTENTION_TILE.format(ATTENTION_M), k_desc=ATTENTION_TILE.format(ATTENTION_N),
              v_desc=ATTENTION_TILE.format(ATTENTION_N), o_desc=ATTENTION_TILE.format(ATTENTION_M),
-             **(moved if moved_heads else {}), q_ptr="*bf16", o_ptr="*bf16", num_ptr="*i32",
-             idx_ptr="*i32", order_ptr="*i32", kv_lengths_ptr="*i32", heads_ptr="*u8", stride_qb="i32",
-             stride_qh="i32", stride_qs="i32", stride_ob="i32", stride_oh="i32", stride_os="i32", stride_nb="i32",
+             **(moved if moved_heads else {}), num_ptr="*i32",
+             idx_ptr="*i32", order_ptr="*i32", kv_lengths_ptr="*i32", heads_ptr="*u8", stride_nb="i32",
              stride_nh="i32", stride_ib="i32", stride_ih="i32", stride_iq="i32", stride_orb="i32", stride_orh="i32",
              stride_hb="i32", stride_hh="i32", heads="i32", kv_len="i32", qk_scale="fp32"),
         dict(HEAD_DIM=128, BLOCK_SIZE=128, KV_UNIT=kv_unit, BLOCK_M=ATTENTION_M, BLOCK_N=ATTENTION_N,
              HAS_KV_LENGTHS=False, MOVED_HEADS=moved_heads, DOT_FP32=False, IEEE=False,
-             **({} if moved_heads else dict.fromkeys(moved))),  # an absent moved set and order are passed as None
+             **({} if moved_heads else dict.fromkeys(moved))),  # an absent moved set is passed as None
         ATTENTION_WARPS, ATTENTION_STAGES, 255)
 
 
@@ -48,13 +47,14 @@ CASES = {
     "block_sparse_attention_moved_heads": _attention_case(128, moved_heads=True),  # svg's reordered heads
     **{name: (
         "triton_permute", "_move_tokens_kernel",
-        dict(x0_ptr="*bf16", x1_ptr="*bf16", index_ptr="*i64", moved_ptr="*u8", out0_ptr="*bf16",
-             out1_ptr="*bf16", stride_xb="i32", stride_xh="i32", stride_xs="i32", stride_ob="i32",
+        dict(x0_ptr="*bf16", x1_ptr="*bf16", x2_ptr="*bf16", index_ptr="*i64", moved_ptr="*u8", out0_ptr="*bf16",
+             out1_ptr="*bf16", out2_ptr="*bf16", stride_xb="i32", stride_xh="i32", stride_xs="i32", stride_ob="i32",
              stride_oh="i32", stride_os="i32", stride_ib="i32", stride_ih="i32", stride_mb="i32", stride_mh="i32",
              heads="i32", seq_len="i32"),
-        dict(DIM=128, BLOCK_D=128, BLOCK_S="BLOCK_S", HAS_MOVED=moved, NUM_TENSORS=tensors),
+        dict(DIM=128, BLOCK_D=128, BLOCK_S="BLOCK_S", SCATTER=scatter, HAS_MOVED=moved, NUM_TENSORS=tensors),
         "NUM_WARPS", 3, 255)
-       for name, moved, tensors in (("permute_tokens", False, 1), ("move_kv_tokens", True, 2))},  # svg's heads
+       for name, scatter, moved, tensors in (("permute_tokens", False, False, 1), ("move_tokens_back", True, True, 1),
+                                             ("move_qkv_tokens", False, True, 3))},  # svg's reordered heads
     "sampled_rows_partial": (
         "triton_sampled_rows", "_sampled_rows_partial_kernel",
         dict(q_desc=f"tensordesc<bf16[1,1,{PARTIAL_M},128]>", k_desc=f"tensordesc<bf16[1,1,{PARTIAL_N},128]>",

@@ -61,52 +61,55 @@ def moves_case(seed, batch, heads, seq_len, dim, tensors, strided, flag_batch, d
     return [x.to(device) for x in xs], torch.randperm(seq_len, generator=g).to(device), flags.to(device)
 
 
-def expected_moves(x, order, flags, out):
-    """Each flagged head's rows gathered into `order`; the others' rows left as in out."""
+def expected_moves(x, order, flags, scatter, out):
+    """Each flagged head's rows gathered into `order` (or scattered out of it); the others' rows left as in out."""
     want = out.clone()
     for b in range(x.shape[0]):
         for h in range(x.shape[1]):
             if flags[min(b, flags.shape[0] - 1), h]:
-                want[b, h] = x[b, h, order]
+                if scatter:
+                    want[b, h, order] = x[b, h]
+                else:
+                    want[b, h] = x[b, h, order]
     return want
 
 
 moves = dict(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), heads=st.integers(1, 3),
              seq_len=st.integers(1, 200), dim=st.sampled_from([16, 64, 128]), tensors=st.integers(1, 4),
-             strided=st.sets(st.integers(0, 3)), flag_batch=st.booleans())
+             strided=st.sets(st.integers(0, 3)), flag_batch=st.booleans(), scatter=st.booleans())
 
 
 @interpreted
 @settings(max_examples=20, deadline=None)
 @given(**moves)
-def test_triton_moves_several_tensors_of_the_flagged_heads(**drawn):
-    """k and v in one launch where their strides agree, in separate ones where not, more than two in several;
+def test_triton_moves_several_tensors_of_the_flagged_heads(scatter, **drawn):
+    """q, k and v in one launch where their strides agree, in separate ones where not, more than three in two;
     rows of heads left unflagged are neither read nor written (the outputs are poisoned)."""
     xs, order, flags = moves_case(**drawn)
     outs = [torch.full(x.shape, float("nan")) for x in xs]
-    launches = move_tokens(xs, order, outs, flags)
-    assert len(launches) == sum((len(group) + 1) // 2 for group in (
+    launches = move_tokens(xs, order, outs, flags, scatter=scatter)
+    assert len(launches) == sum((len(group) + 2) // 3 for group in (
         [i for i in range(len(xs)) if (i in drawn["strided"]) == strided] for strided in (False, True)) if group)
     for x, out in zip(xs, outs):
-        torch.testing.assert_close(out, expected_moves(x, order, flags, torch.full(x.shape, float("nan"))),
+        torch.testing.assert_close(out, expected_moves(x, order, flags, scatter, torch.full(x.shape, float("nan"))),
                                    rtol=0, atol=0, equal_nan=True)
 
 
 @pytest.mark.gpu
 @settings(max_examples=20, deadline=None)
 @given(**moves)
-def test_gpu_recorded_moves_repeat_the_first_launch(**drawn):
+def test_gpu_recorded_moves_repeat_the_first_launch(scatter, **drawn):
     """The compiled launches `move_tokens` returns, called with another call's tensors of the same layout, move
     those (the block-sparse op's direct launch replays them)."""
     xs, order, flags = moves_case(**drawn, device="cuda")
     # Outputs laid out as the replay's (contiguous): a launch is recorded for its tensors' strides.
-    launches = move_tokens(xs, order, [torch.empty(x.shape, device="cuda") for x in xs], flags)
+    launches = move_tokens(xs, order, [torch.empty(x.shape, device="cuda") for x in xs], flags, scatter=scatter)
     again, order2, _ = moves_case(**{**drawn, "seed": drawn["seed"] + 1}, device="cuda")
     outs = [torch.full(x.shape, float("nan"), device="cuda") for x in again]
     for launch in launches:
         launch(again, order2, outs, flags)
     for x, out in zip(again, outs):
-        torch.testing.assert_close(out, expected_moves(x, order2, flags, torch.full_like(x, float("nan"))),
+        torch.testing.assert_close(out, expected_moves(x, order2, flags, scatter, torch.full_like(x, float("nan"))),
                                    rtol=0, atol=0, equal_nan=True)
 
 
