@@ -37,6 +37,8 @@ def test_a_cpu_smoke_run_attributes_planning_and_permutation_from_its_layers(tmp
     assert not any("descending_order" in name for name in tables["fixed"])
     assert row["site_share_by_kernels"] == pytest.approx(
         (row["planning_us_by_kernels"] + row["permutation_us_by_kernels"]) / row["kernel_us"], abs=1e-3)
+    attention = row["attention_us_by_kernels"]
+    assert set(attention) == {"site", "fixed", "unpermuted"} and all(us > 0 for us in attention.values())
     assert row["site_share"] == pytest.approx((row["planning_us"] + row["permutation_us"]) / row["kernel_us"],
                                               abs=1e-3)
 
