@@ -7,21 +7,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from dit_compiler.passes.interleaved_fill import interleave, rewrite_interleaved_fills
+import graph_passes
 from tiny_models import wan
 
 
 def capture(fn, *args):
     """fn's Dynamo graph with the pass applied, run as captured: (outputs, matches, the rewritten graph)."""
-    seen = {}
-
-    def backend(gm, example_inputs):
-        seen["matches"] = rewrite_interleaved_fills(gm)
-        seen["graph"] = gm.graph
-        return gm.forward
-
-    torch._dynamo.reset()
-    out = torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return out, seen["matches"], seen["graph"]
+    return graph_passes.capture(rewrite_interleaved_fills, fn, *args)
 
 
 def calls(graph, target):

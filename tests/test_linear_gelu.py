@@ -1,30 +1,20 @@
 """passes/linear_gelu.py: a biased half-precision linear read only by a tanh-GELU becomes one `_addmm_activation` with
 the same values; other GELUs, float32 or mixed dtypes, linears without bias or with other readers, and graphs that
 compute gradients stay as they are."""
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from dit_compiler.passes.linear_gelu import fuse_linear_gelus, linear_gelu
+import graph_passes
+from graph_passes import compile_dumped
 from tiny_models import hunyuan, wan
 
 
 def capture(fn, *args):
     """fn's Dynamo graph with the pass applied, run as captured: (outputs, pairs fused, the rewritten graph)."""
-    seen = {}
-
-    def backend_fn(gm, example_inputs):
-        seen["fused"] = fuse_linear_gelus(gm)
-        seen["graph"] = gm.graph
-        return gm.forward
-
-    torch._dynamo.reset()
-    with torch.no_grad():
-        out = torch.compile(fn, backend=backend_fn, fullgraph=True)(*args)
-    return out, seen["fused"], seen["graph"]
+    return graph_passes.capture(fuse_linear_gelus, fn, *args)
 
 
 def fused_calls(graph) -> int:
@@ -85,17 +75,6 @@ def test_what_the_pattern_does_not_prove_is_left_alone(fn):
     torch.testing.assert_close(out, fn(x, w, b))
 
 
-def compile_dumped(model, inputs, tmp_path, **options):
-    torch._dynamo.reset()
-    tmp_path.mkdir(exist_ok=True)
-    compiled = torch.compile(model, backend="vsparse", options=dict(options, dump_dir=str(tmp_path)), fullgraph=True)
-    with torch.no_grad():
-        got, expected = compiled(**inputs)[0], model(**inputs)[0]
-    graph_dirs = sorted(d for d in tmp_path.iterdir() if d.is_dir())
-    notes = [n for d in graph_dirs for n in json.loads((d / "analysis.json").read_text())["notes"]]
-    return got, expected, notes
-
-
 def in_bfloat16(model_and_inputs):
     model, inputs = model_and_inputs
     return model.to(torch.bfloat16), {name: x.to(torch.bfloat16) if torch.is_tensor(x) and x.is_floating_point()
@@ -112,7 +91,7 @@ def in_bfloat16(model_and_inputs):
 ], ids=["wan", "hunyuan-cached"])
 def test_models_keep_their_outputs_with_their_feed_forwards_fused(tmp_path, model_of, options, pairs):
     model, inputs = model_of()
-    got, expected, notes = compile_dumped(model, inputs, tmp_path, **options)
+    got, expected, notes, _ = compile_dumped(model, inputs, tmp_path, **options)
     note = next((n for n in notes if n.endswith("linear + tanh-GELU pairs as one product with the GELU in its "
                                                 "epilogue")), None)
     assert note is not None, notes

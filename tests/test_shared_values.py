@@ -1,25 +1,12 @@
 """passes/shared_values.py: a value computed before the blocks and read by several of them is written out once, by
 `vsparse::materialize`; values one block reads, and broadcast views, are left alone."""
-import json
-
 import pytest
 import torch
 
 import dit_compiler.backend as backend
 from dit_compiler.kernels import materialize
+from graph_passes import compile_dumped
 from tiny_models import hunyuan, wan
-
-
-def compile_dumped(model, inputs, tmp_path, **options):
-    torch._dynamo.reset()
-    tmp_path.mkdir(exist_ok=True)
-    compiled = torch.compile(model, backend="vsparse", options=dict(options, dump_dir=str(tmp_path)), fullgraph=True)
-    with torch.no_grad():
-        got, expected = compiled(**inputs)[0], model(**inputs)[0]
-    graph_dirs = sorted(d for d in tmp_path.iterdir() if d.is_dir())
-    notes = [n for d in graph_dirs for n in json.loads((d / "analysis.json").read_text())["notes"]]
-    rewritten = "".join((d / "rewritten.py").read_text() for d in graph_dirs)
-    return got, expected, notes, rewritten
 
 
 def test_materialize_is_a_contiguous_copy():
