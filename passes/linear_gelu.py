@@ -19,6 +19,8 @@ two forms.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import fx
@@ -47,14 +49,16 @@ def _dtype(value):
     return example.dtype if isinstance(example, torch.Tensor) else None
 
 
-def _half_precision_linear_with_bias(node) -> bool:
+def _fusable_linear(node) -> Optional[tuple]:
+    """(input, weight, bias) of a half-precision linear with a bias and no other reader, else None."""
     if not isinstance(node, fx.Node) or node.op != "call_function" or node.target not in LINEARS:
-        return False
+        return None
     args = {**dict(zip(("input", "weight", "bias"), node.args)), **node.kwargs}
     if args.get("bias") is None or len(node.users) != 1:
-        return False
-    dtypes = {_dtype(node), _dtype(args["input"]), _dtype(args["weight"]), _dtype(args["bias"])}
-    return len(dtypes) == 1 and dtypes.pop() in HALF_DTYPES
+        return None
+    operands = (args["input"], args["weight"], args["bias"])
+    dtypes = {_dtype(node), *map(_dtype, operands)}
+    return operands if len(dtypes) == 1 and dtypes.pop() in HALF_DTYPES else None
 
 
 def fuse_linear_gelus(gm: fx.GraphModule) -> int:
@@ -67,11 +71,11 @@ def fuse_linear_gelus(gm: fx.GraphModule) -> int:
         if gelu.op != "call_function" or gelu.target not in GELUS or _approximation(gelu) != "tanh":
             continue
         linear = gelu.args[0] if gelu.args else gelu.kwargs.get("input")
-        if not _half_precision_linear_with_bias(linear):
+        operands = _fusable_linear(linear)
+        if operands is None:
             continue
-        args = {**dict(zip(("input", "weight", "bias"), linear.args)), **linear.kwargs}
         with gm.graph.inserting_before(gelu):
-            node = gm.graph.call_function(linear_gelu, (args["input"], args["weight"], args["bias"]))
+            node = gm.graph.call_function(linear_gelu, operands)
         node.meta = dict(gelu.meta)
         gelu.replace_all_uses_with(node)
         gm.graph.erase_node(gelu)
