@@ -18,8 +18,8 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 \
 for step in $STEPS; do
   case $step in
     tests)  # the GPU tests of the named files (default: every kernel's)
-      timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/test_kernels_*.py} 2>&1 | tail -5 \
-        | tee "$OUT/gpu-tests.txt" ;;
+      timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/test_kernels_*.py} 2>&1 | tee "$OUT/gpu-tests.txt" \
+        | tail -5 ;;  # the whole output kept: a failure's values
     kernel)  # the planners' kernels alone: sampled rows and block ranking (SWEEP=--sweep: their tiles and splits)
       timeout 200 python3 benchmarks/kernel.py --shapes wan1.3b --no-attention --no-permute --budget-ms 60 ${SWEEP:-} \
         --out "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.txt" | tail -20 ;;
