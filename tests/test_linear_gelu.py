@@ -103,8 +103,10 @@ def test_models_keep_their_outputs_with_their_feed_forwards_fused(tmp_path, mode
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_the_epilogue_gelu_is_tanh_gelu_within_the_unfused_rounding(dtype):
-    """On CUDA the fused form must compute the tanh approximation (as the pair it replaces), within a small multiple
-    of the unfused pair's own error against float64 (in float32 it did not: the pass leaves float32 alone)."""
+    """On CUDA the fused form's error against float64 tanh-GELU stays within a small multiple of the pair's own. In
+    bf16 / fp16 this cannot tell tanh from exact GELU (they differ by under 5e-4, below the dtypes' rounding here),
+    which is why either serves; in float32 the fused form missed this bound on the H100, so the pass leaves float32
+    alone."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(3, 700, 96, device="cuda", generator=g)
     w, b = torch.randn(160, 96, device="cuda", generator=g) / 10, torch.randn(160, device="cuda", generator=g)
