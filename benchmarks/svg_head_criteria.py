@@ -12,6 +12,12 @@ better mask's, relative to the sum of the better one's (0: always the better mas
 
     python benchmarks/svg_head_criteria.py --steps 2 --caption 0 --seed 0 --rows 32 16 --out criteria.json
     python benchmarks/svg_head_criteria.py --steps 10 --rows 64 21 --exact --base ../base --out exact.json
+    python benchmarks/svg_head_criteria.py --steps 50 --stability --out stability.json
+
+`--stability` asks whether a head's class could be kept for a few steps instead of sampled every call: per lag L,
+the share of head classes (svg's own criterion) that differ from the same layer and CFG branch L steps earlier, over
+the steps after the dense phase (`--dense-steps`, the option's default); and the share that differ between the two
+branches of one step.
 """
 from __future__ import annotations
 
@@ -62,6 +68,37 @@ def load_base_svg(checkout: str):
     return module
 
 
+def sparse_steps(shift: float, steps: int, dense_steps: float) -> list[int]:
+    """The steps of `generate`'s schedule past the dense phase (timestep <= (1 - dense_steps) * 1000)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(steps)
+    return [i for i, t in enumerate(scheduler.timesteps.tolist()) if t <= (1 - dense_steps) * 1000]
+
+
+def class_stability(classes: list, steps: list[int], layers: int, branches: int = 2, lags=(1, 2, 3, 5)) -> dict:
+    """From every call's classes ([B, H] bool, in call order step → branch → layer): per lag, the share of classes
+    at the `steps` (those past the dense phase) that differ from the same layer and branch `lag` steps earlier
+    (`changed_after_<lag>`, over the pairs whose earlier step is among `steps` too); and the share that differ
+    between the branches of one step (`branches_differ`)."""
+    per_step = branches * layers
+    by_call = torch.stack(classes).reshape(len(classes) // per_step, branches, layers, *classes[0].shape)
+    sparse = set(steps)
+    report = {}
+    for lag in lags:
+        pairs = [s for s in steps if s - lag in sparse]
+        if pairs:
+            changed = torch.stack([by_call[s] != by_call[s - lag] for s in pairs])
+            report[f"changed_after_{lag}"] = round(float(changed.float().mean()), 4)
+            report[f"changed_after_{lag}_by_layer"] = [round(float(x), 4)
+                                                       for x in changed.float().transpose(0, 2).flatten(1).mean(1)]
+    report["branches_differ"] = round(float((by_call[steps, 0] != by_call[steps, 1]).float().mean()), 4)
+    report["temporal_share"] = round(float(by_call[steps].float().mean()), 4)
+    report["steps_counted"] = len(steps)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--harness", default=str(Path(__file__).resolve().parents[1] / "examples" / "harness"))
@@ -74,6 +111,10 @@ def main() -> None:
     parser.add_argument("--exact", action="store_true",
                         help="score every row count (and --base) against the criterion over all video rows")
     parser.add_argument("--base", help="another checkout's root: its svg planner as one more candidate (--exact)")
+    parser.add_argument("--stability", action="store_true",
+                        help="how often a head's class changes from step to step and between CFG branches")
+    parser.add_argument("--dense-steps", type=float, default=0.15,
+                        help="--stability counts the steps whose timestep is at most (1 - this) x 1000")
     parser.add_argument("--out")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -92,6 +133,7 @@ def main() -> None:
     exact = {name: dict(agree=0, excess=0.0) for name in candidates} if args.exact else {}
     better_total = [0.0]
     disagreements = []
+    classes = []  # every call's svg classes, in call order: step, then branch (cond, uncond), then layer
     sdpa = SDPA
 
     def classifying_sdpa(*a, **kw):
@@ -103,6 +145,7 @@ def main() -> None:
             mass = mask_mass(q, k, constants, scale)
             by_mass = mass[..., 1] > mass[..., 0]
             counts["calls"] += 1
+            classes.append(by_mse)
             counts["heads"] += by_mse.numel()
             counts["agree"] += int((by_mse == by_mass).sum())
             counts["temporal_by_mse"] += int(by_mse.sum())
@@ -135,8 +178,11 @@ def main() -> None:
         F.scaled_dot_product_attention = sdpa
     exact = {name: dict(agree=e["agree"], relative_excess_error=e["excess"] / max(better_total[0], 1e-30))
              for name, e in exact.items()}
-    report = dict(vars(args), **counts, exact=exact, seconds=round(time.perf_counter() - start, 1),
-                  torch=torch.__version__, disagreements=disagreements)
+    stability = class_stability(classes, sparse_steps(record["shift"], args.steps, args.dense_steps),
+                                model.config.num_layers) if args.stability else {}
+    report = dict(vars(args), **counts, exact=exact, stability=stability,
+                  seconds=round(time.perf_counter() - start, 1), torch=torch.__version__,
+                  disagreements=disagreements)
     print(json.dumps({k: v for k, v in report.items() if k != "disagreements"}))
     if args.out:
         with open(args.out, "w") as f:
