@@ -69,9 +69,11 @@ PSNR_TARGET, SSIM_TARGET = 32.0, 0.93  # issue 9's bar for choosing defaults
 # A setting names the options that differ from vsparse's defaults, and the defaults have changed: rows record the
 # options they resolved to (`resolved_options`); rows written before they did were measured under these defaults.
 COMPUTING_OPTIONS = ("sparsity", "density", "block_size", "dense_steps", "dense_layers", "cache", "cache_threshold",
-                     "cache_start")
+                     "cache_start", "plan_every")
 DEFAULTS_BEFORE_2026_11_24 = {"sparsity": "draft", "density": 0.25, "block_size": 128, "dense_steps": 0.25,
                               "dense_layers": 1, "cache": "none", "cache_threshold": 0.05, "cache_start": 0.0}
+# Options added after rows were recorded, with the value that computes what those rows computed.
+ADDED_OPTIONS = {"plan_every": 1}
 
 
 def resolve(options: dict) -> dict:
@@ -84,8 +86,9 @@ def resolved_options(row: dict) -> dict:
     """What a quality row's setting computed: its recorded resolution, or the options it named over the defaults
     of the time for a row that recorded none."""
     if "resolved_options" in row:
-        return row["resolved_options"]
-    return {**DEFAULTS_BEFORE_2026_11_24, **{k: v for k, v in row["options"].items() if k in COMPUTING_OPTIONS}}
+        return {**ADDED_OPTIONS, **row["resolved_options"]}
+    return {**DEFAULTS_BEFORE_2026_11_24, **ADDED_OPTIONS,
+            **{k: v for k, v in row["options"].items() if k in COMPUTING_OPTIONS}}
 
 
 def parse_setting(spec: str) -> dict:

@@ -8,10 +8,12 @@ h + gate * out. Compiled with Inductor (fullgraph) in this process with each att
 
   dense       F.scaled_dot_product_attention (PyTorch's backend choice for these shapes)
   site        the rewrite's `sparse_attention`: plan, permute, mask, kernel, restore the order
+  kept        (planners that carry a choice: svg) the same with the head classes kept from an earlier call, as
+              `plan_every` > 1 plans between samples (passes/plan_reuse.py): the sampled-row kernel skipped
   fixed       the same plan's order and mask computed once beforehand: permute, kernel, restore
   unpermuted  the same mask with tokens left in place: the kernel alone in the layer (timing only)
 
-planning = site - fixed; permutation = fixed - unpermuted (a gather Inductor fuses into the RoPE or the output's
+planning = site - fixed (kept planning = kept - fixed); permutation = fixed - unpermuted (a gather Inductor fuses into the RoPE or the output's
 transpose is charged only what it adds to that kernel). kernel: the op alone on the planned inputs; FlexAttention
 with the identical block mask as a peer. "site share" is (planning + permutation) / kernel, the figure the planning
 target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per call of
@@ -77,10 +79,12 @@ class Attention(torch.nn.Module):
         scale = HEAD_DIM ** -0.5
         if self.variant == "dense":
             return F.scaled_dot_product_attention(q, k, v)
-        if self.variant == "site":
+        if self.variant in ("site", "kept"):
             constants = {n: getattr(self, f"c_{n}") for n in self.constant_names}
+            carried = (self.choice, torch.zeros((), dtype=torch.bool, device=q.device)) if self.variant == "kept" \
+                else None
             return sparse_attention(q, k, v, None, None, constants, (*self.grid, 0, 0), planner=self.planner,
-                                    density=self.density, block_size=BLOCK, scale=scale)[0]
+                                    density=self.density, block_size=BLOCK, scale=scale, carried=carried)[0]
         fixed = self.variant == "fixed"
         # A plan may leave tokens in place, or have the op move the heads it names (then the op's moves count as
         # permutation: fixed - unpermuted).
@@ -222,10 +226,12 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         qp, kp, vp = (t if perm is None else _reorder(t, perm).contiguous() for t in (q, k, v))
         num, idx = chosen.mask(qp, kp, plan, constants, layout, block_size=BLOCK, density=density,
                                scale=HEAD_DIM ** -0.5)
-    fixed = {"perm": plan.perm, "inverse": plan.inverse, "reordered": plan.reordered_heads, "num": num, "idx": idx}
+    fixed = {"perm": plan.perm, "inverse": plan.inverse, "reordered": plan.reordered_heads, "num": num, "idx": idx,
+             "choice": plan.choice}
     kv_unit = planner_kv_unit(planner)
     times, kernels = {}, {}
-    for variant in ("site", "fixed", "unpermuted"):
+    kept = ("kept",) if getattr(chosen, "carries_choice", False) else ()
+    for variant in ("site", *kept, "fixed", "unpermuted"):
         layer.attention = Attention(variant, planner, density, grid, constants, fixed, kv_unit)
         compiled = compiled_layer(layer, latent)
         with torch.no_grad():
@@ -254,11 +260,14 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
     row = {"planner": planner, "density": density, "visited": round(float(num.float().mean()) / idx.shape[-1], 4),
            "moved_heads": moved,
            "layer_dense_ms": round(dense_ms, 4), "layer_site_ms": round(times["site"], 4),
+           **({"layer_kept_ms": round(times["kept"], 4)} if kept else {}),
            "layer_fixed_ms": round(times["fixed"], 4), "layer_unpermuted_ms": round(times["unpermuted"], 4),
            "planning_us": round(planning * 1e3, 1), "permutation_us": round(permutation * 1e3, 1),
            "kernel_us": round(kernel * 1e3, 1), "flex_us": flex_ms and round(flex_ms * 1e3, 1),
            "flex_vs_ours_rel_error": flex_error,
            "site_share": round((planning + permutation) / kernel, 3),
+           **({"planning_kept_us": round((times["kept"] - times["fixed"]) * 1e3, 1),
+               "site_share_kept": round((times["kept"] - times["unpermuted"]) / kernel, 3)} if kept else {}),
            "layer_speedup": round(dense_ms / times["site"], 3)}
     print(json.dumps(row), flush=True)
     if profile:
@@ -269,6 +278,9 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         row["planning_us_by_kernels"] = round(others["site"] - others["fixed"], 1)
         row["permutation_us_by_kernels"] = round(others["fixed"] - others["unpermuted"], 1)
         row["site_share_by_kernels"] = round((others["site"] - others["unpermuted"]) / (kernel * 1e3), 3)
+        if kept:
+            row["planning_kept_us_by_kernels"] = round(others["kept"] - others["fixed"], 1)
+            row["site_share_kept_by_kernels"] = round((others["kept"] - others["unpermuted"]) / (kernel * 1e3), 3)
         # ...and the attention kernel's own time per variant: with moved heads it is another compile (svg's two
         # descriptor sets), whose extra time the shares above do not charge (kernels/NOTES.md, 77d4238).
         row["attention_us_by_kernels"] = {variant: round(sum(us for name, _, us in table if name in ATTENTION_KERNELS),

@@ -34,6 +34,7 @@ from dit_compiler.options import Options, parse_options
 from dit_compiler.passes.call_record import add_call_record, insert_dense_phase
 from dit_compiler.passes.interleaved_fill import rewrite_interleaved_fills
 from dit_compiler.passes.linear_gelu import fuse_linear_gelus
+from dit_compiler.passes.plan_reuse import add_plan_reuse
 from dit_compiler.passes.shared_values import materialize_shared_values
 from dit_compiler.passes.cost_model import why_cache_does_not_pay
 from dit_compiler.passes.sparse_attention import rewrite_sparse_attention
@@ -238,6 +239,12 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
     if gelus:
         notes.append(f"{gelus} linear + tanh-GELU pairs as one product with the GELU in its epilogue")
     outputs = add_call_record(gm, t_max, dense, site_names, densities, masks)
+    if site_names:
+        plan_state, note = add_plan_reuse(gm, t_max, opts.plan_every)
+        notes.append(note)
+        if plan_state is not None:
+            outputs.plan_state, outputs.plan_init = plan_state.output, plan_state.init
+            inputs += plan_state.init()
     if dump:
         dump.write_text("rewritten.py", gm.print_readable(print_output=False))
     carry_dynamo_metadata(gm, gm)  # sources for the constants the rewrite registered
@@ -271,7 +278,8 @@ def _compile_split(gm, partition, entry: str, opts, config, inputs, runner, note
         carry_dynamo_metadata(gm, piece)
         fn = compile_piece(piece, piece_inputs[name], config)
         module = (CachedStack(fn, runner, policy, interface.entry_index, interface.like_entry,
-                              interface.single_output, start=opts.cache_start) if name == "stack" else _Compiled(fn))
+                              interface.single_output, start=opts.cache_start,
+                              passed_through=interface.passed_through) if name == "stack" else _Compiled(fn))
         setattr(split.parent, f"submod_{name}", module)
     return split.parent
 

@@ -29,6 +29,7 @@ class Options:
     cache: str = "easycache"
     cache_threshold: float = 0.25
     cache_start: float = 0.05  # leading share of the timestep scale in which the cache reuses nothing
+    plan_every: int = 1  # svg's head classes sampled every this many steps of a CFG branch (passes/plan_reuse.py)
     force_sparse: bool = False  # rewrite every eligible site whatever the cost model estimates
     force_cache: bool = False  # cache the block stack whatever the cost model estimates
     dump_dir: Optional[str] = None
@@ -88,9 +89,10 @@ def parse_options(options: Optional[Mapping[str, Any]] = None, mode: Optional[st
             parsed[key] = _fraction(key, value, low_open=True)
         elif key in ("dense_steps", "cache_start"):
             parsed[key] = _fraction(key, value, low_open=False)
-        elif key == "dense_layers":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"vsparse option 'dense_layers' must be an int >= 0, got {value!r}")
+        elif key in ("dense_layers", "plan_every"):
+            least = 1 if key == "plan_every" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"vsparse option {key!r} must be an int >= {least}, got {value!r}")
             parsed[key] = value
         elif key == "cache_threshold":
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:

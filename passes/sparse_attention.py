@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from dit_compiler.kernels import block_mask  # importing the package registers torch.ops.vsparse
-from dit_compiler.passes.planners import PLANNERS
+from dit_compiler.passes.planners import PLANNERS, Carried
 from dit_compiler.options import Options
 from dit_compiler.passes.cost_model import why_sparse_does_not_pay
 from dit_compiler.patterns import key_padding_lengths
@@ -59,13 +59,15 @@ def _to_plan_order(x: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -
 
 
 def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: str, density: float, block_size: int,
-                     scale: float, in_plan_order: bool = False):
+                     scale: float, in_plan_order: bool = False, carried=None):
     """The one replacement of every planner: plan, permute, mask, fall back to the full mask in the dense phase,
-    block-sparse attention, restore the order. Returns (output, kv_num_blocks, kv_indices). `in_plan_order`: q, k, v
-    come in the planner's fixed order and the output stays in it (passes/stack_token_order.py)."""
+    block-sparse attention, restore the order. Returns (output, kv_num_blocks, kv_indices), and the plan's choice
+    after them when `carried` ((choice, resample), passes/plan_reuse.py) is given. `in_plan_order`: q, k, v come in
+    the planner's fixed order and the output stays in it (passes/stack_token_order.py)."""
     chosen = PLANNERS[planner]
+    extra = {} if carried is None else {"carried": Carried(*carried)}
     plan = chosen.plan(q, k, v, constants, layout, block_size=block_size, density=density, scale=scale,
-                       dense=dense)
+                       dense=dense, **extra)
     if in_plan_order and not chosen.fixed_order:
         raise ValueError(f"planner {planner!r} has no fixed order for q, k, v to come in")
     reorders = not in_plan_order and plan.perm is not None and plan.reordered_heads is None
@@ -82,7 +84,8 @@ def sparse_attention(q, k, v, dense, kv_lengths, constants, layout, *, planner: 
     out = torch.ops.vsparse.block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale, block_size, kv_lengths,
                                                    plan.q_block_order, kv_unit=kv_unit, token_order=token_order,
                                                    reordered_heads=plan.reordered_heads)
-    return (_reorder(out, plan.inverse) if reorders else out), kv_num_blocks, kv_indices
+    out = _reorder(out, plan.inverse) if reorders else out
+    return (out, kv_num_blocks, kv_indices) if carried is None else (out, kv_num_blocks, kv_indices, plan.choice)
 
 
 @dataclass

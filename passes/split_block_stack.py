@@ -6,7 +6,8 @@ Replacement: `split_module` with the original node order kept within each piece,
 the same nodes computed before; the runtime can then skip the stack piece and reuse a cached result. Autocast
 regions and grad-mode changes are rebuilt per piece (`order_by_piece`): every node runs under the same autocast and
 grad mode as before, and every piece opens and closes its own. `stack_interface` tells the runtime where the
-stack's residual entry is among the piece's inputs and which outputs are provably shaped like it.
+stack's residual entry is among the piece's inputs, which outputs are provably shaped like it and which are state
+that a skipped call passes through.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from torch.fx.passes.split_module import split_module
 
 from dit_compiler.passes.call_record import CALL_RECORD, EXTRA_OUTPUT
+from dit_compiler.passes.plan_reuse import STATE_INPUT
 from dit_compiler.passes.stack_token_order import PIECE_OF
 
 PIECES = ("head", "stack", "tail")
@@ -35,6 +37,8 @@ class StackInterface:
     like_entry: list[bool]  # per stack output: shaped like the entry (a residual can be added to it)
     single_output: bool  # the piece returns one value, not a tuple
     notes: list[str] = field(default_factory=list)
+    # output index -> input index: state that a skipped call passes through unchanged (passes/plan_reuse.py)
+    passed_through: dict = field(default_factory=dict)
 
 
 def complete_partition(gm: torch.fx.GraphModule, partition: dict[str, str]) -> dict[str, str]:
@@ -244,7 +248,8 @@ def stack_interface(stack: torch.fx.GraphModule, entry: str, stack_inputs: list)
              f"{_shape_text(entry_shape)}: a skipped step reuses it as last computed"
              for o, shape, like in zip(outputs, shapes, like_entry)
              if shape is not None and not like and not o.meta.get(EXTRA_OUTPUT)]
-    return StackInterface(entry_index, like_entry, single_output, notes)
+    passed_through = {i: names.index(o.meta[STATE_INPUT]) for i, o in enumerate(outputs) if STATE_INPUT in o.meta}
+    return StackInterface(entry_index, like_entry, single_output, notes, passed_through)
 
 
 def _provably_equal(shape, other) -> bool:

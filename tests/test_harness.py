@@ -170,7 +170,9 @@ def test_quality_quick_run_reports_dense_equivalent_and_sparse_settings(tiny_har
     assert dense_like["sparse_sites"] == [0, 2] and dense_like["work"] == 1.0
     assert dense_like["resolved_options"]["cache"] == "none"
     assert quality.resolved_options({"options": {"sparsity": "svg"}}) == {
-        **quality.DEFAULTS_BEFORE_2026_11_24, "sparsity": "svg"}  # a row that recorded no resolution
+        **quality.DEFAULTS_BEFORE_2026_11_24, "sparsity": "svg", "plan_every": 1}  # a row that recorded no resolution
+    # a row recorded before plan_every existed sampled every call
+    assert quality.resolved_options({"resolved_options": {"sparsity": "svg"}}) == {"sparsity": "svg", "plan_every": 1}
     # Every self-attention site goes sparse (no cost model yet) and the high threshold makes the cache skip.
     assert sparse["sparse_sites"] == [2, 2]
     assert math.isfinite(sparse["psnr_mean"]) and 0 < sparse["ssim_mean"] < 1

@@ -14,9 +14,11 @@ def test_defaults_and_force_from_environment(monkeypatch, key):
 
 def test_values():
     opts = parse_options({"sparsity": "svg", "density": 0.1, "block_size": 64, "dense_steps": 0,
-                          "dense_layers": 2, "cache": "easycache", "cache_threshold": 0.1, "cache_start": 0.1})
+                          "dense_layers": 2, "cache": "easycache", "cache_threshold": 0.1, "cache_start": 0.1,
+                          "plan_every": 3})
     assert (opts.sparsity, opts.density, opts.block_size, opts.dense_steps, opts.dense_layers, opts.cache,
-            opts.cache_threshold, opts.cache_start) == ("svg", 0.1, 64, 0.0, 2, "easycache", 0.1, 0.1)
+            opts.cache_threshold, opts.cache_start, opts.plan_every) == ("svg", 0.1, 64, 0.0, 2, "easycache", 0.1,
+                                                                         0.1, 3)
 
 
 @pytest.mark.parametrize("key,value,allowed", [
@@ -28,6 +30,8 @@ def test_values():
     ("dense_steps", -0.1, "0 <= x <= 1"),
     ("dense_layers", -1, "int >= 0"),
     ("dense_layers", 1.5, "int >= 0"),
+    ("plan_every", 0, "int >= 1"),
+    ("plan_every", True, "int >= 1"),
     ("cache", "teacache", "'easycache', 'none'"),
     ("cache_threshold", 0, "float > 0"),
     ("mode", "fast", "'default'"),

@@ -1,4 +1,6 @@
 """One conformance test over every registered planner (passes/planners/__init__.py's contract)."""
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -72,6 +74,23 @@ def test_planner_contract(name, layout, density, seed):
     if plan.q_block_order is not None:
         block_mask.validate_order(plan.q_block_order, 2, 3, seq_len, BLOCK, values=True)
         assert torch.equal(plan.q_block_order.expand(2, 3, -1), block_mask.heaviest_first(num.expand(2, 3, -1)))
+    # A planner that carries a choice: told to keep one, it plans with it (the masks of those classes); told to
+    # choose anew, it chooses as it does without one.
+    if getattr(planner, "carries_choice", False):
+        from dit_compiler.passes.planners import Carried
+
+        other = ~plan.choice
+        kept = planner.plan(q, k, v, constants, layout, block_size=BLOCK, density=density, scale=scale,
+                            carried=Carried(other, torch.tensor(False)))
+        fresh = planner.plan(q, k, v, constants, layout, block_size=BLOCK, density=density, scale=scale,
+                             carried=Carried(other, torch.tensor(True)))
+        assert torch.equal(kept.choice, other) and torch.equal(fresh.choice, plan.choice)
+        # keeping the choice it would make gives the plan it makes
+        same = planner.plan(q, k, v, constants, layout, block_size=BLOCK, density=density, scale=scale,
+                            carried=Carried(plan.choice, torch.tensor(False)))
+        for field in dataclasses.fields(plan):
+            a, b = getattr(plan, field.name), getattr(same, field.name)
+            assert (a is None and b is None) or torch.equal(a, b), field.name
     # Through the generic replacement: at density 1 it is exact dense attention in the original order.
     if density == 1.0:
         out, _, _ = sparse_attention(q, k, v, None, None, constants, layout, planner=name, density=1.0,

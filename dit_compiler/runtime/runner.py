@@ -43,6 +43,7 @@ class ModelState:
     branches: dict = field(default_factory=dict)  # cache policy state per CFG branch of the current generation
     history: deque = field(default_factory=lambda: deque(maxlen=HISTORY))
     calls: int = 0
+    plan: Optional[tuple] = None  # the planners' kept choices (passes/plan_reuse.py), inputs of the next call
 
 
 class ModelStates:
@@ -105,6 +106,8 @@ class GraphOutputs:
     record: Optional[int] = None  # index of the call record vector
     site_names: list = field(default_factory=list)  # rewritten sites, in the record's density order
     masks: Optional[int] = None  # index of the first per-site block mask (dumping only)
+    plan_state: Optional[int] = None  # index of the first of the planners' state outputs (passes/plan_reuse.py)
+    plan_init: Optional[Callable[[], tuple]] = None  # the state a model starts from, passed after the model's inputs
 
 
 class Observer(Protocol):
@@ -141,10 +144,16 @@ class DiTRunner:
         state = self.states.get(key if isinstance(key, torch.Tensor) else None)
         timestep = args[self.timestep_index] if self.timestep_index is not None else None
         self.current = call = _Call(state, timestep)
+        plan_state = self.outputs.plan_state
+        if plan_state is not None:
+            state.plan = state.plan or self.outputs.plan_init()
+            args = (*args, *state.plan)
         try:
             outputs = self.compiled(*args)
         finally:
             self.current = None
+        if plan_state is not None:
+            state.plan = tuple(self.own(t) for t in outputs[plan_state:plan_state + len(state.plan)])
         vector = outputs[self.outputs.record] if self.outputs.record is not None else None
         if vector is not None and self.copies_outputs:
             vector = vector.clone()
@@ -170,7 +179,8 @@ class CachedStack(torch.nn.Module):
     """Stands in for the compiled stack piece inside the split parent graph and applies the cache policy."""
 
     def __init__(self, compiled: Callable, runner: DiTRunner, policy: CachePolicy, entry_index: int,
-                 like_entry: list[bool], single_output: bool, *, start: float = 0.0):
+                 like_entry: list[bool], single_output: bool, *, start: float = 0.0,
+                 passed_through: Optional[dict] = None):
         super().__init__()
         self.compiled = compiled
         self.runner = runner
@@ -179,6 +189,8 @@ class CachedStack(torch.nn.Module):
         self.like_entry = like_entry
         self.single_output = single_output  # the piece returns one value, not a tuple
         self.start = start  # `cache_start`: no reuse while the timestep is in this leading share of its scale
+        # output index -> input index: state a skipped call leaves as it was (the planners' kept choices)
+        self.passed_through = dict(passed_through or {})
 
     def forward(self, *args):
         call = self.runner.current
@@ -192,6 +204,8 @@ class CachedStack(torch.nn.Module):
                                  else self.policy.decide(branch, call.probes.get(position.branch)))
         if decision.reused:
             outputs = self.policy.reuse(branch, entry, self.like_entry)
+            for output, given in self.passed_through.items():
+                outputs[output] = args[given]
         else:
             result = self.compiled(*args)
             outputs = [result] if self.single_output else list(result)

@@ -17,6 +17,9 @@ rewrite (passes/sparse_attention.py) calls:
   mask(q, k, plan, constants, layout, *, block_size, density, scale) -> (kv_num_blocks, kv_indices)
       Per call: the block mask (kernels/block_mask.py's format, its key blocks stepped by `kv_unit`) for q, k
       already in the plan's order (as given when the plan has `reordered_heads`: the op moves them later).
+  carries_choice (optional attribute, default False): `plan` also takes `carried`, a `Carried` (the choice it made on
+      an earlier call and whether to choose anew), and returns the choice it used as `Plan.choice` [B, H]: a choice
+      per head that may be kept between steps (passes/plan_reuse.py keeps it); svg's head classes.
   unsupported(layout, block_size) -> str | None (optional)
       At compile time: why this planner cannot serve the layout; the site then stays dense with that reason.
 
@@ -52,6 +55,15 @@ class Plan:
     # bool [B|1, H]: `perm` ([S]) orders only these heads, the others keep the given order; the op then moves the
     # heads' rows itself (its token_order / reordered_heads), where a per-head perm is a gather of every head
     reordered_heads: Optional[torch.Tensor] = None
+    choice: Optional[torch.Tensor] = None  # [B, H], what a `carries_choice` planner chose (see `Carried`)
+
+
+@dataclass
+class Carried:
+    """What `plan` of a `carries_choice` planner is given: the choice an earlier call made ([B, H]) and whether to
+    choose anew (0-dim bool, decided on the device). Not choosing anew skips the choice's work on the device."""
+    choice: torch.Tensor
+    resample: torch.Tensor
 
 
 class Planner(Protocol):

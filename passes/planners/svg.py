@@ -220,6 +220,17 @@ def classify_with(q, k, v, constants: dict, scale=None, skip=None) -> torch.Tens
     return temporal_error < spatial_error
 
 
+def carried_classes(q, k, v, constants: dict, scale, dense=None, carried=None) -> torch.Tensor:
+    """[B, H] bool head classes for a call: sampled (`classify_with`), or an earlier call's (`carried`, a
+    planners.Carried) where it says not to sample anew, the sampled-row kernel then skipped on the device. In the
+    dense phase (`dense` set) every head is spatial: the plan goes unused there, so nothing moves."""
+    if carried is None:
+        return classify_with(q, k, v, constants, scale, skip=dense)
+    skip = ~carried.resample if dense is None else dense | ~carried.resample
+    sampled = classify_with(q, k, v, constants, scale, skip=skip)
+    return torch.where(carried.resample, sampled, carried.choice if dense is None else carried.choice & ~dense)
+
+
 def plan_with(temporal: torch.Tensor, constants: dict, seq_len):
     """(perm, inverse, kv_num_blocks, kv_indices, q_block_order) per head from the head classes: spatial heads keep
     the identity order and the spatial mask, temporal heads take the position-major order and the temporal mask."""
@@ -301,18 +312,20 @@ class SvgPlanner:
 
     name = "svg"
     fixed_order = False
+    carries_choice = True
 
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         return svg_constants(layout, block_size, density, SAMPLE_ROWS, device)
 
-    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None,
+             carried=None):
         from dit_compiler.passes.planners import Plan
 
         _check_qkv(q, k, v, layout)
         # Only temporal heads move (the op gathers them): a spatial head's order is the identity.
-        temporal = classify_with(q, k, v, constants, scale, skip=dense)
+        temporal = carried_classes(q, k, v, constants, scale, dense, carried)
         return Plan(constants["position_major"], constants["position_major_inverse"],
-                    *masks_by_class(temporal, constants), reordered_heads=temporal)
+                    *masks_by_class(temporal, constants), reordered_heads=temporal, choice=temporal)
 
     def mask(self, q, k, plan, constants, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices
@@ -324,6 +337,7 @@ class SvgShiftPlanner:
 
     name = "svg-shift"
     fixed_order = False
+    carries_choice = True
     kv_unit = 1
 
     def unsupported(self, layout, block_size: int):
@@ -332,12 +346,13 @@ class SvgShiftPlanner:
     def constants(self, layout, block_size: int, density: float, device) -> dict:
         return svg_shift_constants(layout, block_size, density, SAMPLE_ROWS, device)
 
-    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None):
+    def plan(self, q, k, v, constants, layout, *, block_size: int, density: float, scale: float, dense=None,
+             carried=None):
         from dit_compiler.passes.planners import Plan
 
         _check_qkv(q, k, v, layout)
-        temporal = classify_with(q, k, v, constants, scale, skip=dense)
-        return Plan(None, None, *masks_by_class(temporal, constants))
+        temporal = carried_classes(q, k, v, constants, scale, dense, carried)
+        return Plan(None, None, *masks_by_class(temporal, constants), choice=temporal)
 
     def mask(self, q, k, plan, constants, layout, *, block_size: int, density: float, scale: float):
         return plan.kv_num_blocks, plan.kv_indices
