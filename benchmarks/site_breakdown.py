@@ -13,8 +13,8 @@ h + gate * out. Compiled with Inductor (fullgraph) in this process with each att
   fixed       the same plan's order and mask computed once beforehand: permute, kernel, restore
   unpermuted  the same mask with tokens left in place: the kernel alone in the layer (timing only)
 
-planning = site - fixed (kept planning = kept - fixed); permutation = fixed - unpermuted (a gather Inductor fuses into the RoPE or the output's
-transpose is charged only what it adds to that kernel). kernel: the op alone on the planned inputs; FlexAttention
+planning = site - fixed (kept planning = kept - fixed); permutation = fixed - unpermuted (a gather Inductor fuses
+into the RoPE or the output's transpose is charged only what it adds to that kernel). kernel: the op alone on the planned inputs; FlexAttention
 with the identical block mask as a peer. "site share" is (planning + permutation) / kernel, the figure the planning
 target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per call of
 `torch.ops.vsparse.block_sparse_attention` (with the query-block schedule given, as the rewrite calls it, without, and
