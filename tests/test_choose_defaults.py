@@ -1,16 +1,11 @@
 """benchmarks/choose_defaults.py: the projection from measured parts, and the choice of the fastest setting at the bar."""
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("choose_defaults", ROOT / "benchmarks" / "choose_defaults.py")
-choose_defaults = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = choose_defaults
-spec.loader.exec_module(choose_defaults)
+from repo_modules import load
+
+choose_defaults = load("benchmarks/choose_defaults.py")
 
 
 def _quality_row(setting, psnr, ssim, skipped, sparse_sites=(5, 6)):

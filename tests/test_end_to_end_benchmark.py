@@ -1,15 +1,9 @@
 """benchmarks/end_to_end.py on its CPU config: a vsparse variant runs, and --profile records the forward's ops,
 Draft's block ranking and the block-sparse op among them, and the time they keep the device busy; the row breaks the
 compile down."""
-import importlib.util
-import sys
-from pathlib import Path
+from repo_modules import load
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("end_to_end", ROOT / "benchmarks" / "end_to_end.py")
-end_to_end = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = end_to_end
-spec.loader.exec_module(end_to_end)
+end_to_end = load("benchmarks/end_to_end.py")
 
 
 def test_a_profiled_draft_forward_lists_the_ranking_and_the_attention_ops():
@@ -30,9 +24,7 @@ def test_the_timeline_finds_the_gaps_the_host_left_and_what_it_did_then():
     """A hand-made trace: three kernels on the device with a 40 µs gap (the host launched the third one 30 µs after
     the second ended, inside the block-sparse op) and a 10 µs one (the host sat in a synchronize, then launched the second kernel 5 µs into the gap), and a copy
     overlapping the first kernel (counted once in the busy time)."""
-    spec = importlib.util.spec_from_file_location("profiling", ROOT / "benchmarks" / "profiling.py")
-    profiling = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(profiling)
+    profiling = load("benchmarks/profiling.py")
 
     def event(cat, name, ts, dur, correlation=None):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur,

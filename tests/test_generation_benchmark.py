@@ -1,25 +1,13 @@
 """benchmarks/generation.py on the CPU: the sampling loops run, and what the report says are measurements (times,
 calls counted by the loop against dit_compiler.stats, kinds of calls, the cache projection)."""
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_modules import load
 
-
-def _load(relative: str):
-    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-generation = _load("benchmarks/generation.py")
+generation = load("benchmarks/generation.py")
 
 # Sparse from the third of 4 steps (timesteps ~1000, 857, 600, 3 at shift 3: dense above 800), every layer, and a
 # cache threshold at which these random weights skip one of the two sparse steps per branch (0.2 to 0.5 do; 0.1

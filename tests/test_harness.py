@@ -1,26 +1,14 @@
 """The quality harness: the training script's data and checkpoint, and benchmarks/quality.py's metrics and report."""
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from repo_modules import load
 
-
-def _load(relative: str):
-    spec = importlib.util.spec_from_file_location(Path(relative).stem, ROOT / relative)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is created
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load("examples/train_tiny_video_dit.py")
-quality = _load("benchmarks/quality.py")
+train = load("examples/train_tiny_video_dit.py")
+quality = load("benchmarks/quality.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,7 @@
 """benchmarks/runtime_overhead.py's table: each variant against plain Inductor in its own Inductor mode."""
-import importlib.util
-import sys
-from pathlib import Path
+from repo_modules import load
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("runtime_overhead", ROOT / "benchmarks" / "runtime_overhead.py")
-runtime_overhead = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = runtime_overhead
-spec.loader.exec_module(runtime_overhead)
+runtime_overhead = load("benchmarks/runtime_overhead.py")
 
 
 def test_a_reduce_overhead_variant_is_compared_with_inductor_under_reduce_overhead():

@@ -1,17 +1,13 @@
 """benchmarks/site_breakdown.py on a CPU at a tiny grid: every variant compiles and runs, and the attribution is the
 differences of the timed layers it says it is."""
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("site_breakdown", ROOT / "benchmarks" / "site_breakdown.py")
-site_breakdown = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = site_breakdown
-spec.loader.exec_module(site_breakdown)
+from repo_modules import load
+
+site_breakdown = load("benchmarks/site_breakdown.py")
 
 
 def test_a_cpu_smoke_run_attributes_planning_and_permutation_from_its_layers(tmp_path, monkeypatch):
