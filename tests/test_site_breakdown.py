@@ -54,11 +54,9 @@ def test_a_plan_that_moves_no_token_is_measured_without_gathers(tmp_path, monkey
     assert any("sampled_rows_attention" in name for name in tables["site"])
     # (aten::gather is the CPU op's reference reading its key blocks, in every variant alike)
     assert not any("permute_tokens" in name for names in tables.values() for name in names)
-    # svg-shift carries its head classes: the kept variant plans with them, its sampled-row op told to skip
+    # svg-shift carries its head classes: the kept variant plans with them (its sampled-row op told to skip, which
+    # tests/test_plan_reuse.py checks; on a CPU the skipped op's time is too noisy to compare)
     assert set(tables) == {"site", "kept", "fixed", "unpermuted"}
-    sampled_us = {variant: sum(us for name, _, us in table if "sampled_rows_attention" in name)
-                  for variant, table in row["kernels"].items()}
-    assert sampled_us["kept"] < 0.2 * sampled_us["site"]
     assert row["planning_kept_us"] == pytest.approx((row["layer_kept_ms"] - row["layer_fixed_ms"]) * 1e3, abs=0.2)
     assert row["site_share_kept_by_kernels"] == pytest.approx(
         (row["planning_kept_us_by_kernels"] + row["permutation_us_by_kernels"]) / row["kernel_us"], abs=1e-3)
