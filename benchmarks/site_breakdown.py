@@ -21,12 +21,14 @@ target bounds (draft 10%, svg 15% at density 0.1). Op host cost: CPU µs per cal
 as svg calls it, with a token order and reordered heads) and of SDPA on a tiny problem, enqueued back to back (no
 syncs), so the GPU never limits them; also with the op's direct launches off (Triton's JITFunction.run / autotuner
 binding every call, as before they existed). Medians of `triton.testing.do_bench`; random inputs (planning cost does not
-depend on values). `--device cpu` with a small `--grid` is a smoke run (tests/test_site_breakdown.py): wall-clock
+depend on values, but svg's permutation cost depends on how many heads it classes temporal: `--temporal-heads N`
+adds a fixed structure to q and k that makes the last N heads temporal, head_structure). `--device cpu` with a small `--grid` is a smoke run (tests/test_site_breakdown.py): wall-clock
 medians, no FlexAttention, no op host cost.
 
     python benchmarks/site_breakdown.py --out site.json
     python benchmarks/site_breakdown.py --planners draft --densities 0.1
     python benchmarks/site_breakdown.py --host-only --out host.json   # the op host cost alone (seconds)
+    python benchmarks/site_breakdown.py --planners svg --densities 0.1 --temporal-heads 6   # 6 of 12 heads moved
     python benchmarks/site_breakdown.py --planners draft --densities 0.1 --profile   # + each variant's kernels,
         # and planning / permutation from their GPU times
     TRITON_INTERPRET=1 python benchmarks/site_breakdown.py --device cpu --grid 1 16 32 --planners draft \\
@@ -45,6 +47,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is no pa
 from profiling import kernel_table  # noqa: E402
 
 HEADS, HEAD_DIM, CHANNELS, BLOCK, GRID = 12, 128, 16, 128, (21, 30, 52)
+STRENGTH = 8.0  # --temporal-heads: the logit a query gains on the keys of its own frame or position
 ATTENTION_KERNELS = ("_block_sparse_attention_kernel", "vsparse::block_sparse_attention")  # CUDA, CPU profiles
 
 
@@ -98,12 +102,33 @@ class Attention(torch.nn.Module):
         return _reorder(out, self.inverse) if reorders else out
 
 
+def head_structure(grid: tuple, temporal_heads: int, device: torch.device) -> torch.Tensor:
+    """[1, S, HEADS, HEAD_DIM] added to q and k: the last `temporal_heads` heads attend to their own position in
+    every frame, the others within their own frame. Random weights leave svg's classes near ties (the moved-head
+    count, and the permutation's cost with it, flipped from 6 to 0 of 12 between two runs of one site); this fixes
+    the count. A query's scaled logit gains STRENGTH on the keys sharing its position (or frame): 8 standard
+    deviations of the random-weight logits (q and k are RMS-normed: q.k / sqrt(D) has a spread of about 1)."""
+    frames, height, width = grid
+    g = torch.Generator().manual_seed(1)
+    amplitude = (STRENGTH * HEAD_DIM ** 0.5) ** 0.5  # q.k / sqrt(D) gains STRENGTH for unit vectors e: q, k += a e
+    frame = torch.arange(frames).repeat_interleave(height * width)
+    position = torch.arange(height * width).repeat(frames)
+    heads = []
+    for head in range(HEADS):
+        temporal = head >= HEADS - temporal_heads
+        keys = position if temporal else frame
+        vectors = F.normalize(torch.randn(int(keys.max()) + 1, HEAD_DIM, generator=g), dim=-1)
+        heads.append(amplitude * vectors[keys])
+    return torch.stack(heads, 1)[None].to(device)
+
+
 class Layer(torch.nn.Module):
     """Wan's block around self-attention (diffusers' WanTransformerBlock up to its first residual add): patch
     embedding, x = LayerNorm(h) * (1 + scale) + shift, q/k/v projections, RMS norm across heads, RoPE, attention,
     output projection, h + gate * out. The patch embedding gives the backend's recognizers the token grid."""
 
-    def __init__(self, attention: torch.nn.Module, grid: tuple, device: torch.device, dtype: torch.dtype):
+    def __init__(self, attention: torch.nn.Module, grid: tuple, device: torch.device, dtype: torch.dtype,
+                 temporal_heads: Optional[int] = None):
         super().__init__()
         dim = HEADS * HEAD_DIM
         self.patch = torch.nn.Conv3d(CHANNELS, dim, (1, 2, 2), stride=(1, 2, 2))
@@ -117,6 +142,8 @@ class Layer(torch.nn.Module):
         angles = torch.randn(1, math.prod(grid), 1, HEAD_DIM // 2, device=device)
         self.register_buffer("cos", angles.cos().repeat_interleave(2, -1))
         self.register_buffer("sin", angles.sin().repeat_interleave(2, -1))
+        self.register_buffer("structure", None if temporal_heads is None
+                             else head_structure(grid, temporal_heads, device).to(dtype))
         self.attention = attention
 
     def tokens(self, latent):
@@ -134,7 +161,10 @@ class Layer(torch.nn.Module):
         x = (self.norm1(h.float()) * (1 + self.scale) + self.shift).type_as(h)
         q, k, v = self.norm_q(self.to_q(x)), self.norm_k(self.to_k(x)), self.to_v(x)
         q, k, v = (t.unflatten(2, (HEADS, HEAD_DIM)) for t in (q, k, v))
-        return tuple(t.transpose(1, 2) for t in (self.rope(q), self.rope(k), v))
+        q, k = self.rope(q), self.rope(k)
+        if self.structure is not None:
+            q, k = q + self.structure, k + self.structure
+        return tuple(t.transpose(1, 2) for t in (q, k, v))
 
     def forward(self, latent):
         h = self.tokens(latent)
@@ -213,12 +243,12 @@ def op_host_cost() -> dict:
 
 
 def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple, budget_ms: float,
-                 dense_ms: float, profile: bool = False) -> dict:
+                 dense_ms: float, profile: bool = False, temporal_heads: Optional[int] = None) -> dict:
     device, seq, layout = latent.device, math.prod(grid), (*grid, 0, 0)
     chosen = PLANNERS[planner]
     constants = chosen.constants(layout, BLOCK, density, device)
     torch.manual_seed(0)
-    layer = Layer(Attention("dense", planner, density, grid, {}, {}), grid, device, latent.dtype)
+    layer = Layer(Attention("dense", planner, density, grid, {}, {}), grid, device, latent.dtype, temporal_heads)
     with torch.no_grad():
         q, k, v = layer.qkv_heads(layer.tokens(latent))
         plan = chosen.plan(q, k, v, constants, layout, block_size=BLOCK, density=density, scale=HEAD_DIM ** -0.5)
@@ -258,7 +288,7 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
     # a rounding difference can flip, and each moved head costs its copies (README, "End to end").
     moved = 0 if plan.perm is None else HEADS if plan.reordered_heads is None else int(plan.reordered_heads.sum())
     row = {"planner": planner, "density": density, "visited": round(float(num.float().mean()) / idx.shape[-1], 4),
-           "moved_heads": moved,
+           "temporal_heads": temporal_heads, "moved_heads": moved,
            "layer_dense_ms": round(dense_ms, 4), "layer_site_ms": round(times["site"], 4),
            **({"layer_kept_ms": round(times["kept"], 4)} if kept else {}),
            "layer_fixed_ms": round(times["fixed"], 4), "layer_unpermuted_ms": round(times["unpermuted"], 4),
@@ -308,8 +338,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run (wall-clock timings, no op host cost)")
     parser.add_argument("--profile", action="store_true",
                         help="also record each layer variant's kernels (torch.profiler) in the report")
+    parser.add_argument("--temporal-heads", type=int, metavar="N",
+                        help="structured q and k: the last N heads temporal, the others spatial (head_structure); "
+                             "default: the random layer's own, near-tie classes")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.temporal_heads is not None and not 0 <= args.temporal_heads <= HEADS:
+        parser.error(f"--temporal-heads must be in 0..{HEADS}, got {args.temporal_heads}")
     device = torch.device(args.device)
     if args.host_only:
         host = op_host_cost()
@@ -324,11 +359,12 @@ def main() -> None:
     seq = math.prod(grid)
     latent = torch.randn(1, CHANNELS, grid[0], 2 * grid[1], 2 * grid[2], device=device, dtype=torch.bfloat16)
     torch.manual_seed(0)
-    dense_layer = compiled_layer(Layer(Attention("dense", "", 1.0, grid, {}, {}), grid, device, latent.dtype), latent)
+    dense_layer = compiled_layer(Layer(Attention("dense", "", 1.0, grid, {}, {}), grid, device, latent.dtype,
+                                       args.temporal_heads), latent)
     with torch.no_grad():
         dense_ms = bench(lambda: dense_layer(latent), args.budget_ms, device)
     print(f"dense layer {dense_ms:.3f} ms", flush=True)
-    rows = [measure_site(p, d, latent, grid, args.budget_ms, dense_ms, args.profile)
+    rows = [measure_site(p, d, latent, grid, args.budget_ms, dense_ms, args.profile, args.temporal_heads)
             for p in args.planners for d in args.densities]
     host = op_host_cost() if device.type == "cuda" else None
     if host:

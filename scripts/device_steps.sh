@@ -2,9 +2,9 @@
 # One command on a lent GPU machine (the library's `device` tool): install the carried wheels and this checkout, record
 # the machine, then run the named steps, each writing under $OUT. The device's copy has no git metadata, so the caller
 # names the commit. benchmarks/README.md, "On a lent GPU", shows a call.
-#   COMMIT=<hash> STEPS="tests kernel ab site overhead e2e gelu" [TESTS=...] [VARIANTS=...] [PLANNERS=...] \
-#     [DENSITIES=...] [PROFILE=--profile] [LIMIT=s] [CACHE=shared] [AB_BASE=.ab/base] [SWEEP=--sweep] \
-#     bash scripts/device_steps.sh
+#   COMMIT=<hash> STEPS="tests kernel ab site overhead e2e gen gelu" [TESTS=...] [VARIANTS=...] [PLANNERS=...] \
+#     [DENSITIES=...] [TEMPORAL=N] [PROFILE=--profile] [LIMIT=s] [CACHE=shared] [GEN_VARIANTS=...] [GEN_STEPS=50] \
+#     [AB_BASE=.ab/base] [SWEEP=--sweep] bash scripts/device_steps.sh
 # e2e compiles every variant cold (its own Inductor cache) unless CACHE=shared: only cold compile times compare.
 set -uo pipefail
 : "${COMMIT:?name the commit of this checkout}" "${STEPS:?name the steps}" "${OUT:?run under the device tool}"
@@ -26,9 +26,10 @@ for step in $STEPS; do
     ab)  # svg's sampled-row kernels against another checkout's kernels/ (AB_BASE), same inputs, one process
       timeout 200 python3 benchmarks/sampled_rows_ab.py --base "${AB_BASE:-.ab/base}" --out "$OUT/ab.json" 2>&1 \
         | tee "$OUT/ab.txt" | tail -30 ;;
-    site)  # one Wan-1.3B layer's site taken apart: planning, permutation, kernel (PLANNERS, DENSITIES)
+    site)  # one Wan-1.3B layer's site taken apart: planning, permutation, kernel (PLANNERS, DENSITIES; TEMPORAL=N:
+      # svg's temporal heads fixed at N)
       timeout 300 python3 benchmarks/site_breakdown.py --planners ${PLANNERS:-svg} --densities ${DENSITIES:-0.1} \
-        ${PROFILE:-} --out "$OUT/site.json" 2>&1 | tee "$OUT/site.txt" | grep -v "^  *[0-9]" | tail -30 ;;
+        ${TEMPORAL:+--temporal-heads $TEMPORAL} ${PROFILE:-} --out "$OUT/site.json" 2>&1 | tee "$OUT/site.txt" | grep -v "^  *[0-9]" | tail -30 ;;
     overhead)  # the small Wan model's forward, default options against Inductor, with and without CUDA graphs
       small=inductor,vsparse-defaults,inductor-reduce-overhead,vsparse-defaults-reduce-overhead
       timeout 300 python3 benchmarks/runtime_overhead.py --variants "${OVERHEAD_VARIANTS:-$small}" \
@@ -38,6 +39,11 @@ for step in $STEPS; do
       timeout "${LIMIT:-470}" python3 benchmarks/end_to_end.py $shared ${PROFILE:-} \
         --variants "${VARIANTS:-inductor,vsparse-svg-0.1}" --out "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e.txt" \
         | grep -v "^  *[0-9]" | tail -40 ;;
+    gen)  # whole Wan-1.3B generations (GEN_STEPS steps, CFG), the variants sharing one compile cache; an 8-step
+      # warm-up compiles both phases (dense and sparse)
+      timeout "${LIMIT:-470}" python3 benchmarks/generation.py --shared-cache --steps "${GEN_STEPS:-50}" \
+        --warmup-steps 8 --variants ${GEN_VARIANTS:-inductor vsparse-defaults} --out "$OUT/generation.json" 2>&1 \
+        | tee "$OUT/generation.txt" | tail -30 ;;
     gelu)  # a feed-forward's linear + tanh-GELU: Inductor's two kernels against cuBLASLt's GELU epilogue
       timeout 150 python3 benchmarks/linear_gelu.py --out "$OUT/linear_gelu.json" 2>&1 | tee "$OUT/linear_gelu.txt" \
         | tail -8 ;;

@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from repo_modules import load
 
@@ -60,3 +61,21 @@ def test_a_plan_that_moves_no_token_is_measured_without_gathers(tmp_path, monkey
     assert row["planning_kept_us"] == pytest.approx((row["layer_kept_ms"] - row["layer_fixed_ms"]) * 1e3, abs=0.2)
     assert row["site_share_kept_by_kernels"] == pytest.approx(
         (row["planning_kept_us_by_kernels"] + row["permutation_us_by_kernels"]) / row["kernel_us"], abs=1e-3)
+
+
+@pytest.mark.parametrize("temporal_heads", [0, 5, 12])
+def test_temporal_heads_fix_the_heads_svg_moves(temporal_heads):
+    """--temporal-heads N: svg classes exactly the last N heads temporal (and moves their rows), whatever the random
+    layer, so a site's permutation cost is measured at a stated count."""
+    torch.manual_seed(0)
+    grid, layout = (6, 8, 16), (6, 8, 16, 0, 0)
+    latent = torch.randn(1, site_breakdown.CHANNELS, grid[0], 2 * grid[1], 2 * grid[2])
+    attention = site_breakdown.Attention("dense", "svg", 0.25, grid, {}, {})
+    layer = site_breakdown.Layer(attention, grid, torch.device("cpu"), torch.float32, temporal_heads)
+    svg = site_breakdown.PLANNERS["svg"]
+    with torch.no_grad():
+        q, k, v = layer.qkv_heads(layer.tokens(latent))
+        plan = svg.plan(q, k, v, svg.constants(layout, 64, 0.25, q.device), layout, block_size=64, density=0.25,
+                        scale=site_breakdown.HEAD_DIM ** -0.5)
+    expected = torch.arange(site_breakdown.HEADS) >= site_breakdown.HEADS - temporal_heads
+    assert torch.equal(plan.reordered_heads, expected[None])
