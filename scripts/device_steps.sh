@@ -4,7 +4,7 @@
 # names the commit. benchmarks/README.md, "On a lent GPU", shows a call.
 #   COMMIT=<hash> STEPS="tests kernel ab site overhead e2e gen gelu" [TESTS=...] [VARIANTS=...] [PLANNERS=...] \
 #     [DENSITIES=...] [TEMPORAL=N] [PROFILE=--profile] [LIMIT=s] [CACHE=shared] [GEN_VARIANTS=...] [GEN_STEPS=50] \
-#     [AB_BASE=.ab/base] [SWEEP=--sweep] bash scripts/device_steps.sh
+#     [AB_BASE=.ab/base] [SWEEP=--sweep] [KERNEL_ARGS=...] bash scripts/device_steps.sh
 # e2e compiles every variant cold (its own Inductor cache) unless CACHE=shared: only cold compile times compare.
 set -uo pipefail
 : "${COMMIT:?name the commit of this checkout}" "${STEPS:?name the steps}" "${OUT:?run under the device tool}"
@@ -20,9 +20,10 @@ for step in $STEPS; do
     tests)  # the GPU tests of the named files (default: every kernel's)
       timeout 300 python3 -m pytest -q -m gpu ${TESTS:-tests/test_kernels_*.py} 2>&1 | tee "$OUT/gpu-tests.txt" \
         | tail -5 ;;  # the whole output kept: a failure's values
-    kernel)  # the planners' kernels alone: sampled rows and block ranking (SWEEP=--sweep: their tiles and splits)
+    kernel)  # the planners' kernels alone: sampled rows, block ranking, block means (SWEEP=--sweep: their tiles and
+      # splits; KERNEL_ARGS: e.g. --no-sampled-rows)
       timeout 200 python3 benchmarks/kernel.py --shapes wan1.3b --no-attention --no-permute --budget-ms 60 ${SWEEP:-} \
-        --out "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.txt" | tail -20 ;;
+        ${KERNEL_ARGS:-} --out "$OUT/kernel.json" 2>&1 | tee "$OUT/kernel.txt" | tail -20 ;;
     ab)  # svg's sampled-row kernels against another checkout's kernels/ (AB_BASE), same inputs, one process
       timeout 200 python3 benchmarks/sampled_rows_ab.py --base "${AB_BASE:-.ab/base}" --out "$OUT/ab.json" 2>&1 \
         | tee "$OUT/ab.txt" | tail -30 ;;
