@@ -38,6 +38,10 @@ def test_a_cpu_smoke_run_attributes_planning_and_permutation_from_its_layers(tmp
     assert set(attention) == {"site", "fixed", "unpermuted"} and all(us > 0 for us in attention.values())
     assert row["site_share"] == pytest.approx((row["planning_us"] + row["permutation_us"]) / row["kernel_us"],
                                               abs=1e-3)
+    # Draft's fixed window order is hoisted out of a whole model's sites: there a site pays its planning only.
+    assert row["site_share_hoisted"] == pytest.approx(row["planning_us"] / row["kernel_us"], abs=1e-3)
+    assert row["site_share_hoisted_by_kernels"] == pytest.approx(
+        row["planning_us_by_kernels"] / row["kernel_us"], abs=1e-3)
 
 
 def test_a_plan_that_moves_no_token_is_measured_without_gathers(tmp_path, monkeypatch):
@@ -51,6 +55,7 @@ def test_a_plan_that_moves_no_token_is_measured_without_gathers(tmp_path, monkey
     (row,) = json.loads(out.read_text())["sites"]
     assert row["planner"] == "svg-shift" and 0 < row["visited"] <= 1 and row["flex_us"] is None
     assert row["moved_heads"] == 0
+    assert "site_share_hoisted" not in row  # no fixed order: each call plans its own
     tables = {variant: {name for name, _, _ in table} for variant, table in row["kernels"].items()}
     assert any("sampled_rows_attention" in name for name in tables["site"])
     # (aten::gather is the CPU op's reference reading its key blocks, in every variant alike)
