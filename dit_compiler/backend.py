@@ -150,6 +150,15 @@ def _is_dynamic(gm: torch.fx.GraphModule) -> bool:
         isinstance(d, torch.SymInt) for d in v.shape)) for v in values)
 
 
+def _static_examples(tensors, example_inputs) -> tuple:
+    """Example values of inputs the backend adds (the plan state): fake tensors of Dynamo's mode with static shapes.
+    Real tensors would be fakified by AOTAutograd with sizes of fresh symbols that no Dynamo input has, and a guard
+    Inductor puts on them (32-bit indexing on CUDA) makes Dynamo's guard building fail."""
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    return tuple(tensors) if fake_mode is None else tuple(fake_mode.from_tensor(t, static_shapes=True)
+                                                           for t in tensors)
+
+
 def _model_key_index(example_inputs) -> Optional[int]:
     """Position of the first parameter among the graph inputs: its identity tells which model instance calls."""
     return next((i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)), None)
@@ -244,7 +253,7 @@ def vsparse_backend(gm: torch.fx.GraphModule, example_inputs, *, options: Option
         notes.append(note)
         if plan_state is not None:
             outputs.plan_state, outputs.plan_init = plan_state.output, plan_state.init
-            inputs += plan_state.init()
+            inputs += _static_examples(plan_state.init(), inputs)
     if dump:
         dump.write_text("rewritten.py", gm.print_readable(print_output=False))
     carry_dynamo_metadata(gm, gm)  # sources for the constants the rewrite registered

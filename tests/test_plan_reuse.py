@@ -178,6 +178,31 @@ def test_inductor_compiled_state_decides_as_the_eager_graph(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_the_state_inputs_add_no_symbolic_sizes_to_a_static_graph(monkeypatch):
+    """The state's example inputs are static: fakified as real tensors they had sizes of fresh symbols no Dynamo input
+    has, and on CUDA Inductor's 32-bit indexing guard on them failed Dynamo's guard building (a Wan-1.3B generation
+    with plan_every=2 did not compile on an H200, 2026-12-06)."""
+    import dit_compiler.backend as backend
+
+    symbols = []
+    compile_piece = backend.compile_piece
+
+    def watched(gm, example_inputs, config):
+        compiled = compile_piece(gm, example_inputs, config)
+        shape_env = torch._guards.detect_fake_mode(example_inputs).shape_env
+        symbols.extend(str(s) for s in shape_env.var_to_val)
+        return compiled
+
+    monkeypatch.setattr(backend, "compile_piece", watched)
+    model, inputs = wan(frames=3, height=8, width=16, layers=2, head_dim=64)
+    torch._dynamo.reset()
+    compiled = vsparse(model, **SVG, plan_every=2)
+    run(compiled, inputs, [900, 900])
+    assert model_states(compiled)[0].plan is not None, "the plan state was not added"
+    assert symbols == []
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("cache", ["none", "easycache"])
 def test_gpu_cuda_graphs_keep_the_classes_as_the_default_mode_does(cache):
