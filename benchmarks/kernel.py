@@ -221,9 +221,7 @@ def run_row_order(name, shape, budget_ms, sweep, rows):
         print(f"{name:8s} row order {case:18s} {ms * 1000:8.1f} us  ({batch * heads * n} rows of {n})", flush=True)
 
 
-# (rows a step, warps, heads a program) tried with --sweep
-BLOCK_MEANS_SWEEP = [(32, 4, 1), (64, 4, 1), (64, 8, 1), (128, 4, 1), (128, 8, 1), (32, 4, 2), (64, 4, 2),
-                     (64, 8, 2), (32, 4, 4), (32, 8, 4), (64, 8, 4)]
+BLOCK_MEANS_SWEEP = [(32, 4), (64, 4), (64, 8), (128, 4), (128, 8)]  # (rows a step, warps) tried with --sweep
 
 
 def run_block_means(name, shape, budget_ms, sweep, rows):
@@ -236,10 +234,10 @@ def run_block_means(name, shape, budget_ms, sweep, rows):
     cases = {"ours": (None, lambda: torch.ops.vsparse.block_means(q, None, 128)),
              "inductor": (None, lambda: inductor(q)),
              "ours:permutation": (order, lambda: torch.ops.vsparse.block_means(q, order, 128))}
-    for rows_a_step, warps, group in sweep:
-        cases[f"ours:rows={rows_a_step},warps={warps},heads={group}"] = (None, (lambda r, w, g: lambda: (
-            triton_block_means.triton_block_means(q, None, 128, rows=r, num_warps=w, heads_a_program=g)))(
-                rows_a_step, warps, group))
+    for rows_a_step, warps in sweep:
+        cases[f"ours:rows={rows_a_step},warps={warps}"] = (None, (lambda r, w: lambda: triton_block_means.
+                                                                  triton_block_means(q, None, 128, rows=r,
+                                                                                     num_warps=w))(rows_a_step, warps))
     gb = q.numel() * q.element_size() / 1e9
     for case, (case_order, fn) in cases.items():
         error = rel_err(fn(), reference_block_means(q.float(), case_order, 128))

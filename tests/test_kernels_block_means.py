@@ -45,8 +45,6 @@ case = dict(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), heads=st.in
             dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
             order_kind=st.sampled_from(["permutation", "repeats", "none"]),
             block_size=st.sampled_from([1, 16, 64, 100, 128, 200]))
-# The kernel's head groups: heads % heads_a_program may leave a partial last group.
-kernel_case = dict(case, heads_a_program=st.sampled_from([1, 2, 4]))
 
 
 @settings(max_examples=30, deadline=None)
@@ -58,21 +56,21 @@ def test_op_cpu_matches_the_definition(block_size, **drawn):
 
 @interpreted
 @settings(max_examples=20, deadline=None)
-@given(**kernel_case)
-def test_triton_kernel_matches_the_definition(block_size, heads_a_program, **drawn):
+@given(**case)
+def test_triton_kernel_matches_the_definition(block_size, **drawn):
     x, order = draw_case(**drawn)
     out = torch.full((x.shape[0], x.shape[1], -(-x.shape[2] // block_size), x.shape[3]), float("nan"))
-    triton_block_means(x, order, block_size, out=out, heads_a_program=heads_a_program)
+    triton_block_means(x, order, block_size, out=out)
     assert_close_to_definition(out, x, order, block_size)
 
 
 @pytest.mark.gpu
 @settings(max_examples=30, deadline=None)
-@given(**dict(kernel_case, seq_len=st.integers(1, 5000)))
-def test_gpu_kernel_matches_the_definition(block_size, heads_a_program, **drawn):
+@given(**dict(case, seq_len=st.integers(1, 5000)))
+def test_gpu_kernel_matches_the_definition(block_size, **drawn):
     x, order = draw_case(**drawn, device="cuda")
     out = torch.full((x.shape[0], x.shape[1], -(-x.shape[2] // block_size), x.shape[3]), float("nan"), device="cuda")
-    triton_block_means(x, order, block_size, out=out, heads_a_program=heads_a_program)
+    triton_block_means(x, order, block_size, out=out)
     assert_close_to_definition(out, x, order, block_size)
 
 
