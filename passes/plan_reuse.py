@@ -16,9 +16,11 @@ model (runtime/runner.py), so models sharing the compiled graph never share a ch
   carried  bool [sites, SLOTS, B, H]: per site and slot, the choice
 A call samples anew when its slot's choice has served `plan_every` calls, when it was sampled in another generation
 and when the call's slot is past SLOTS (more calls at one timestep than branches; then it stores nothing). A call in
-the dense phase neither samples nor stores (its plan goes unused). All of it is decided on the device: no host read. The clock is computed before the block stack, the
-table and the choice inside it: a call the cache skips leaves both as they were (runtime/runner.py `CachedStack`
-passes them through), while the clock still counts it, so the next call finds its own branch's slot.
+the dense phase neither samples nor stores (its plan goes unused). All of it is decided on the device: no host read.
+The clock is computed before the block stack, the table and the choice inside it: a call the cache skips leaves both
+as they were (runtime/runner.py `CachedStack` passes them through), while the clock still counts it, so the next call
+finds its own branch's slot. The backend gives the state's example inputs as static fake tensors (backend.py
+`_static_examples`).
 """
 from __future__ import annotations
 
