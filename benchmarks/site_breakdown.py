@@ -22,8 +22,8 @@ as svg calls it, with a token order and reordered heads) and of SDPA on a tiny p
 syncs), so the GPU never limits them; also with the op's direct launches off (Triton's JITFunction.run / autotuner
 binding every call, as before they existed). Medians of `triton.testing.do_bench`; random inputs (planning cost does not
 depend on values, but svg's permutation cost depends on how many heads it classes temporal: `--temporal-heads N`
-adds a fixed structure to q and k that makes the last N heads temporal, head_structure). `--device cpu` with a small `--grid` is a smoke run (tests/test_site_breakdown.py): wall-clock
-medians, no FlexAttention, no op host cost.
+adds a fixed structure to q and k that makes the last N heads temporal, head_structure). `--device cpu` with a small
+`--grid` is a smoke run (tests/test_site_breakdown.py): wall-clock medians, no FlexAttention, no op host cost.
 
     python benchmarks/site_breakdown.py --out site.json
     python benchmarks/site_breakdown.py --planners draft --densities 0.1
