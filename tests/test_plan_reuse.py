@@ -190,7 +190,9 @@ def test_the_state_inputs_add_no_symbolic_sizes_to_a_static_graph(monkeypatch):
     def watched(gm, example_inputs, config):
         compiled = compile_piece(gm, example_inputs, config)
         shape_env = torch._guards.detect_fake_mode(example_inputs).shape_env
-        symbols.extend(str(s) for s in shape_env.var_to_val)
+        # torch 2.13 renamed the map of backed symbols (var_to_val warns there)
+        backed = getattr(shape_env, "backed_var_to_val", None)
+        symbols.extend(str(s) for s in (shape_env.var_to_val if backed is None else backed))
         return compiled
 
     monkeypatch.setattr(backend, "compile_piece", watched)
