@@ -30,7 +30,8 @@ for step in $STEPS; do
     site)  # one Wan-1.3B layer's site taken apart: planning, permutation, kernel (PLANNERS, DENSITIES; TEMPORAL=N:
       # svg's temporal heads fixed at N)
       timeout 300 python3 benchmarks/site_breakdown.py --planners ${PLANNERS:-svg} --densities ${DENSITIES:-0.1} \
-        ${TEMPORAL:+--temporal-heads $TEMPORAL} ${PROFILE:-} --out "$OUT/site.json" 2>&1 | tee "$OUT/site.txt" | grep -v "^  *[0-9]" | tail -30 ;;
+        ${TEMPORAL:+--temporal-heads $TEMPORAL} ${PROFILE:-} --out "$OUT/site.json" 2>&1 | tee "$OUT/site.txt" \
+        | grep -v "^  *[0-9]" | tail -30 ;;
     overhead)  # the small Wan model's forward, default options against Inductor, with and without CUDA graphs
       small=inductor,vsparse-defaults,inductor-reduce-overhead,vsparse-defaults-reduce-overhead
       timeout 300 python3 benchmarks/runtime_overhead.py --variants "${OVERHEAD_VARIANTS:-$small}" \
