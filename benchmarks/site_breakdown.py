@@ -55,7 +55,7 @@ import triton
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 import dit_compiler.kernels  # noqa: F401  registers torch.ops.vsparse
-from dit_compiler.kernels import block_mask, triton_block_sparse
+from dit_compiler.kernels import attention_op, block_mask, triton_block_sparse
 from dit_compiler.kernels.attention_op import head_orders
 from dit_compiler.passes.planners import PLANNERS
 from dit_compiler.passes.sparse_attention import _reorder, _to_plan_order, planner_kv_unit, sparse_attention
@@ -229,6 +229,7 @@ def op_host_cost() -> dict:
                   lambda: op(q2, k2, v2, num, idx, 0.125, 128, None, order, None, token_order, reordered)), 1),
               "sdpa_us": round(host_us_per_call(lambda: F.scaled_dot_product_attention(q, k, v)), 1),
               "direct_launches": len(triton_block_sparse._launches)}
+    result["layers"] = host_layers(ours, (q, k, v, num, idx, 0.125, 128, None, order))
     direct = triton_block_sparse._direct_launch
     triton_block_sparse._direct_launch = False
     result["block_sparse_attention_normal_path_us"] = round(host_us_per_call(ours), 1)
@@ -240,6 +241,31 @@ def op_host_cost() -> dict:
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
     result["profile"] = text.getvalue()
     return result
+
+
+def host_layers(ours, args) -> dict:
+    """Where the op's host time goes on the recorded path, each layer timed alone (µs a call): the whole op
+    (dispatcher, autograd kernel, Dynamo guard, launch key, recorded launch), the CUDA key's kernel called directly,
+    the launch key, the recorded launch, an output's allocation, and the recorded launch through Triton's runner
+    (descriptors rebuilt, CUtensorMaps encoded per call: the path before triton_launch.Relaunch)."""
+    q, k, v, num, idx, scale, block_size, kv_lengths, order = args
+    key = triton_block_sparse.launch_key(q, k, v, num, idx, block_size, kv_lengths, order)
+    recorded = triton_block_sparse.recorded_launch(key)
+    if recorded is None:
+        return {"recorded": False}
+    out = ours()
+    layers = {"recorded": True, "relaunch_direct": recorded.launch.direct,
+              "op_us": host_us_per_call(ours),
+              "cuda_kernel_us": host_us_per_call(lambda: attention_op._cuda_kernel(*args)),
+              "launch_key_us": host_us_per_call(lambda: triton_block_sparse.launch_key(
+                  q, k, v, num, idx, block_size, kv_lengths, order)),
+              "recorded_launch_us": host_us_per_call(lambda: recorded(q, k, v, num, idx, scale, kv_lengths, order)),
+              "empty_strided_us": host_us_per_call(lambda: torch.empty_strided(out.shape, out.stride(),
+                                                                               dtype=out.dtype, device=out.device))}
+    c_launch, recorded.launch.c_launch = recorded.launch.c_launch, None
+    layers["op_through_runner_us"] = host_us_per_call(ours)
+    recorded.launch.c_launch = c_launch
+    return {name: round(x, 1) if isinstance(x, float) else x for name, x in layers.items()}
 
 
 def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple, budget_ms: float,

@@ -8,10 +8,10 @@ load and clipped on store with no masks; matrix products are wgmma through `tl.d
 are autotuned once per (head dim, dtype, block size) and cached by Triton's autotuner.
 
 Host cost: after the first launch for a key (`launch_key`: every shape, stride, dtype, device and alignment the
-launch depends on), later calls with that key launch the recorded compiled kernel through Triton's own
-`CompiledKernel[grid]` runner, skipping the autotuner's and JITFunction.run's per-call binding and specialization,
-and descriptors are copied from recorded ones instead of validated again. Only for the Triton versions this was
-checked against (`DIRECT_LAUNCH_VERSIONS`); others take the normal path on every call.
+launch depends on), later calls with that key launch the recorded compiled kernel again (triton_launch.Relaunch:
+Triton's C launch function called with the recorded argument list, TMA descriptors' CUtensorMaps kept per address),
+skipping the autotuner's and JITFunction.run's per-call binding and specialization. Only for the Triton versions this
+was checked against (`DIRECT_LAUNCH_VERSIONS`); others take the normal path on every call.
 
 Scheduling: programs run head-major (all query tiles of one head before the next, so that head's K/V stay in L2),
 and within a head the query blocks are taken heaviest first (a device-side sort of kv_num_blocks, no host sync), so
@@ -29,6 +29,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from dit_compiler.kernels import block_mask
 from dit_compiler.kernels.attention_op import output_like
+from dit_compiler.kernels.triton_launch import Relaunch
 from dit_compiler.kernels.triton_permute import move_tokens
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -230,15 +231,6 @@ def recorded_launch(key: tuple):
     return _launches.get(key) if _direct_launch else None
 
 
-def _descriptor(fields: dict, base: torch.Tensor) -> TensorDescriptor:
-    """A copy of a recorded descriptor over another tensor of the same shape, strides and dtype, without
-    TensorDescriptor's per-construction validation (the recorded one passed it; the launch key pins the rest)."""
-    desc = TensorDescriptor.__new__(TensorDescriptor)
-    desc.__dict__.update(fields)
-    desc.base = base
-    return desc
-
-
 def _move(recorded: Optional[list], xs, index, outs, moved, scatter: bool = False) -> list:
     """Move token rows (triton_permute.move_tokens) through the launches recorded for this key, else normally;
     returns the launches."""
@@ -267,16 +259,14 @@ def _strides_bh(t):
 
 
 class _DirectLaunch:
-    """The compiled kernel chosen for one launch key (autotuned config included) and every argument that depends
-    only on the key; a call supplies the data, allocates the output and launches through Triton's runner, which
-    reads the current stream and builds the TMA descriptors from the bases as JITFunction.run's launch would."""
+    """The compiled kernel chosen for one launch key (autotuned config included), relaunched
+    (triton_launch.Relaunch) with every argument that depends only on the key; a call supplies the data and
+    allocates the output."""
 
-    def __init__(self, kernel, grid, descs, mask_args: tuple, constexprs: tuple, sorts: bool,
-                 moves: tuple = (None, None)):
-        self.runner = kernel[grid]
+    def __init__(self, kernel, grid, args: tuple, out: torch.Tensor, mask_args: tuple, constexprs: tuple,
+                 sorts: bool, moves: tuple = (None, None)):
+        self.launch = Relaunch(kernel, grid, args)
         self.gather, self.scatter = moves
-        self.fields = [None if d is None else {**d.__dict__, "base": None} for d in descs]
-        out = descs[3].base
         self.out_shape, self.out_stride, self.out_dtype, self.out_device = out.shape, out.stride(), out.dtype, \
             out.device
         self.mask_args, self.constexprs, self.sorts = mask_args, constexprs, sorts
@@ -286,10 +276,9 @@ class _DirectLaunch:
         out = torch.empty_strided(self.out_shape, self.out_stride, dtype=self.out_dtype, device=self.out_device)
         order = block_mask.heaviest_first(kv_num_blocks) if self.sorts else q_block_order
         moved, flags, _ = _moved_heads(q, k, v, token_order, reordered_heads, self.gather)
-        tensors = (q, k, v, out, *(moved or (None,) * 4))
-        self.runner(*(None if f is None else _descriptor(f, t) for f, t in zip(self.fields, tensors)), kv_num_blocks,
-                    kv_indices, order, kv_num_blocks if kv_lengths is None else kv_lengths,
-                    kv_num_blocks if flags is None else flags, *self.mask_args, scale * LOG2E, *self.constexprs)
+        self.launch(q, k, v, out, *(moved or (None,) * 4), kv_num_blocks, kv_indices, order,
+                    kv_num_blocks if kv_lengths is None else kv_lengths, kv_num_blocks if flags is None else flags,
+                    *self.mask_args, scale * LOG2E, *self.constexprs)
         if moved is not None:
             _move(self.scatter, (moved[3],), token_order, (out,), reordered_heads, scatter=True)
         return out
@@ -384,9 +373,10 @@ def triton_block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, scale: flo
         block_m, block_n = descs[0].block_shape[2], descs[1].block_shape[2]
         constexprs = (head_dim, block_size, consts["KV_UNIT"], block_m, block_n, kv_lengths is not None,
                       moved is not None, False, consts["IEEE"])
-        _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), descs, mask_args,
-                                          constexprs, sorts=q_block_order is None,
-                                          moves=(gather, scatter))
+        launched = (*descs, kv_num_blocks, kv_indices, order, kv_lengths if kv_lengths is not None else kv_num_blocks,
+                    flags, *mask_args, scale * LOG2E, *constexprs)
+        _launches[record] = _DirectLaunch(kernel, (*grid({"BLOCK_M": block_m}), 1), launched, out, mask_args,
+                                          constexprs, sorts=q_block_order is None, moves=(gather, scatter))
     return out
 
 

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dit_compiler.kernels.triton_launch import Relaunch
+
 
 MAX_BLOCK_D = 256  # columns per program
 MAX_TENSORS = 3  # tensors one launch moves (q, k, v), reading the index and the head flag once for all
@@ -59,14 +61,14 @@ def _move_tokens_kernel(x0_ptr, x1_ptr, x2_ptr, index_ptr, moved_ptr, out0_ptr, 
 class MoveLaunch:
     """One launch of a move as compiled for its tensors' shapes, strides, dtype and alignment, with the arguments
     that depend only on those: called with a later call's tensors that match them all (the block-sparse launcher's
-    launch key covers them), it launches the compiled kernel again through Triton's runner, without
+    launch key covers them), it launches the compiled kernel again (triton_launch.Relaunch), without
     JITFunction.run's binding and specialization."""
 
-    def __init__(self, compiled, grid, members: tuple, shape_args: tuple):
-        self.runner, self.pick, self.shape_args = compiled[grid], _slots(members), shape_args
+    def __init__(self, compiled, grid, members: tuple, args: tuple, shape_args: tuple):
+        self.launch, self.pick, self.shape_args = Relaunch(compiled, grid, args), _slots(members), shape_args
 
     def __call__(self, xs, index: torch.Tensor, outs, moved: Optional[torch.Tensor] = None) -> None:
-        self.runner(*(xs[i] for i in self.pick), index, _flags(index, moved), *(outs[i] for i in self.pick),
+        self.launch(*(xs[i] for i in self.pick), index, _flags(index, moved), *(outs[i] for i in self.pick),
                     *self.shape_args)
 
 
@@ -106,11 +108,12 @@ def move_tokens(xs, index: torch.Tensor, outs, moved: Optional[torch.Tensor] = N
             grid = (*rows_grid, len(chunk) * triton.cdiv(dim, block_d))
             shape_args = (*x_strides, *out_strides, stride_ib, stride_ih, stride_mb, stride_mh, heads, seq_len, dim,
                           block_d, BLOCK_S, scatter, moved is not None, len(chunk))
+            tensors = (*(xs[i] for i in pick), index, flags, *(outs[i] for i in pick))
             compiled = _move_tokens_kernel[grid](
-                *(xs[i] for i in pick), index, flags, *(outs[i] for i in pick), *shape_args[:-6], DIM=dim,
-                BLOCK_D=block_d, BLOCK_S=BLOCK_S, SCATTER=scatter, HAS_MOVED=moved is not None,
-                NUM_TENSORS=len(chunk), num_warps=NUM_WARPS)
-            launches.append(None if compiled is None else MoveLaunch(compiled, grid, chunk, shape_args))
+                *tensors, *shape_args[:-6], DIM=dim, BLOCK_D=block_d, BLOCK_S=BLOCK_S, SCATTER=scatter,
+                HAS_MOVED=moved is not None, NUM_TENSORS=len(chunk), num_warps=NUM_WARPS)
+            launches.append(None if compiled is None else
+                            MoveLaunch(compiled, grid, chunk, (*tensors, *shape_args), shape_args))
     return launches
 
 

@@ -271,6 +271,7 @@ def test_gpu_direct_launch_matches_the_normal_launch(monkeypatch, order):
         monkeypatch.setattr(tbs, "_direct_launch", True)
         assert torch.equal(got, want)
     assert len(direct) == 1  # seed 1 repeats seed 0's key; seed 2 adds kv_lengths, a new key
+    assert all(launch.launch.direct for launch in tbs._launches.values()), "Triton's runner, not the C launch"
 
 
 @pytest.mark.gpu
@@ -287,6 +288,9 @@ def test_gpu_direct_launch_with_reordered_heads_matches_the_normal_launch(monkey
         monkeypatch.setattr(tbs, "_direct_launch", True)
         assert torch.equal(got, want)
     assert len(tbs._launches) == 1
+    launch, = tbs._launches.values()
+    assert launch.launch.direct and all(move.launch.direct for move in launch.gather + launch.scatter), \
+        "Triton's runner, not the C launch"
 
 
 @pytest.mark.skipif(not tbs.INTERPRET, reason="needs TRITON_INTERPRET=1")
