@@ -2,7 +2,7 @@
 # One command on a lent GPU machine (the library's `device` tool): install the carried wheels and this checkout, record
 # the machine, then run the named steps, each writing under $OUT. The device's copy has no git metadata, so the caller
 # names the commit. benchmarks/README.md, "On a lent GPU", shows a call.
-#   COMMIT=<hash> STEPS="tests kernel ab site overhead e2e gen gelu" [TESTS=...] [VARIANTS=...] [PLANNERS=...] \
+#   COMMIT=<hash> STEPS="tests kernel ab site host overhead e2e gen gelu" [TESTS=...] [VARIANTS=...] [PLANNERS=...] \
 #     [DENSITIES=...] [TEMPORAL=N] [PROFILE=--profile] [LIMIT=s] [CACHE=shared] [GEN_VARIANTS=...] [GEN_STEPS=50] \
 #     [AB_BASE=.ab/base] [SWEEP=--sweep] [KERNEL_ARGS=...] bash scripts/device_steps.sh
 # e2e compiles every variant cold (its own Inductor cache) unless CACHE=shared: only cold compile times compare.
@@ -32,6 +32,9 @@ for step in $STEPS; do
       timeout 300 python3 benchmarks/site_breakdown.py --planners ${PLANNERS:-svg} --densities ${DENSITIES:-0.1} \
         ${TEMPORAL:+--temporal-heads $TEMPORAL} ${PROFILE:-} --out "$OUT/site.json" 2>&1 | tee "$OUT/site.txt" \
         | grep -v "^  *[0-9]" | tail -30 ;;
+    host)  # the op's host cost per call, layer by layer, against SDPA's (seconds, no compiles)
+      timeout 150 python3 benchmarks/site_breakdown.py --host-only --out "$OUT/host.json" 2>&1 | tee "$OUT/host.txt" \
+        | head -3 ;;
     overhead)  # the small Wan model's forward, default options against Inductor, with and without CUDA graphs
       small=inductor,vsparse-defaults,inductor-reduce-overhead,vsparse-defaults-reduce-overhead
       timeout 300 python3 benchmarks/runtime_overhead.py --variants "${OVERHEAD_VARIANTS:-$small}" \
