@@ -120,6 +120,10 @@ class Relaunch:
         self.nested = isinstance(first[-1], list)  # Triton 3.7 passes the kernel's arguments as one list
         self.top = list(first[:-1]) if self.nested else list(first)
         self.kernel_args = list(first[-1]) if self.nested else None
+        # The per-call entries are filled by every call: holding the recorded call's tensors would keep them alive
+        # (under CUDA graphs, memory of the graphs' pool that no output tracks: cudagraph trees refuse to record).
+        for nested, pos, _, _ in slots:
+            (self.kernel_args if nested else self.top)[pos] = None
         self.slots, self.c_launch = slots, c_launch
 
     def _map(self, j: int, base: torch.Tensor):

@@ -2,7 +2,9 @@
 descriptor wrapper) with the C launch function and the driver's CUDA calls replaced by recorders: a relaunch must
 hand the C function exactly what Triton's runner would for the same arguments. test_kernels_direct_launch.py's GPU
 tests run the real kernels through it."""
+import gc
 import types
+import weakref
 
 import pytest
 import torch
@@ -145,3 +147,15 @@ def test_a_launcher_it_cannot_take_apart_keeps_the_runner(fake_driver):
     a, x, y, scale = arguments(1)
     relaunch(a, None, x, 128, scale, y, 4)
     assert not compiled.c_calls and len(compiled.runner_calls) == 1
+
+
+def test_a_relaunch_keeps_no_tensor_of_the_recorded_call_alive(fake_driver):
+    """The recorded argument list held the first call's tensors: under CUDA graphs, memory of the graphs' pool that
+    no output tracked, and cudagraph trees refused to record the small Wan model with the defaults (H100, f902839)."""
+    compiled = FakeCompiled([META])
+    a, x, y, scale = arguments(0)
+    relaunch = Relaunch(compiled, GRID, with_descriptor(a, x, y, scale))
+    refs = [weakref.ref(t) for t in (a, x, y)]
+    del a, x, y
+    gc.collect()
+    assert relaunch.direct and all(ref() is None for ref in refs), "the relaunch keeps a recorded tensor alive"
