@@ -195,16 +195,20 @@ def compiled_layer(layer: torch.nn.Module, latent: torch.Tensor, **how):
     return compiled
 
 
-def host_us_per_call(fn, calls: int = 2000) -> float:
+def host_us_per_call(fn, calls: int = 2000, batches: int = 5) -> float:
+    """CPU µs a call of `fn` enqueued back to back: the median over `batches` batches (one host hiccup, which
+    moved a single timing by 2x between two runs on one machine, stays out of it)."""
     for _ in range(50):
         fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return host / calls * 1e6
+    per_call = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for _ in range(calls // batches):
+            fn()
+        per_call.append((time.perf_counter() - start) / (calls // batches) * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(per_call)
 
 
 def op_host_cost() -> dict:
