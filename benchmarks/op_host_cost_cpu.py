@@ -8,7 +8,9 @@ benchmarks/site_breakdown.py --host-only measures the whole call on a GPU.
                 descriptors and the launch through `kernel[grid](...)` (stubbed) every call
   direct path   the Library op after the first call for a key: launch key, recorded launch; also as svg calls
                 it (a token order and reordered heads: the attention launch and two moves, their q, k and v
-                gathered and their output scattered back)
+                gathered and their output scattered back). The stub has no Triton launcher to take apart, so the
+                recorded launches take triton_launch.Relaunch's runner path (descriptors rebuilt per call), not
+                the C launch a GPU gets
 
     python benchmarks/op_host_cost_cpu.py
 """
