@@ -2,15 +2,15 @@
 tensors' data and the current stream (the callers' launch keys pin every shape, stride, dtype and alignment).
 
 Triton's runner (`CompiledKernel[grid](...)`) redoes per call, in Python: the current device and stream, the launch
-metadata, the scratch checks, and for each host TMA descriptor a fresh CUtensorMap (cuTensorMapEncodeTiled) spliced
-with the descriptor's shape and strides into the argument list. For the block-sparse kernel's four to eight
-descriptors that was 20–30 µs of a 58–66 µs call on an H100 host (kernels/NOTES.md, "The op's host path"). `Relaunch` takes, once, the argument list Triton's launcher hands
-its C launch function, by running Triton's own launcher code with that function swapped for a recorder (twice: the
-second time with new tensor, descriptor and float objects, so the entries that change per call show by identity); a
-call copies that list, puts in its tensors, floats, the current stream and each descriptor's CUtensorMap and calls
-the C function directly. A CUtensorMap holds the base address, shape, strides, tile and element type, of which only
-the address can change under one record, so the maps are kept per base address. The list keeps no tensor of the
-recorded call: under CUDA graphs that would be pool memory no output tracks.
+metadata, the scratch checks, and for each host TMA descriptor a fresh CUtensorMap (cuTensorMapEncodeTiled) spliced with
+the descriptor's shape and strides into the argument list. For the block-sparse kernel's four to eight descriptors that
+was 20–30 µs of a 58–66 µs call on an H100 host (kernels/NOTES.md, "The op's host path"). `Relaunch` takes, once, the
+argument list Triton's launcher hands its C launch function, by running Triton's own launcher code with that function
+swapped for a recorder (twice: the second time with new tensor, descriptor and float objects, so the entries that change
+per call show by identity); a call copies that list, puts in its tensors, floats, the current stream and each
+descriptor's CUtensorMap and calls the C function directly. A CUtensorMap holds the base address, shape, strides, tile
+and element type, of which only the address can change under one record, so the maps are kept per base address. The list
+keeps no tensor of the recorded call: under CUDA graphs that would be pool memory no output tracks.
 
 Nothing here is specific to a Triton version beyond what the recording checks (the runner's launcher object has a
 `launch` attribute, and its argument list leads with gridX, gridY, gridZ, stream, function). Where the recording

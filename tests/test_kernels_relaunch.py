@@ -96,7 +96,8 @@ def assert_same_call(got, want):
     got, want = flat(got), flat(want)
     assert len(got) == len(want)
     for i, (g, w) in enumerate(zip(got, want)):
-        assert (g is w) if isinstance(w, torch.Tensor) else (type(g) is type(w) and g == w), f"entry {i}: {g!r} vs {w!r}"
+        same = (g is w) if isinstance(w, torch.Tensor) else (type(g) is type(w) and g == w)
+        assert same, f"entry {i}: {g!r} vs {w!r}"
 
 
 @pytest.mark.parametrize("tensordesc_meta", [[META], None], ids=["tma-maps", "no-metadata"])
