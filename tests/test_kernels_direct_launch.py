@@ -293,6 +293,32 @@ def test_gpu_direct_launch_with_reordered_heads_matches_the_normal_launch(monkey
         "Triton's runner, not the C launch"
 
 
+def attend_computed_inputs(q, k, v, num, idx, schedule, order, flags):
+    """The op on a mask, schedule, token order and q, k, v computed in the graph, as the rewrite's are: under CUDA
+    graphs they are memory of the graphs' pool."""
+    return torch.ops.vsparse.block_sparse_attention(q * 1, k * 1, v * 1, num + 0, idx + 0, 0.125, 64, None,
+                                                    schedule + 0, None, order + 0, flags.clone())
+
+
+@pytest.mark.gpu
+def test_gpu_recorded_launches_under_cuda_graphs(monkeypatch):
+    """Launches recorded inside a CUDA-graph region replay there: the recorded argument list kept the recording
+    call's tensors, pool memory no output tracked, and cudagraph trees refused to record (the small Wan model's
+    reduce-overhead forward failed, H100, f902839)."""
+    monkeypatch.setattr(tbs, "_launches", {})
+    monkeypatch.setattr(attention_op, "_check_mask_values_on_cuda", False)
+    q, k, v, num, idx, _, _, _, schedule, _, order, flags = (
+        a.cuda() if isinstance(a, torch.Tensor) else a for a in reordering_case(0))
+    want = attend_computed_inputs(q, k, v, num, idx, schedule, order, flags)
+    tbs._launches.clear()  # the graph's first call records its own
+    torch._dynamo.reset()
+    compiled = torch.compile(attend_computed_inputs, mode="reduce-overhead", fullgraph=True)
+    for _ in range(4):  # warm-up, recording, replays
+        torch.testing.assert_close(compiled(q, k, v, num, idx, schedule, order, flags), want)
+    torch._dynamo.reset()
+    assert tbs._launches and all(launch.launch.direct for launch in tbs._launches.values())
+
+
 @pytest.mark.skipif(not tbs.INTERPRET, reason="needs TRITON_INTERPRET=1")
 def test_triton_kernel_copies_a_misaligned_contiguous_base():
     """`contiguous()` returned such a tensor as it was, and TensorDescriptor refused the base."""
