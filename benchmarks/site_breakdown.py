@@ -96,7 +96,9 @@ class Attention(torch.nn.Module):
         if reorders:
             q, k, v = (_to_plan_order(t, self.perm, self.inverse) for t in (q, k, v))
         moves = fixed and self.reordered is not None
-        out = torch.ops.vsparse.block_sparse_attention(q, k, v, self.num, self.idx, scale, BLOCK, None,
+        # The plan's query-block schedule too: without it the op would sort one (a ~17 µs sort on the H100) that
+        # the site does not pay, and the baselines would flatter planning.
+        out = torch.ops.vsparse.block_sparse_attention(q, k, v, self.num, self.idx, scale, BLOCK, None, self.order,
                                                        kv_unit=self.kv_unit, token_order=self.perm if moves else None,
                                                        reordered_heads=self.reordered if moves else None)
         return _reorder(out, self.inverse) if reorders else out
@@ -287,7 +289,7 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         num, idx = chosen.mask(qp, kp, plan, constants, layout, block_size=BLOCK, density=density,
                                scale=HEAD_DIM ** -0.5)
     fixed = {"perm": plan.perm, "inverse": plan.inverse, "reordered": plan.reordered_heads, "num": num, "idx": idx,
-             "choice": plan.choice}
+             "order": plan.q_block_order, "choice": plan.choice}
     kv_unit = planner_kv_unit(planner)
     times, kernels = {}, {}
     kept = ("kept",) if getattr(chosen, "carries_choice", False) else ()
@@ -299,8 +301,8 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
         if profile:
             kernels[variant] = kernel_table(lambda: compiled(latent), device)
     op = torch.ops.vsparse.block_sparse_attention
-    kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None, kv_unit=kv_unit), budget_ms,
-                   device)
+    kernel = bench(lambda: op(qp, kp, vp, num, idx, HEAD_DIM ** -0.5, BLOCK, None, plan.q_block_order,
+                              kv_unit=kv_unit), budget_ms, device)
     flex_ms = flex_error = None
     # GPU only: eager flex_attention computes dense attention, whatever the block indices say, and a CPU compile of
     # it would double the smoke run. A BlockMask holds block ids only: no peer for key blocks at other starts.
@@ -334,9 +336,13 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
            "layer_speedup": round(dense_ms / times["site"], 3)}
     print(json.dumps(row), flush=True)
     if profile:
-        # The same attribution from GPU time summed over every kernel but the attention kernel, whose time differs
-        # between the compiled variants by a few % (more than planning costs) though it runs the same mask.
-        others = {variant: sum(us for name, _, us in table if name not in ATTENTION_KERNELS)
+        # The same attribution from GPU time summed over the kernels a variant does not share by name with every
+        # other: not the attention kernel, whose time differs between the compiled variants by a few % (more than
+        # planning costs) though it runs the same mask, nor the layer's projections, norms and convolution, the same
+        # work in each, whose run-to-run spread (e.g. the projections' 801-816 µs on the H100 at f902839) summed
+        # into the difference as if it were planning.
+        shared = set.intersection(*({name for name, _, _ in table} for table in kernels.values()))
+        others = {variant: sum(us for name, _, us in table if name not in ATTENTION_KERNELS and name not in shared)
                   for variant, table in kernels.items()}
         row["planning_us_by_kernels"] = round(others["site"] - others["fixed"], 1)
         row["permutation_us_by_kernels"] = round(others["fixed"] - others["unpermuted"], 1)
@@ -422,8 +428,8 @@ def main() -> None:
                   + ", the share in a whole model, where its fixed order is hoisted out of the sites "
                     "(passes/stack_token_order.py)")
     if args.profile:
-        print("\nFrom the kernel tables (GPU time of every kernel but the attention kernel; then the attention "
-              "kernel's own in each variant):\n")
+        print("\nFrom the kernel tables (GPU time of the kernels a variant does not share by name with every other, "
+              "the attention kernel left out; then the attention kernel's own in each variant):\n")
         print("| planner | density | planning µs | permutation µs | (planning + permutation) / kernel | "
               "attention kernel µs: site / fixed / unpermuted |")
         print("|---|---|---|---|---|---|")
