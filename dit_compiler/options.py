@@ -29,7 +29,7 @@ class Options:
     cache: str = "easycache"
     cache_threshold: float = 0.25
     cache_start: float = 0.05  # leading share of the timestep scale in which the cache reuses nothing
-    plan_every: int = 1  # svg's head classes sampled every this many steps of a CFG branch (passes/plan_reuse.py)
+    plan_every: int = 2  # svg's head classes sampled every this many steps of a CFG branch (passes/plan_reuse.py)
     force_sparse: bool = False  # rewrite every eligible site whatever the cost model estimates
     force_cache: bool = False  # cache the block stack whatever the cost model estimates
     dump_dir: Optional[str] = None
