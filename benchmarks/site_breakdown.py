@@ -43,6 +43,7 @@ import json
 import math
 import platform
 import pstats
+import re
 import statistics
 import sys
 import time
@@ -274,6 +275,23 @@ def host_layers(ours, args) -> dict:
     return {name: round(x, 1) if isinstance(x, float) else x for name, x in layers.items()}
 
 
+def _kernel_kind(name: str) -> str:
+    """A kernel's name without the index Inductor appends (`..._view_2` in one compile is `..._view_5` in another)."""
+    return re.sub(r"_\d+$", "", name)
+
+
+def attributable_us(kernels: dict) -> dict:
+    """Per variant, the GPU µs of its kernels that planning and permutation may have added: all but the attention
+    kernel, whose time differs between the compiled variants by a few % (more than planning costs) though it runs the
+    same mask, and but the kinds of kernel every variant runs (`_kernel_kind`): the layer's projections, norms and
+    convolution, the same work in each, whose run-to-run spread (the projections' 801-816 µs between the variants of
+    one H100 run at f902839) summed into the differences as if it were planning."""
+    shared = set.intersection(*({_kernel_kind(name) for name, _, _ in table} for table in kernels.values()))
+    return {variant: sum(us for name, _, us in table
+                         if name not in ATTENTION_KERNELS and _kernel_kind(name) not in shared)
+            for variant, table in kernels.items()}
+
+
 def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple, budget_ms: float,
                  dense_ms: float, profile: bool = False, temporal_heads: Optional[int] = None) -> dict:
     device, seq, layout = latent.device, math.prod(grid), (*grid, 0, 0)
@@ -336,14 +354,7 @@ def measure_site(planner: str, density: float, latent: torch.Tensor, grid: tuple
            "layer_speedup": round(dense_ms / times["site"], 3)}
     print(json.dumps(row), flush=True)
     if profile:
-        # The same attribution from GPU time summed over the kernels a variant does not share by name with every
-        # other: not the attention kernel, whose time differs between the compiled variants by a few % (more than
-        # planning costs) though it runs the same mask, nor the layer's projections, norms and convolution, the same
-        # work in each, whose run-to-run spread (e.g. the projections' 801-816 µs on the H100 at f902839) summed
-        # into the difference as if it were planning.
-        shared = set.intersection(*({name for name, _, _ in table} for table in kernels.values()))
-        others = {variant: sum(us for name, _, us in table if name not in ATTENTION_KERNELS and name not in shared)
-                  for variant, table in kernels.items()}
+        others = attributable_us(kernels)
         row["planning_us_by_kernels"] = round(others["site"] - others["fixed"], 1)
         row["permutation_us_by_kernels"] = round(others["fixed"] - others["unpermuted"], 1)
         row["site_share_by_kernels"] = round((others["site"] - others["unpermuted"]) / (kernel * 1e3), 3)

@@ -107,3 +107,17 @@ def test_the_baselines_run_the_op_on_the_plans_query_block_schedule(variant, mon
     monkeypatch.setattr(torch.ops.vsparse, "block_sparse_attention", op)
     site_breakdown.Attention(variant, "svg", 0.5, grid, constants, fixed)(q, k, v)
     assert seen["order"] is not None and torch.equal(seen["order"], plan.q_block_order)
+
+
+def test_the_kernel_tables_attribute_only_kernels_some_variant_lacks():
+    """The attention kernel and the kinds of kernel every variant runs (Inductor's index suffix aside) are no
+    planning: their spread between variants must not show up as planning or permutation."""
+    projections, attention = "nvjet_sm90_tst_256x152", "_block_sparse_attention_kernel"
+    convolution = "triton_poi_fused_convolution_view_{}"
+    kernels = {
+        "site": [(projections, 4.0, 815.6), (attention, 1.0, 1250.0), (convolution.format(5), 1.0, 114.6),
+                 ("_sampled_rows_partial_kernel", 1.0, 91.6), ("_move_tokens_kernel", 2.0, 149.8)],
+        "fixed": [(projections, 4.0, 801.4), (attention, 1.0, 1232.8), (convolution.format(2), 1.0, 115.2),
+                  ("_move_tokens_kernel", 2.0, 150.3)],
+        "unpermuted": [(projections, 4.0, 809.7), (attention, 1.0, 1241.6), (convolution.format(2), 1.0, 116.0)]}
+    assert site_breakdown.attributable_us(kernels) == pytest.approx({"site": 241.4, "fixed": 150.3, "unpermuted": 0.0})
