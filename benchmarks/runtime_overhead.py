@@ -26,6 +26,8 @@ VARIANTS = {
     "inductor-reduce-overhead": ("inductor", "reduce-overhead"),
     "vsparse-defaults": ({}, None),
     "vsparse-defaults-reduce-overhead": ({}, "reduce-overhead"),
+    # The default options with the cost model's "dense" overruled: what that choice saves outside CUDA graphs.
+    "vsparse-defaults-forced": ({"force_sparse": True}, None),
     "vsparse-none": ({"sparsity": "none"}, None),
     "vsparse-none-reduce-overhead": ({"sparsity": "none"}, "reduce-overhead"),
     "vsparse-draft-0.25": (SPARSE, None),
