@@ -12,8 +12,11 @@ The rates are H100 measurements (2026-11-23, README "Results"): cuDNN dense 580 
 32,760 tokens) and 350 at 64; our kernel ~500 TF/s per visited block at 128 (benchmarks/kernel.py) and ~235 at head
 dim 64 and 9,216 tokens (the small model of benchmarks/runtime_overhead.py: 93 µs a site at density 0.25);
 planning plus permutation 400–630 µs (draft) and 700–800 µs (svg) per Wan-1.3B site, ~70 µs per small-model site
-(benchmarks/site_breakdown.py, runtime_overhead.py); the op's host cost 270–370 µs a call. On the small model draft
-0.25 ran at 1.24x of Inductor under CUDA graphs and 0.50x without them, and this model says so.
+(benchmarks/site_breakdown.py, runtime_overhead.py). A sparse site's host time outside CUDA graphs: 0.86 ms (Draft)
+to 1.0 ms (svg) a call on the small model (H100, c16d962: forced sparse 10.32 / 11.16 ms a forward against 5.19 with
+its six sites dense, host-bound; README "The runtime's own overhead"), although the op alone costs 48 µs since its
+direct launches (270–370 µs before). On the small model draft 0.25 ran at 1.24x of Inductor under CUDA graphs and
+0.52x without them, and this model says so.
 They are coarse on purpose and erring dense: a wrong "dense" costs the speedup the user asked for, a wrong "sparse"
 makes the model slower than without us. `force_sparse=True` rewrites every eligible site whatever the estimate
 (tests, CPU runs, the quality harness, whose model is small). On a CPU the op runs its pure-torch reference, so
@@ -52,7 +55,7 @@ class CudaCosts:
 
 
 H100 = CudaCosts(dense_tflops={64: 350.0, 128: 580.0}, sparse_tflops={64: 300.0, 128: 500.0}, short_sequence=12000,
-                 site_fixed_us=30.0, host_us=300.0,
+                 site_fixed_us=30.0, host_us=900.0,
                  # dual: 589 µs planning + 107 µs permutation a Wan-1.3B site (2a62592, before its block means
                  # stopped gathering q and k), ~1.8 ns a token-head; rounded up (erring dense)
                  # svg-shift: svg's until measured (it drops svg's four gathers, 284 of ~523 µs a site on the H100,
