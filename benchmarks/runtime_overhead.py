@@ -104,6 +104,28 @@ def time_loop(variant: dict) -> float:
     return (time.perf_counter() - start) * 1e3 / calls
 
 
+def host_profile(variant: dict, top: int) -> list:
+    """Where one sampling loop's host time goes (cProfile): the `top` functions by own time, each as [function, calls
+    a forward, own µs a forward, cumulative µs a forward]. Launch-bound forwards spend it in Python: this says where."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    profiler = cProfile.Profile()
+    with torch.no_grad():
+        profiler.enable()
+        _, calls = sampling_loop(variant["fn"], variant["latents"], variant["texts"])
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive calls, calls, own s, cumulative s, callers)
+    rows = [[f"{file.rsplit('/', 1)[-1]}:{line}({name})" if line else name, round(n / calls, 2),
+             round(own / calls * 1e6, 1), round(cumulative / calls * 1e6, 1)]
+            for (file, line, name), (_, n, own, cumulative, _) in stats.items()]
+    return sorted(rows, key=lambda r: -r[2])[:top]
+
+
 def profile(variant: dict) -> dict:
     import torch
 
@@ -146,6 +168,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--host-profile", type=int, default=0, metavar="N",
+                        help="also cProfile one loop a variant and report its N costliest functions by own time")
     parser.add_argument("--out")
     args = parser.parse_args()
     import torch
@@ -166,6 +190,8 @@ def main() -> None:
             variant["times"].append(time_loop(variant))
     for variant in prepared:
         results.append(profile(variant))
+        if args.host_profile:
+            results[-1]["host_profile"] = host_profile(variant, args.host_profile)
         print(json.dumps(results[-1]), flush=True)
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}\n")
     print("| variant | forward (ms), median / min | vs Inductor, same mode | host syncs / forward (_local_scalar_dense,"
@@ -181,6 +207,11 @@ def main() -> None:
         print(f"| {r['variant']} | {r['forward_ms']:.3f} / {r['forward_ms_min']:.3f} | {ratio} | "
               f"{s['aten::_local_scalar_dense']}, "
               f"{s['cudaStreamSynchronize']}, {s['cudaDeviceSynchronize']} | {r['compile_and_first_loop_s']} |")
+    for r in results:
+        if r.get("host_profile"):
+            print(f"\n{r['variant']}: host time a forward by function (calls, own µs, cumulative µs)")
+            for function, calls, own, cumulative in r["host_profile"]:
+                print(f"  {own:9.1f} {cumulative:9.1f} {calls:7.2f}  {function[:110]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f,

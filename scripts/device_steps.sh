@@ -4,7 +4,8 @@
 # names the commit. benchmarks/README.md, "On a lent GPU", shows a call.
 #   COMMIT=<hash> STEPS="tests kernel ab site host overhead e2e gen gelu" [TESTS=...] [VARIANTS=...] [PLANNERS=...] \
 #     [DENSITIES=...] [TEMPORAL=N] [PROFILE=--profile] [LIMIT=s] [CACHE=shared] [GEN_VARIANTS=...] [GEN_STEPS=50] \
-#     [AB_BASE=.ab/base] [SWEEP=--sweep] [KERNEL_ARGS=...] bash scripts/device_steps.sh
+#     [AB_BASE=.ab/base] [SWEEP=--sweep] [KERNEL_ARGS=...] [OVERHEAD_VARIANTS=...] [HOST_PROFILE=N] \
+#     bash scripts/device_steps.sh
 # e2e compiles every variant cold (its own Inductor cache) unless CACHE=shared: only cold compile times compare.
 set -uo pipefail
 : "${COMMIT:?name the commit of this checkout}" "${STEPS:?name the steps}" "${OUT:?run under the device tool}"
@@ -38,7 +39,7 @@ for step in $STEPS; do
     overhead)  # the small Wan model's forward, default options against Inductor, with and without CUDA graphs
       small=inductor,vsparse-defaults,inductor-reduce-overhead,vsparse-defaults-reduce-overhead
       timeout 300 python3 benchmarks/runtime_overhead.py --variants "${OVERHEAD_VARIANTS:-$small}" \
-        --out "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.txt" | tail -30 ;;
+        ${HOST_PROFILE:+--host-profile $HOST_PROFILE} --out "$OUT/overhead.json" 2>&1 | tee "$OUT/overhead.txt" | tail -30 ;;
     e2e)  # whole Wan-1.3B forwards, Inductor dense first for the ratios
       shared=; [ "${CACHE:-cold}" = shared ] && shared=--shared-cache
       timeout "${LIMIT:-470}" python3 benchmarks/end_to_end.py $shared ${PROFILE:-} \

@@ -13,3 +13,19 @@ def test_a_reduce_overhead_variant_is_compared_with_inductor_under_reduce_overhe
     assert runtime_overhead.inductor_forward_ms(results, "vsparse-defaults") == 2.988
     assert runtime_overhead.inductor_forward_ms(results, "vsparse-defaults-reduce-overhead") == 2.475
     assert runtime_overhead.inductor_forward_ms(results[:1], "vsparse-cache-reduce-overhead") is None
+
+
+def test_host_profile_reports_functions_per_forward():
+    """--host-profile's rows: the loop's costliest functions by own time, counted per forward (20 a loop)."""
+    import torch
+
+    def forward(**inputs):
+        torch.ones(64).cumsum(0)
+        return (inputs["hidden_states"],)
+
+    variant = {"fn": forward, "latents": torch.zeros(1, 2), "texts": [torch.zeros(1, 2)] * 2}
+    rows = runtime_overhead.host_profile(variant, top=50)
+    assert rows == sorted(rows, key=lambda r: -r[2])
+    cumsum = next(r for r in rows if "cumsum" in r[0])
+    assert cumsum[1] == 1.0 and 0 < cumsum[2] <= cumsum[3]
+    assert next(r for r in rows if r[0].endswith("(forward)"))[1] == 1.0
