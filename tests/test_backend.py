@@ -144,9 +144,7 @@ def test_dynamic_shapes_give_correct_output_at_a_second_resolution(tmp_path):
     ours = torch.compile(model, backend="vsparse", dynamic=True, fullgraph=True,
                          options={"sparsity": "draft", "density": 1.0, "block_size": 64, "dense_layers": 0,
                                   "dense_steps": 0.0, "dump_dir": str(tmp_path)})
-    # The height stays: diffusers' Wan specializes it under Dynamo (a new height recompiles, with any backend), so
-    # only frames and width change and the second resolution runs the first compiled graph.
-    for frames, height, width in ((2, 8, 10), (3, 8, 14)):
+    for frames, height, width in ((2, 8, 10), (3, 10, 14)):
         _, inputs = wan(head_dim=64, frames=frames, height=height, width=width)
         assert_fp32_close(run(ours, inputs), run(model, inputs))
     records = [json.loads(line) for graph_dir in graph_dirs(tmp_path)
@@ -348,8 +346,9 @@ def test_svg_shift_under_dynamic_shapes_judges_the_symbolic_frame_size(tmp_path)
     ours = torch.compile(model, backend="vsparse", dynamic=True, fullgraph=True,
                          options={"sparsity": "svg-shift", "density": 1.0, "block_size": 64, "dense_layers": 0,
                                   "dense_steps": 0.0, "force_sparse": True, "cache": "none", "dump_dir": str(tmp_path)})
-    # 240 and 288 tokens a frame; the height stays (see test_dynamic_shapes_give_correct_output_at_a_second_resolution)
-    for frames, height, width in ((2, 32, 30), (3, 32, 36)):
+    # 210 and 221 tokens a frame. Not a height of 32: Dynamo specialized it on this tiny model (a static 32 in it),
+    # and 32 -> 34 recompiled, with the eager backend too; these sizes run the first compiled graph.
+    for frames, height, width in ((2, 30, 28), (3, 34, 26)):
         _, inputs = wan(head_dim=64, frames=frames, height=height, width=width)
         assert_fp32_close(run(ours, inputs), run(model, inputs))
     records = [json.loads(line) for graph_dir in graph_dirs(tmp_path)
