@@ -15,8 +15,8 @@ planning plus permutation 400–630 µs (draft) and 700–800 µs (svg) per Wan-
 (benchmarks/site_breakdown.py, runtime_overhead.py). A sparse site's host time outside CUDA graphs: 0.86 ms (Draft)
 to 1.0 ms (svg) a call on the small model (H100, c16d962: forced sparse 10.32 / 11.16 ms a forward against 5.19 with
 its six sites dense, host-bound; README "The runtime's own overhead"), although the op alone costs 48 µs since its
-direct launches (270–370 µs before). On the small model draft 0.25 ran at 1.24x of Inductor under CUDA graphs and
-0.52x without them, and this model says so.
+direct launches (270–370 µs before). On the small model draft 0.25 ran at 1.24x of Inductor under CUDA graphs
+(923fef8) and 0.52x without them (c16d962), and this model says so.
 They are coarse on purpose and erring dense: a wrong "dense" costs the speedup the user asked for, a wrong "sparse"
 makes the model slower than without us. `force_sparse=True` rewrites every eligible site whatever the estimate
 (tests, CPU runs, the quality harness, whose model is small). On a CPU the op runs its pure-torch reference, so
